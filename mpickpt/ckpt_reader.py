@@ -1,0 +1,412 @@
+"""Index a MindSpore ``.ckpt`` without loading it, and map its tensors in place.
+
+A ``.ckpt`` is a concatenation of serialized ``Checkpoint`` messages, each holding one ``Value``
+(``tag`` = parameter name, then a ``TensorProto`` or ``MapTensorProto``), optionally followed by a
+17-byte trailer ``b"crc_num"`` + the zlib CRC32 of everything before it as a 10-byte big-endian
+integer. :func:`index_checkpoint` walks that wire format once with ``pread``, reading only the
+headers and skipping over tensor content, so its cost grows with the number of entries, not the
+bytes. Consecutive entries with the same tag (tensors over 512 MiB) are pieces of one parameter
+whose contents concatenate in order.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import stat
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from mpickpt.dtypes import DTYPES, dtype_itemsize, numpy_dtype
+from mpickpt.errors import CheckpointFormatError, SourceMissingError
+
+CRC_MARK = b"crc_num"
+CRC_TRAILER_SIZE = len(CRC_MARK) + 10
+MAPTENSOR_DTYPE = "MapTensor"
+"""``TensorEntry.dtype`` of a MapTensor entry (its pieces are the raw ``MapTensorProto`` payloads)."""
+
+_CIPHER_MAGIC = {0x7F3A5ED8: "AES-GCM", 0x7F3A5ED9: "AES-CBC", 0x7F3A5EDA: "SM4-CBC"}
+_WINDOW = 64 * 1024  # header bytes fetched per pread
+_MAX_TEXT = 1 << 20  # longest parameter name or dtype string accepted
+_CRC_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one parameter's content lies in a checkpoint file."""
+
+    name: str
+    dtype: str  # MindSpore dtype string ("Float32", "BFloat16", "str", ...) or MAPTENSOR_DTYPE
+    dims: tuple[int, ...]  # full dims of this slice as stored (() for 0-d)
+    pieces: tuple[tuple[int, int], ...]  # (file offset, length) of each content piece, in order
+    kind: str = "tensor"  # or "maptensor"
+
+    @property
+    def nbytes(self) -> int:
+        """Total content bytes over all pieces."""
+        return sum(length for _, length in self.pieces)
+
+
+class _Malformed(Exception):
+    """Internal: the wire format is broken at the current position."""
+
+
+class _Cursor:
+    """Reads header bytes of a file through a small ``pread`` window; skipped content is never read."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = b""
+        self._base = 0
+
+    def _fill(self, pos: int, need: int) -> None:
+        if pos < self._base or pos + need > self._base + len(self._buf):
+            self._buf = os.pread(self._fd, max(_WINDOW, need), pos)
+            self._base = pos
+
+    def varint(self, pos: int, limit: int) -> tuple[int, int]:
+        """Decode the varint at ``pos`` (which must end before ``limit``); return (value, next pos)."""
+        self._fill(pos, min(10, limit - pos))
+        buf = self._buf
+        i = pos - self._base
+        stop = min(limit - self._base, len(buf))
+        result = shift = 0
+        while True:
+            if i >= stop:
+                raise _Malformed("truncated varint")
+            byte = buf[i]
+            i += 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return result, self._base + i
+            shift += 7
+            if shift >= 70:
+                raise _Malformed("varint longer than 10 bytes")
+
+    def text(self, pos: int, length: int, limit: int, what: str) -> str:
+        """Decode ``length`` bytes of UTF-8 at ``pos``."""
+        if length > _MAX_TEXT:
+            raise _Malformed(f"{what} longer than {_MAX_TEXT} bytes")
+        _span(pos, length, limit)
+        self._fill(pos, length)
+        start = pos - self._base
+        try:
+            return self._buf[start : start + length].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Malformed(f"{what} is not UTF-8") from None
+
+
+def _span(pos: int, length: int, limit: int) -> int:
+    """End of a length-delimited field, checked to lie inside its enclosing message."""
+    if length > limit - pos:
+        raise _Malformed("a length-delimited field runs past the end of its message")
+    return pos + length
+
+
+def _dim(value: int) -> int:
+    if value >= 1 << 63:
+        raise _Malformed("negative dimension")
+    return value
+
+
+def _parse_tensor(cur: _Cursor, pos: int, end: int) -> tuple[tuple[int, ...], str, tuple[int, int]]:
+    """Parse a ``TensorProto`` in [pos, end): (dims, dtype string, (content offset, length))."""
+    dims: list[int] = []
+    dtype: str | None = None
+    content: tuple[int, int] | None = None
+    while pos < end:
+        key, pos = cur.varint(pos, end)
+        if key == 0x08:  # dims, unpacked (as MindSpore writes)
+            value, pos = cur.varint(pos, end)
+            dims.append(_dim(value))
+        elif key == 0x0A:  # dims, packed
+            length, pos = cur.varint(pos, end)
+            stop = _span(pos, length, end)
+            while pos < stop:
+                value, pos = cur.varint(pos, stop)
+                dims.append(_dim(value))
+        elif key == 0x12 and dtype is None:
+            length, pos = cur.varint(pos, end)
+            dtype = cur.text(pos, length, end, "dtype string")
+            pos += length
+        elif key == 0x1A and content is None:
+            length, pos = cur.varint(pos, end)
+            content = (pos, length)
+            pos = _span(pos, length, end)
+        else:
+            raise _Malformed(f"unexpected or repeated field {key >> 3} (wire type {key & 7}) in a tensor")
+    if dtype is None or content is None:
+        raise _Malformed("tensor without its dtype or content")
+    return tuple(dims), dtype, content
+
+
+def _check_maptensor(cur: _Cursor, pos: int, end: int) -> None:
+    """Validate a ``MapTensorProto`` in [pos, end) (a list of tensors)."""
+    while pos < end:
+        key, pos = cur.varint(pos, end)
+        if key != 0x0A:
+            raise _Malformed(f"unexpected field {key >> 3} (wire type {key & 7}) in a MapTensor")
+        length, pos = cur.varint(pos, end)
+        stop = _span(pos, length, end)
+        _parse_tensor(cur, pos, stop)
+        pos = stop
+
+
+def _parse_value(cur: _Cursor, pos: int, end: int) -> TensorEntry:
+    """Parse one ``Checkpoint.Value`` in [pos, end) into a one-piece entry."""
+    name: str | None = None
+    body: tuple[int, int, int] | None = None
+    while pos < end:
+        key, pos = cur.varint(pos, end)
+        if key == 0x0A and name is None:
+            length, pos = cur.varint(pos, end)
+            name = cur.text(pos, length, end, "parameter name")
+            pos += length
+        elif key in (0x12, 0x1A) and body is None:
+            length, pos = cur.varint(pos, end)
+            stop = _span(pos, length, end)
+            body = (key, pos, stop)
+            pos = stop
+        else:
+            raise _Malformed(f"unexpected or repeated field {key >> 3} (wire type {key & 7}) in an entry")
+    if name is None or body is None:
+        raise _Malformed("entry without a parameter name or without a value")
+    key, start, stop = body
+    if key == 0x1A:
+        _check_maptensor(cur, start, stop)
+        return TensorEntry(name, MAPTENSOR_DTYPE, (), ((start, stop - start),), "maptensor")
+    dims, dtype, content = _parse_tensor(cur, start, stop)
+    return TensorEntry(name, dtype, dims, (content,))
+
+
+def _walk(fd: int, data_end: int) -> list[TensorEntry]:
+    """Every ``Value`` in [0, data_end) in file order, one piece each."""
+    cur = _Cursor(fd)
+    found: list[TensorEntry] = []
+    pos = 0
+    while pos < data_end:
+        try:
+            key, body = cur.varint(pos, data_end)
+            if key != 0x0A:
+                raise _Malformed(f"expected a Checkpoint entry (field 1), found field {key >> 3}")
+            length, body = cur.varint(body, data_end)
+            stop = _span(body, length, data_end)
+            found.append(_parse_value(cur, body, stop))
+        except _Malformed as err:
+            after = f" after parameter {found[-1].name!r}" if found else ""
+            raise _Malformed(f"{err} (entry #{len(found)} at byte {pos}{after})") from None
+        pos = stop
+    return found
+
+
+def _group(path: Path, found: list[TensorEntry]) -> dict[str, TensorEntry]:
+    """Join consecutive pieces of one parameter; refuse inconsistent or scattered repeats."""
+    entries: dict[str, TensorEntry] = {}
+    previous: TensorEntry | None = None
+    for entry in found:
+        if previous is not None and previous.name == entry.name:
+            if (entry.kind, entry.dtype, entry.dims) != (previous.kind, previous.dtype, previous.dims):
+                raise CheckpointFormatError(
+                    f"{path}: parameter {entry.name!r} is split into pieces of different dtype or dims "
+                    f"({previous.dtype} {list(previous.dims)} then {entry.dtype} {list(entry.dims)})"
+                )
+            previous = TensorEntry(entry.name, entry.dtype, entry.dims, previous.pieces + entry.pieces, entry.kind)
+        elif entry.name in entries:
+            raise CheckpointFormatError(f"{path}: parameter {entry.name!r} appears twice, not in consecutive entries")
+        else:
+            previous = entry
+        entries[entry.name] = previous
+    for entry in entries.values():
+        _check_size(path, entry)
+    return entries
+
+
+def _check_size(path: Path, entry: TensorEntry) -> None:
+    if entry.kind == "maptensor":
+        return
+    if entry.dtype not in DTYPES:
+        raise CheckpointFormatError(f"{path}: parameter {entry.name!r} has unknown dtype {entry.dtype!r}")
+    if entry.dtype == "str":
+        if entry.nbytes % 4:
+            raise CheckpointFormatError(f"{path}: str value {entry.name!r} is not UTF-32 ({entry.nbytes} bytes)")
+        return
+    expected = math.prod(entry.dims) * dtype_itemsize(entry.dtype)
+    if entry.nbytes != expected:
+        raise CheckpointFormatError(
+            f"{path}: parameter {entry.name!r} ({entry.dtype} {list(entry.dims)}) should hold {expected} bytes, "
+            f"holds {entry.nbytes}"
+        )
+
+
+def _refuse_foreign(path: Path, fd: int, data_end: int) -> None:
+    """Refuse encrypted and other non-protobuf files with a clear message."""
+    head = os.pread(fd, 4, 0)
+    mode = _CIPHER_MAGIC.get(int.from_bytes(head, "little")) if len(head) == 4 else None
+    if mode is not None:
+        raise CheckpointFormatError(f"{path}: checkpoint is encrypted ({mode}); decrypt it with MindSpore first")
+    if data_end and head[:1] != b"\x0a":
+        raise CheckpointFormatError(f"{path}: not a MindSpore checkpoint (does not start with a protobuf entry)")
+
+
+def _crc_trailer(fd: int, size: int) -> int | None:
+    """The stored CRC32 when the file ends with a ``crc_num`` trailer (MindSpore's own test), else None."""
+    if size < CRC_TRAILER_SIZE:
+        return None
+    tail = os.pread(fd, CRC_TRAILER_SIZE, size - CRC_TRAILER_SIZE)
+    if tail[: len(CRC_MARK)] != CRC_MARK:
+        return None
+    return int.from_bytes(tail[len(CRC_MARK) :], "big")
+
+
+def _crc32(path: Path, fd: int, end: int) -> int:
+    """CRC32 (zlib) of bytes [0, end), read through one reused buffer (no mapping)."""
+    buf = bytearray(min(_CRC_CHUNK, max(end, 1)))
+    view = memoryview(buf)
+    crc = pos = 0
+    while pos < end:
+        got = os.preadv(fd, [view[: min(len(buf), end - pos)]], pos)
+        if got == 0:
+            raise CheckpointFormatError(f"{path}: file shrank while its CRC was being checked")
+        crc = zlib.crc32(view[:got], crc)
+        pos += got
+    return crc
+
+
+class CheckpointIndex:
+    """An indexed checkpoint: entries in file order and zero-copy access to their bytes.
+
+    The file stays open (read-only memory map plus a descriptor, see :meth:`fileno`) until
+    :meth:`close` or the end of a ``with`` block. Arrays and memoryviews handed out keep the map
+    alive after ``close``; it is unmapped when the last of them is gone.
+    """
+
+    def __init__(self, path: Path, fd: int, size: int, entries: dict[str, TensorEntry], crc: int | None) -> None:
+        self.path = path
+        self.entries = entries
+        self.size = size
+        self.crc = crc  # stored CRC32 of the trailer, None when the file has none
+        self._fd: int | None = fd
+        self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+
+    def __enter__(self) -> CheckpointIndex:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the descriptor and the map (the map lives on while views of it exist)."""
+        # Never mm.close(): numpy arrays reference the map object without a buffer export, so
+        # closing it under them would crash. Dropping our reference unmaps it once no view is left.
+        self._mm = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def fileno(self) -> int:
+        """Read-only descriptor of the file (for ``CheckpointWriter.copy_tensor_ranges``)."""
+        if self._fd is None:
+            raise CheckpointFormatError(f"{self.path}: index is closed")
+        return self._fd
+
+    def entry(self, name: str) -> TensorEntry:
+        """The entry of ``name``; CheckpointFormatError naming the file when it is absent."""
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise CheckpointFormatError(f"{self.path}: no parameter {name!r} in this checkpoint") from None
+
+    def _buffer(self) -> mmap.mmap | bytes:
+        if self._fd is None:
+            raise CheckpointFormatError(f"{self.path}: index is closed")
+        return self._mm if self._mm is not None else b""
+
+    def array(self, name: str) -> np.ndarray:
+        """The parameter as a numpy array shaped by its dims (dtypes as in :mod:`mpickpt.dtypes`).
+
+        One piece: a read-only zero-copy view of the map. Several pieces (a tensor over 512 MiB):
+        a new array, copied from the pieces; use :meth:`read_into` to copy only a region. A ``str``
+        value is a 0-d ``<U{n}`` array. MapTensor entries are refused (copy them with :meth:`raw`).
+        """
+        entry = self.entry(name)
+        if entry.kind == "maptensor":
+            raise CheckpointFormatError(f"{self.path}: parameter {name!r} is a MapTensor; copy it through raw()")
+        shape: tuple[int, ...] = entry.dims
+        dtype = numpy_dtype(entry.dtype)
+        if entry.dtype == "str":
+            dtype, shape = np.dtype(f"<U{entry.nbytes // 4}"), ()
+        if len(entry.pieces) == 1:
+            return np.ndarray(shape, dtype, buffer=self._buffer(), offset=entry.pieces[0][0])
+        out = np.empty(shape, dtype)
+        self.read_into(name, 0, out.reshape(-1).view(np.uint8).data)
+        return out
+
+    def raw(self, name: str) -> list[memoryview]:
+        """Zero-copy read-only views of the parameter's content pieces, in order."""
+        entry = self.entry(name)
+        whole = memoryview(self._buffer())
+        return [whole[offset : offset + length] for offset, length in entry.pieces]
+
+    def read_into(self, name: str, byte_offset: int, out: memoryview) -> None:
+        """Copy bytes [byte_offset, byte_offset + len(out)) of the parameter's content, across pieces."""
+        entry = self.entry(name)
+        target = memoryview(out).cast("B")
+        if byte_offset < 0 or byte_offset + len(target) > entry.nbytes:
+            raise IndexError(
+                f"{self.path}: bytes [{byte_offset}, {byte_offset + len(target)}) outside parameter "
+                f"{name!r} ({entry.nbytes} bytes)"
+            )
+        done, skip = 0, byte_offset
+        with memoryview(self._buffer()) as whole:
+            for offset, length in entry.pieces:
+                if done == len(target):
+                    break
+                if skip >= length:
+                    skip -= length
+                    continue
+                count = min(length - skip, len(target) - done)
+                target[done : done + count] = whole[offset + skip : offset + skip + count]
+                done += count
+                skip = 0
+
+
+def index_checkpoint(path: str | os.PathLike[str], verify_crc: bool = False) -> CheckpointIndex:
+    """Index a ``.ckpt`` file reading only its headers.
+
+    With ``verify_crc`` and a ``crc_num`` trailer present, the whole file is read once to check
+    the CRC32 (as MindSpore's ``load_checkpoint(crc_check=True)``); without a trailer there is
+    nothing to verify and ``CheckpointIndex.crc`` is None.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SourceMissingError(f"{path}: checkpoint file does not exist") from None
+    except OSError as err:
+        raise CheckpointFormatError(f"{path}: cannot open checkpoint: {err}") from err
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointFormatError(f"{path}: cannot open checkpoint: not a regular file")
+        size = info.st_size
+        crc = _crc_trailer(fd, size)
+        data_end = size if crc is None else size - CRC_TRAILER_SIZE
+        _refuse_foreign(path, fd, data_end)
+        try:
+            found = _walk(fd, data_end)
+        except _Malformed as err:
+            raise CheckpointFormatError(f"{path}: {err}") from None
+        entries = _group(path, found)
+        if verify_crc and crc is not None and _crc32(path, fd, data_end) != crc:
+            raise CheckpointFormatError(f"{path}: CRC check failed; the file is damaged")
+        return CheckpointIndex(path, fd, size, entries, crc)
+    except BaseException:
+        os.close(fd)
+        raise

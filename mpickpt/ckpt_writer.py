@@ -1,0 +1,364 @@
+"""Stream a MindSpore ``.ckpt`` to disk, byte-identical to ``mindspore.save_checkpoint``.
+
+Each piece of a tensor is its own ``Checkpoint`` message: a small header (tag, dims unpacked,
+dtype, content length) followed by the raw content, so nothing is built in memory. Tensors over
+``piece_size`` (512 MiB, as MindSpore) are cut into pieces of exactly ``piece_size`` bytes, the
+last shorter, each repeating the tag, dims and dtype. One deliberate difference: MindSpore writes
+no entry at all for an empty tensor (a dimension of 0); this writer writes one entry with empty
+content, which ``mindspore.load_checkpoint`` loads with the right shape.
+
+Output goes to ``<name>.tmp`` beside the target, which on success is fsynced, made read-only
+(0400) and renamed over the target (replacing a read-only file), then the folder is fsynced.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import operator
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from mpickpt.ckpt_reader import CRC_MARK, CheckpointIndex
+from mpickpt.dtypes import DTYPES, dtype_itemsize
+from mpickpt.errors import CheckpointFormatError, DestinationError
+
+PIECE_SIZE = 512 * 1024 * 1024
+"""Largest content of one entry; MindSpore's save_checkpoint splits bigger tensors at this size."""
+
+_SMALL = 64 * 1024  # writes below this are gathered in a buffer
+_FLUSH_AT = 1 << 20
+_COPY_CHUNK = 8 << 20  # user-space copy chunk when a CRC must see the bytes
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def tmp_path_for(path: str | os.PathLike[str]) -> Path:
+    """The temporary file a writer streams ``path`` into before renaming it."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tensor_header(name: bytes, dtype: bytes, dims: Sequence[int], nbytes: int) -> bytes:
+    """Header of one ``Checkpoint{value: {tag, tensor: {dims..., tensor_type, tensor_content}}}``."""
+    tensor = b"".join(b"\x08" + _varint(d) for d in dims) + b"\x12" + _varint(len(dtype)) + dtype
+    tensor += b"\x1a" + _varint(nbytes)
+    value = b"\x0a" + _varint(len(name)) + name + b"\x12" + _varint(len(tensor) + nbytes)
+    return b"\x0a" + _varint(len(value) + len(tensor) + nbytes) + value + tensor
+
+
+def _maptensor_header(name: bytes, nbytes: int) -> bytes:
+    """Header of one ``Checkpoint{value: {tag, maptensor: <nbytes of MapTensorProto>}}``."""
+    value = b"\x0a" + _varint(len(name)) + name + b"\x1a" + _varint(nbytes)
+    return b"\x0a" + _varint(len(value) + nbytes) + value
+
+
+@dataclass(frozen=True)
+class _FileRange:
+    """Content that lies in another file: ``length`` bytes at ``offset`` of descriptor ``fd``."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+_Segment = memoryview | _FileRange
+
+
+def _byte_view(path: Path, name: str, data: object) -> memoryview:
+    view = memoryview(data)  # type: ignore[arg-type]
+    if not view.c_contiguous:
+        raise CheckpointFormatError(f"{path}: data of parameter {name!r} is not C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _write_all(fd: int, data: memoryview | bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _kernel_copy(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    """Copy file-to-file without a user-space buffer; return how many bytes the source had."""
+    end = offset + count
+    use_copy_file_range = hasattr(os, "copy_file_range")
+    while offset < end:
+        try:
+            if use_copy_file_range:
+                got = os.copy_file_range(src_fd, dst_fd, end - offset, offset)
+            else:
+                got = os.sendfile(dst_fd, src_fd, offset, end - offset)
+        except OSError as err:
+            if use_copy_file_range and err.errno in _NO_COPY_FILE_RANGE:
+                use_copy_file_range = False
+                continue
+            raise
+        if got == 0:
+            break
+        offset += got
+    return count - (end - offset)
+
+
+class CheckpointWriter:
+    """Streams parameters into ``path`` atomically; a context manager that commits on clean exit.
+
+    ``crc`` appends MindSpore's ``crc_num`` trailer; ``sync=False`` skips the fsyncs; a target
+    inside any of ``forbidden_dirs`` is refused with DestinationError before anything is created;
+    missing parent folders are created (mode 0700, as MindSpore's converter); ``piece_size``
+    overrides the 512 MiB split (for tests).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        crc: bool = False,
+        sync: bool = True,
+        forbidden_dirs: Iterable[str | os.PathLike[str]] = (),
+        piece_size: int = PIECE_SIZE,
+    ) -> None:
+        self.path = Path(path)
+        self._tmp = tmp_path_for(self.path)
+        self._sync = sync
+        self._piece_size = piece_size
+        self._crc: int | None = 0 if crc else None
+        self._buf = bytearray()
+        self._names: set[str] = set()
+        _refuse_forbidden(self.path, forbidden_dirs)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._tmp.unlink(missing_ok=True)  # stale leftover of an interrupted run
+            self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise DestinationError(f"{self.path}: cannot create {self._tmp.name}: {err}") from err
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    # -- public writing API -------------------------------------------------------------------
+
+    def write_tensor(self, name: str, dtype: str, dims: Sequence[int], data: object) -> None:
+        """Write one parameter whose content is the buffer ``data`` (exactly the content bytes)."""
+        view = _byte_view(self.path, name, data)
+        self._put_tensor(name, dtype, dims, len(view), [view])
+
+    def write_tensor_chunks(
+        self, name: str, dtype: str, dims: Sequence[int], nbytes: int, chunks: Iterable[object]
+    ) -> None:
+        """Write one parameter from buffers that concatenate to exactly ``nbytes`` bytes."""
+        self._put_tensor(name, dtype, dims, nbytes, (_byte_view(self.path, name, chunk) for chunk in chunks))
+
+    def copy_tensor_from(
+        self, name: str, dtype: str, dims: Sequence[int], src_fd: int, src_offset: int, nbytes: int
+    ) -> None:
+        """Write one parameter whose content is ``nbytes`` at ``src_offset`` of file ``src_fd``."""
+        self.copy_tensor_ranges(name, dtype, dims, src_fd, [(src_offset, nbytes)])
+
+    def copy_tensor_ranges(
+        self, name: str, dtype: str, dims: Sequence[int], src_fd: int, ranges: Sequence[tuple[int, int]]
+    ) -> None:
+        """Write one parameter whose content is the concatenation of (offset, length) ranges of ``src_fd``.
+
+        Copied in the kernel (``copy_file_range``, else ``sendfile``); through a user-space buffer
+        only when a CRC is being computed.
+        """
+        segments = [_FileRange(src_fd, offset, length) for offset, length in ranges]
+        self._put_tensor(name, dtype, dims, sum(length for _, length in ranges), segments)
+
+    def write_maptensor(self, name: str, payloads: Sequence[object]) -> None:
+        """Copy a MapTensor through: one entry per serialized ``MapTensorProto`` payload, in order."""
+        tag = self._claim(name)
+        try:
+            for payload in payloads:
+                view = _byte_view(self.path, name, payload)
+                self._emit(_maptensor_header(tag, len(view)))
+                self._emit(view)
+        except OSError as err:
+            raise DestinationError(f"{self.path}: cannot write parameter {name!r}: {err}") from err
+
+    def copy_entry(self, index: CheckpointIndex, name: str) -> None:
+        """Copy parameter ``name`` of an indexed checkpoint (tensor or MapTensor) unchanged."""
+        entry = index.entry(name)
+        if entry.kind == "maptensor":
+            self.write_maptensor(name, index.raw(name))
+        else:
+            self.copy_tensor_ranges(name, entry.dtype, entry.dims, index.fileno(), entry.pieces)
+
+    def commit(self) -> None:
+        """Finish the file: trailer, fsync, mode 0400, rename over the target, fsync the folder."""
+        fd = self._open_fd()
+        try:
+            if self._crc is not None:
+                self._emit(CRC_MARK + self._crc.to_bytes(10, "big"))
+            self._flush()
+            os.fchmod(fd, 0o400)
+            if self._sync:
+                os.fsync(fd)
+            os.close(fd)
+            self._fd = None
+            self._tmp.replace(self.path)
+            if self._sync:
+                _fsync_dir(self.path.parent)
+        except OSError as err:
+            self.abort()
+            raise DestinationError(f"{self.path}: cannot finish the checkpoint: {err}") from err
+
+    def abort(self) -> None:
+        """Drop the temporary file; the target is left as it was."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._tmp.unlink(missing_ok=True)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise DestinationError(f"{self.path}: writer is already closed")
+        return self._fd
+
+    def _claim(self, name: str) -> bytes:
+        """Reserve ``name`` (each parameter once) and return its UTF-8 tag."""
+        self._open_fd()
+        if name in self._names:
+            raise CheckpointFormatError(f"{self.path}: parameter {name!r} written twice")
+        try:
+            tag = name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointFormatError(f"{self.path}: parameter name {name!r} is not valid UTF-8") from None
+        self._names.add(name)
+        return tag
+
+    def _check_tensor(self, name: str, dtype: str, dims: Sequence[int], nbytes: int) -> tuple[int, ...]:
+        if dtype not in DTYPES:
+            raise CheckpointFormatError(f"{self.path}: parameter {name!r} has unknown dtype {dtype!r}")
+        checked = tuple(operator.index(d) for d in dims)
+        if any(d < 0 or d >= 1 << 63 for d in checked):
+            raise CheckpointFormatError(f"{self.path}: parameter {name!r} has invalid dims {list(checked)}")
+        if dtype == "str":
+            if nbytes % 4:
+                raise CheckpointFormatError(f"{self.path}: str value {name!r} must be UTF-32 ({nbytes} bytes)")
+        elif nbytes != math.prod(checked) * dtype_itemsize(dtype):
+            raise CheckpointFormatError(
+                f"{self.path}: parameter {name!r} ({dtype} {list(checked)}) needs "
+                f"{math.prod(checked) * dtype_itemsize(dtype)} bytes, got {nbytes}"
+            )
+        return checked
+
+    def _put_tensor(
+        self, name: str, dtype: str, dims: Sequence[int], nbytes: int, segments: Iterable[_Segment]
+    ) -> None:
+        """Write a tensor's pieces, a header before every ``piece_size`` bytes of its content."""
+        checked = self._check_tensor(name, dtype, dims, nbytes)
+        tag = self._claim(name)
+        type_bytes = dtype.encode("ascii")
+        try:
+            written = left_in_piece = 0
+            for segment in segments:
+                length = _segment_length(segment)
+                if written + length > nbytes:
+                    raise CheckpointFormatError(f"{self.path}: parameter {name!r} got more than {nbytes} bytes")
+                start = 0
+                while start < length:
+                    if left_in_piece == 0:
+                        left_in_piece = min(self._piece_size, nbytes - written)
+                        self._emit(_tensor_header(tag, type_bytes, checked, left_in_piece))
+                    count = min(left_in_piece, length - start)
+                    self._put_segment(name, segment, start, count)
+                    start += count
+                    written += count
+                    left_in_piece -= count
+            if written != nbytes:
+                raise CheckpointFormatError(f"{self.path}: parameter {name!r} got {written} bytes of {nbytes}")
+            if nbytes == 0:
+                self._emit(_tensor_header(tag, type_bytes, checked, 0))
+        except OSError as err:
+            raise DestinationError(f"{self.path}: cannot write parameter {name!r}: {err}") from err
+
+    def _put_segment(self, name: str, segment: _Segment, start: int, count: int) -> None:
+        if isinstance(segment, memoryview):
+            self._emit(segment[start : start + count])
+        elif self._crc is not None:
+            self._copy_through_buffer(name, segment, start, count)
+        else:
+            self._flush()
+            if _kernel_copy(segment.fd, self._open_fd(), segment.offset + start, count) != count:
+                raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early")
+
+    def _copy_through_buffer(self, name: str, segment: _FileRange, start: int, count: int) -> None:
+        offset = segment.offset + start
+        end = offset + count
+        while offset < end:
+            data = os.pread(segment.fd, min(_COPY_CHUNK, end - offset), offset)
+            if not data:
+                raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early")
+            self._emit(data)
+            offset += len(data)
+
+    def _emit(self, data: memoryview | bytes) -> None:
+        """Append bytes to the file (small ones gathered), feeding the CRC."""
+        if self._crc is not None:
+            self._crc = zlib.crc32(data, self._crc)
+        if len(data) < _SMALL:
+            self._buf += data
+            if len(self._buf) >= _FLUSH_AT:
+                self._flush()
+        else:
+            self._flush()
+            _write_all(self._open_fd(), data)
+
+    def _flush(self) -> None:
+        if self._buf:
+            _write_all(self._open_fd(), self._buf)
+            self._buf.clear()
+
+
+def _segment_length(segment: _Segment) -> int:
+    """Bytes in one content segment (buffer or file range)."""
+    return len(segment) if isinstance(segment, memoryview) else segment.length
+
+
+def _refuse_forbidden(path: Path, forbidden_dirs: Iterable[str | os.PathLike[str]]) -> None:
+    target = path.parent.resolve() / path.name
+    for folder in forbidden_dirs:
+        if target.is_relative_to(Path(folder).resolve()):
+            raise DestinationError(f"{path}: refusing to write inside {folder} (a source folder)")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    tensors: Iterable[tuple[str, str, Sequence[int], object]],
+    **writer_kwargs: object,
+) -> None:
+    """Write (name, dtype, dims, data) parameters, in order, to ``path`` atomically."""
+    with CheckpointWriter(path, **writer_kwargs) as writer:  # type: ignore[arg-type]
+        for name, dtype, dims, data in tensors:
+            writer.write_tensor(name, dtype, dims, data)

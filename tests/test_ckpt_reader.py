@@ -1,0 +1,302 @@
+"""The header-only checkpoint indexer against protobuf's own parse and hand-made edge cases."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixture_cases import FIXTURES
+
+from mpickpt._proto import checkpoint_pb2
+from mpickpt.ckpt import MAPTENSOR_DTYPE, dtype_itemsize, index_checkpoint, numpy_dtype
+from mpickpt.errors import CheckpointFormatError, SourceMissingError
+
+ALL_CKPT = sorted(FIXTURES.rglob("*.ckpt"))
+CHECKPOINTS = [p for p in ALL_CKPT if "strategy" not in p.name]
+STRATEGIES = [p for p in ALL_CKPT if "strategy" in p.name]
+SAMPLES = FIXTURES / "format_samples"
+
+
+def fixture_id(path: Path) -> str:
+    return str(path.relative_to(FIXTURES))
+
+
+def pb_entry(tag: str, dtype: str, dims: tuple[int, ...], content: bytes) -> bytes:
+    """One serialized ``Checkpoint`` message holding one tensor, as MindSpore writes each entry."""
+    ckpt = checkpoint_pb2.Checkpoint()
+    value = ckpt.value.add()
+    value.tag = tag
+    value.tensor.dims.extend(dims)
+    value.tensor.tensor_type = dtype
+    value.tensor.tensor_content = content
+    return ckpt.SerializeToString()
+
+
+def pb_maptensor_entry(tag: str, tensors: list[tuple[str, tuple[int, ...], bytes]]) -> bytes:
+    """One serialized ``Checkpoint`` message holding a MapTensor (keys, values, status)."""
+    ckpt = checkpoint_pb2.Checkpoint()
+    value = ckpt.value.add()
+    value.tag = tag
+    for dtype, dims, content in tensors:
+        tensor = value.maptensor.tensor.add()
+        tensor.dims.extend(dims)
+        tensor.tensor_type = dtype
+        tensor.tensor_content = content
+    return ckpt.SerializeToString()
+
+
+def parse_with_protobuf(path: Path) -> list[tuple[str, str, tuple[int, ...], bytes]]:
+    """(name, dtype, dims, content) per parameter, pieces joined, by protobuf's whole-message parser."""
+    data = path.read_bytes()
+    if data[-17:-10] == b"crc_num":
+        data = data[:-17]
+    ckpt = checkpoint_pb2.Checkpoint()
+    ckpt.ParseFromString(data)
+    out: list[tuple[str, str, tuple[int, ...], bytes]] = []
+    for value in ckpt.value:
+        t = value.tensor
+        if out and out[-1][0] == value.tag:
+            out[-1] = (*out[-1][:3], out[-1][3] + t.tensor_content)
+        else:
+            out.append((value.tag, t.tensor_type, tuple(t.dims), t.tensor_content))
+    return out
+
+
+@pytest.mark.parametrize("path", CHECKPOINTS, ids=fixture_id)
+def test_fixture_matches_protobuf_parse(path: Path) -> None:
+    expected = parse_with_protobuf(path)
+    with index_checkpoint(path, verify_crc=True) as index:
+        got = [(e.name, e.dtype, e.dims, b"".join(index.raw(e.name))) for e in index.entries.values()]
+        assert got == expected
+        for name, dtype, dims, content in expected:
+            array = index.array(name)
+            assert array.tobytes() == content
+            if dtype != "str":
+                assert array.shape == dims and array.dtype == numpy_dtype(dtype)
+
+
+def test_fixture_list_is_complete() -> None:
+    assert len(CHECKPOINTS) >= 60 and (SAMPLES / "crc.ckpt") in CHECKPOINTS
+
+
+@pytest.mark.parametrize("path", STRATEGIES[:3], ids=fixture_id)
+def test_strategy_file_is_refused(path: Path) -> None:
+    with pytest.raises(CheckpointFormatError, match="not a MindSpore checkpoint") as err:
+        index_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+def test_all_dtypes_sample() -> None:
+    with index_checkpoint(SAMPLES / "all_dtypes.ckpt") as index:
+        bf16 = index.array("p_BFloat16")
+        assert bf16.dtype == np.dtype("<u2") and bf16.shape == (4, 6)
+        as_f32 = (bf16.astype(np.uint32) << 16).view(np.float32)
+        assert np.all(np.isfinite(as_f32)) and np.all(np.abs(as_f32) < 4)
+        scalar = index.array("scalar_f32")
+        assert scalar.shape == () and scalar == np.float32(0.125)
+        assert index.entries["scalar_f32"].dims == ()
+        assert index.array("p_Bool").dtype == np.bool_
+        assert index.array("p_Int64").dtype == np.dtype("<i8")
+
+
+def test_views_are_zero_copy_and_read_only() -> None:
+    path = SAMPLES / "crc.ckpt"
+    with index_checkpoint(path) as index:
+        entry = index.entries["w"]
+        view = index.array("w")
+        assert not view.flags.writeable and not view.flags.owndata
+        offset, length = entry.pieces[0]
+        assert view.tobytes() == path.read_bytes()[offset : offset + length]
+        with pytest.raises(ValueError):
+            view[0, 0] = 1
+        raw = index.raw("w")
+        assert raw[0].readonly and len(raw[0]) == length
+    assert float(view[0, 0]) == float(np.frombuffer(path.read_bytes()[offset : offset + 4], "<f4")[0])
+
+
+def test_append_info_str_and_int_values() -> None:
+    with index_checkpoint(SAMPLES / "append_info.ckpt") as index:
+        note = index.entries["note"]
+        assert note.dtype == "str" and note.dims == (0,)
+        value = index.array("note")
+        assert value.shape == () and value.dtype == np.dtype("<U14") and str(value) == "a string value"
+        assert int(index.array("epoch_num")) == 3 and index.entries["epoch_num"].dims == ()
+
+
+def test_crc_trailer_read_and_verified(tmp_path: Path) -> None:
+    data = (SAMPLES / "crc.ckpt").read_bytes()
+    with index_checkpoint(SAMPLES / "crc.ckpt", verify_crc=True) as index:
+        assert index.crc == zlib.crc32(data[:-17]) == int.from_bytes(data[-10:], "big")
+    damaged = bytearray(data)
+    damaged[100] ^= 0xFF  # inside the content of "w"
+    path = tmp_path / "damaged.ckpt"
+    path.write_bytes(damaged)
+    index_checkpoint(path).close()  # not verified: indexes fine
+    with pytest.raises(CheckpointFormatError, match="CRC check failed") as err:
+        index_checkpoint(path, verify_crc=True)
+    assert str(path) in str(err.value)
+
+
+def test_split_tensor_pieces_concatenate(tmp_path: Path) -> None:
+    content = np.arange(24, dtype=np.float32).tobytes()
+    path = tmp_path / "split.ckpt"
+    path.write_bytes(
+        pb_entry("a", "Int32", (2,), b"\1\0\0\0\2\0\0\0")
+        + pb_entry("big", "Float32", (4, 6), content[:40])
+        + pb_entry("big", "Float32", (4, 6), content[40:64])
+        + pb_entry("big", "Float32", (4, 6), content[64:])
+        + pb_entry("z", "UInt8", (), b"\7")
+    )
+    with index_checkpoint(path) as index:
+        assert list(index.entries) == ["a", "big", "z"]
+        entry = index.entries["big"]
+        assert [length for _, length in entry.pieces] == [40, 24, 32] and entry.nbytes == 96
+        assert b"".join(index.raw("big")) == content
+        array = index.array("big")
+        assert array.flags.owndata and np.array_equal(array, np.arange(24, dtype=np.float32).reshape(4, 6))
+        out = bytearray(30)
+        index.read_into("big", 35, memoryview(out))  # spans all three pieces
+        assert bytes(out) == content[35:65]
+        with pytest.raises(IndexError, match="'big'"):
+            index.read_into("big", 90, memoryview(bytearray(7)))
+        with pytest.raises(CheckpointFormatError, match="no parameter 'nope'"):
+            index.array("nope")
+
+
+def test_async_axis0_split_is_accepted(tmp_path: Path) -> None:
+    """MindSpore's asynchronous save splits along axis 0 with full dims in each piece."""
+    rows = np.arange(12, dtype=np.int16).reshape(3, 4)
+    path = tmp_path / "async.ckpt"
+    path.write_bytes(b"".join(pb_entry("p", "Int16", (3, 4), part.tobytes()) for part in np.array_split(rows, 2)))
+    with index_checkpoint(path) as index:
+        assert np.array_equal(index.array("p"), rows)
+
+
+def test_packed_dims_are_accepted(tmp_path: Path) -> None:
+    tensor = b"\x0a\x02\x02\x03" + b"\x12\x04Int8" + b"\x1a\x06" + bytes(range(6))
+    value = b"\x0a\x01p" + b"\x12" + bytes([len(tensor)]) + tensor
+    path = tmp_path / "packed.ckpt"
+    path.write_bytes(b"\x0a" + bytes([len(value)]) + value)
+    with index_checkpoint(path) as index:
+        assert index.entries["p"].dims == (2, 3)
+        assert index.array("p").tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_maptensor_is_indexed_and_array_refused(tmp_path: Path) -> None:
+    parts = [
+        pb_maptensor_entry("m", [("int32", (2,), b"\1\0\0\0\2\0\0\0"), ("float32", (2, 1), b"\0" * 8)]),
+        pb_maptensor_entry("m", [("int32", (1,), b"\3\0\0\0"), ("float32", (1, 1), b"\0" * 4)]),
+    ]
+    path = tmp_path / "map.ckpt"
+    path.write_bytes(pb_entry("w", "Float16", (1,), b"\0\0") + b"".join(parts))
+    with index_checkpoint(path) as index:
+        entry = index.entries["m"]
+        assert entry.kind == "maptensor" and entry.dtype == MAPTENSOR_DTYPE and len(entry.pieces) == 2
+        for part, raw in zip(parts, index.raw("m"), strict=True):
+            assert part.endswith(bytes(raw))
+        with pytest.raises(CheckpointFormatError, match="MapTensor"):
+            index.array("m")
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [
+        (pb_entry("p", "Float32", (2,), b"\0" * 7), r"'p' \(Float32 \[2\]\) should hold 8 bytes, holds 7"),
+        (pb_entry("p", "Complex64", (1,), b"\0" * 8), "'p' has unknown dtype 'Complex64'"),
+        (pb_entry("s", "str", (0,), b"abc"), "'s' is not UTF-32"),
+        (pb_entry("p", "Int8", (1,), b"\0") + pb_entry("q", "Int8", (1,), b"\0") + pb_entry("p", "Int8", (1,), b"\0"),
+         "'p' appears twice"),
+        (pb_entry("p", "Int8", (2,), b"\0") + pb_entry("p", "Int16", (2,), b"\0" * 3), "'p' is split into pieces"),
+        (pb_entry("p", "Int8", (1,), b"\0")[:-1], "entry #0 at byte 0"),
+        (pb_entry("p", "Int8", (1,), b"\0") + b"\x0a\x05\x0a\x01q\x12\x00", "after parameter 'p'"),
+    ],
+    ids=["size", "dtype", "str", "scattered", "inconsistent", "truncated", "no-content"],
+)
+def test_bad_content_is_refused_naming_file_and_parameter(tmp_path: Path, blob: bytes, message: str) -> None:
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(blob)
+    with pytest.raises(CheckpointFormatError, match=message) as err:
+        index_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (bytes.fromhex("d85e3a7f3f01d10a"), r"encrypted \(AES-GCM\)"),
+        (bytes.fromhex("d95e3a7f78000000"), r"encrypted \(AES-CBC\)"),
+        (bytes.fromhex("da5e3a7f78000000"), r"encrypted \(SM4-CBC\)"),
+        (b"hello world, not protobuf", "not a MindSpore checkpoint"),
+    ],
+)
+def test_foreign_files_are_refused(tmp_path: Path, head: bytes, message: str) -> None:
+    path = tmp_path / "foreign.ckpt"
+    path.write_bytes(head + os.urandom(64))
+    with pytest.raises(CheckpointFormatError, match=message):
+        index_checkpoint(path)
+
+
+def test_empty_and_missing_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with index_checkpoint(empty) as index:
+        assert index.entries == {} and index.crc is None
+    with pytest.raises(SourceMissingError, match="missing.ckpt"):
+        index_checkpoint(tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointFormatError, match="cannot open"):
+        index_checkpoint(tmp_path)
+
+
+def test_index_reads_headers_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 64 MiB sparse content is skipped: far less than 1 MiB is read while indexing."""
+    path = tmp_path / "sparse.ckpt"
+    size = 64 << 20
+    header = pb_entry("big", "UInt8", (size,), b"x" * size)[:40]
+    head_len = header.index(b"UInt8") + 5 + 1 + len(_varint(size))  # ... tensor_type, content key, length
+    with path.open("wb") as f:
+        f.write(header[:head_len])
+        f.truncate(head_len + size)
+        f.seek(head_len + size)
+        f.write(pb_entry("small", "Int8", (1,), b"\1"))
+    read = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, offset: int) -> bytes:
+        data = real_pread(fd, n, offset)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    with index_checkpoint(path) as index:
+        assert index.entries["big"].nbytes == size and index.array("small").tolist() == [1]
+    assert sum(read) < 1 << 20
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def test_views_outlive_close() -> None:
+    index = index_checkpoint(SAMPLES / "append_info.ckpt")
+    view = index.array("w")
+    expected = view.copy()
+    index.close()
+    assert np.array_equal(view, expected)
+    with pytest.raises(CheckpointFormatError, match="closed"):
+        index.array("w")
+
+
+def test_dtype_table() -> None:
+    assert numpy_dtype("BFloat16") == np.dtype("<u2") and dtype_itemsize("BFloat16") == 2
+    assert numpy_dtype("Int4") == np.dtype("u1") and dtype_itemsize("Int4") == 1
+    assert numpy_dtype("str") == np.dtype("<U") and dtype_itemsize("str") == 4
+    assert {dtype_itemsize(d) for d in ("Bool", "Int8", "UInt8")} == {1}
+    with pytest.raises(CheckpointFormatError, match="unknown MindSpore dtype 'Float8'"):
+        numpy_dtype("Float8")
