@@ -1,0 +1,157 @@
+"""Command line: parses flags and calls library functions, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import MpickptError
+from .inspect import describe_file, format_description
+from .transform import TransformJob, TransformOptions
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mpickpt` command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (MpickptError, OSError) as error:
+        print(f"mpickpt: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpickpt",
+        description="Convert MindSpore distributed checkpoints between sharding strategies.",
+    )
+    parser.add_argument("--version", action="version", version=f"mpickpt {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    transform = commands.add_parser(
+        "transform", help="convert src_dir/rank_x/*.ckpt to dst_dir/rank_y/<prefix>y.ckpt (parallel under mpirun)"
+    )
+    _add_job_flags(transform, need_dst=True)
+    transform.add_argument("--no-sync", action="store_true", help="do not fsync outputs (scratch filesystems)")
+    transform.add_argument("--overwrite", action="store_true", help="redo outputs that a previous run completed")
+    transform.add_argument("--quiet", action="store_true", help="no progress or summary")
+    transform.set_defaults(run=_run_transform)
+
+    plan = commands.add_parser("plan", help="dry run: what each target rank reads and writes")
+    _add_job_flags(plan, need_dst=False)
+    plan.add_argument("--target", type=int, action="append", help="only these target ranks (repeatable)")
+    plan.add_argument("--copies", action="store_true", help="also list every planned copy")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(run=_run_plan)
+
+    rank_list = commands.add_parser("rank-list", help="source ranks one target rank needs")
+    rank_list.add_argument("rank", type=int)
+    rank_list.add_argument("--src-strategy", help="source strategy file (omit: one unsharded source)")
+    rank_list.add_argument("--dst-strategy", help="target strategy file (omit: one full target)")
+    rank_list.add_argument("--json", action="store_true")
+    rank_list.set_defaults(run=_run_rank_list)
+
+    merge = commands.add_parser("merge-strategies", help="merge per-stage pipeline strategy files into one")
+    merge.add_argument("src_strategy_dir")
+    merge.add_argument("dst_strategy_file")
+    merge.set_defaults(run=_run_merge)
+
+    inspect = commands.add_parser("inspect", help="describe a checkpoint or strategy file")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--verify-crc", action="store_true", help="check a checkpoint's CRC trailer")
+    inspect.set_defaults(run=_run_inspect)
+    return parser
+
+
+def _add_job_flags(parser: argparse.ArgumentParser, *, need_dst: bool) -> None:
+    parser.add_argument("--src-dir", required=True, help="folder of rank_<r>/*.ckpt source checkpoints")
+    parser.add_argument("--dst-dir", required=need_dst, help="output folder")
+    parser.add_argument("--prefix", default="checkpoint_", help="output name prefix (default: checkpoint_)")
+    parser.add_argument("--src-strategy", help="source strategy file (.ckpt protobuf or .json)")
+    parser.add_argument("--dst-strategy", help="target strategy file (.ckpt protobuf or .json)")
+    parser.add_argument("--src-strategy-dir", help="folder of per-stage source strategy files to merge")
+    parser.add_argument("--dst-strategy-dir", help="folder of per-stage target strategy files to merge")
+    parser.add_argument("--output-format", default="ckpt", choices=["ckpt", "safetensors"])
+
+
+def _options(args: argparse.Namespace) -> TransformOptions:
+    return TransformOptions(
+        src_dir=args.src_dir,
+        dst_dir=args.dst_dir or "",
+        prefix=args.prefix,
+        src_strategy=args.src_strategy,
+        dst_strategy=args.dst_strategy,
+        src_strategy_dir=args.src_strategy_dir,
+        dst_strategy_dir=args.dst_strategy_dir,
+        output_format=args.output_format,
+    )
+
+
+def _run_transform(args: argparse.Namespace) -> int:
+    from .driver import run_transform
+    from .mpi import world
+
+    run_transform(_options(args), world(), sync=not args.no_sync, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    job = TransformJob.prepare(_options(args), write_merged=False)
+    wanted = set(args.target or [t.target_rank for t in job.tasks])
+    rows = []
+    for task in job.tasks:
+        if task.target_rank not in wanted:
+            continue
+        row = {
+            "target_rank": task.target_rank,
+            "output": task.path,
+            "source_ranks": list(task.source_ranks),
+            "source_files": list(task.source_files),
+            "bytes_read": task.read_bytes,
+            "bytes_written": task.write_bytes,
+        }
+        if args.copies:
+            row["plan"] = job.planner().plan(task.target_rank).to_dict()
+        rows.append(row)
+    if args.json:
+        json.dump({"targets": rows}, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"{'target':>6}  {'sources':<24} {'read':>12} {'written':>12}  output")
+    for row in rows:
+        ranks = ",".join(map(str, row["source_ranks"]))
+        print(f"{row['target_rank']:>6}  {ranks:<24} {row['bytes_read']:>12,} {row['bytes_written']:>12,}  {row['output']}")
+    total_read = sum(r["bytes_read"] for r in rows)
+    total_written = sum(r["bytes_written"] for r in rows)
+    print(f"{len(rows)} targets, {total_read:,} bytes read, {total_written:,} bytes written")
+    return 0
+
+
+def _run_rank_list(args: argparse.Namespace) -> int:
+    from .api import rank_list_for_transform
+
+    ranks = rank_list_for_transform(args.rank, args.src_strategy, args.dst_strategy)
+    print(json.dumps(ranks) if args.json else " ".join(map(str, ranks)))
+    return 0
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .api import merge_pipeline_strategys
+
+    merge_pipeline_strategys(args.src_strategy_dir, args.dst_strategy_file)
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    description = describe_file(args.file, verify_crc=args.verify_crc)
+    if args.json:
+        json.dump(description, sys.stdout, indent=1)
+        print()
+    else:
+        print(format_description(description))
+    return 0
