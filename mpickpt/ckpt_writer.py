@@ -182,8 +182,15 @@ class CheckpointWriter:
         Copied in the kernel (``copy_file_range``, else ``sendfile``); through a user-space buffer
         only when a CRC is being computed.
         """
-        segments = [_FileRange(src_fd, offset, length) for offset, length in ranges]
-        self._put_tensor(name, dtype, dims, sum(length for _, length in ranges), segments)
+        self.copy_tensor_segments(name, dtype, dims, [(src_fd, offset, length) for offset, length in ranges])
+
+    def copy_tensor_segments(
+        self, name: str, dtype: str, dims: Sequence[int], segments: Sequence[tuple[int, int, int]]
+    ) -> None:
+        """Write one parameter whose content is the concatenation of (fd, offset, length) ranges of
+        several source files, copied in the kernel like ``copy_tensor_ranges``."""
+        ranges = [_FileRange(fd, offset, length) for fd, offset, length in segments]
+        self._put_tensor(name, dtype, dims, sum(length for _, _, length in segments), ranges)
 
     def write_maptensor(self, name: str, payloads: Sequence[object]) -> None:
         """Copy a MapTensor through: one entry per serialized ``MapTensorProto`` payload, in order."""

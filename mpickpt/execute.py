@@ -108,6 +108,10 @@ def _write_param(writer: CheckpointWriter, param: ParamPlan, sources: SourceFile
     if _is_whole_source(param, sources):
         rank = param.copies[0].src_rank
         return _copy_whole(writer, sources.entry(rank, param.name), sources.index(rank), param.dtype, param.dims)
+    segments = _file_segments(param, sources)
+    if segments is not None:
+        writer.copy_tensor_segments(param.name, param.dtype, param.dims, segments)
+        return sum(length for _, _, length in segments)
     target = _assemble(param, sources)
     writer.write_tensor(param.name, param.dtype, param.dims, target)
     return target.nbytes
@@ -150,6 +154,39 @@ def _is_whole_source(param: ParamPlan, sources: SourceFiles) -> bool:
     copy = param.copies[0]
     dims = tuple(sources.entry(copy.src_rank, param.name).dims)
     return copy.src_box == Box((0,) * len(dims), dims) and dims == tuple(param.dims)
+
+
+def _file_segments(param: ParamPlan, sources: SourceFiles) -> list[tuple[int, int, int]] | None:
+    """When every copy is one contiguous byte run in both its (single-piece) source and the target,
+    the target is those runs in target order: (fd, offset, length) each, for a file-to-file copy."""
+    itemsize = dtype_itemsize(param.dtype)
+    runs = []
+    for copy in param.copies:
+        entry = sources.entry(copy.src_rank, param.name)
+        src_run = _contiguous_run(copy.src_box, entry.dims, itemsize)
+        dst_run = _contiguous_run(copy.dst_box, param.dims, itemsize)
+        if len(entry.pieces) != 1 or src_run is None or dst_run is None:
+            return None
+        fd = sources.index(copy.src_rank).fileno()
+        runs.append((dst_run[0], fd, entry.pieces[0][0] + src_run[0], src_run[1]))
+    runs.sort()
+    return [(fd, offset, length) for _, fd, offset, length in runs]
+
+
+def _contiguous_run(box: Box, dims: Sequence[int], itemsize: int) -> tuple[int, int] | None:
+    """(byte offset, byte length) of a box inside a C-order array of `dims`, if it is one run."""
+    shape = box.shape
+    # Innermost dims must be whole; outside the first partial dim, extents must be one.
+    k = len(dims)
+    while k > 0 and shape[k - 1] == dims[k - 1]:
+        k -= 1
+    if any(extent != 1 for extent in shape[: max(k - 1, 0)]):
+        return None
+    strides = [itemsize] * len(dims)
+    for i in range(len(dims) - 2, -1, -1):
+        strides[i] = strides[i + 1] * dims[i + 1]
+    offset = sum(start * stride for start, stride in zip(box.start, strides))
+    return offset, box.size * itemsize
 
 
 def _assemble(param: ParamPlan, sources: SourceFiles) -> np.ndarray:
