@@ -1,0 +1,1 @@
+"""Test helpers shipped with mpickpt: hypothesis strategies for layouts and conversions (needs hypothesis)."""

@@ -1,0 +1,251 @@
+"""Layout geometry: exact boxes for hand-checked layouts, typed errors for impossible ones, and the
+MindSpore fixtures (slicing the full model by a layout reproduces what MindSpore stored)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fixture_cases import CASES, Case, case_params, requires_fixtures
+from mpickpt.ckpt import index_checkpoint
+from mpickpt.errors import LayoutError, StrategyFormatError
+from mpickpt.layout import Box, Layouts, ParamLayout
+from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, load_strategy
+
+
+def item(name: str, dev: tuple[int, ...], *tensor_map: tuple[int, ...], size: int = 0, step: int = 0,
+         split: tuple[int, ...] = ()) -> LayoutItem:
+    return LayoutItem(name=name, dev_matrix=dev, tensor_map=tuple(tensor_map), param_split_shape=(split,),
+                      opt_weight_shard_size=size, opt_weight_shard_step=step)
+
+
+def strategy(*items: LayoutItem) -> Strategy:
+    return Strategy(current_stage=0, strategy_items=(StrategyItem("MatMul-op0", 0, ((1, 1),)),), layout_items=items)
+
+
+def boxes(layouts: Layouts, name: str, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    result = []
+    for rank in range(layouts.device_count):
+        box = layouts.slice_box(name, shape, rank)
+        result.append(None if box is None else (box.start, box.stop))
+    return result
+
+
+# --- Box -----------------------------------------------------------------------------------------
+
+
+def test_box_arithmetic() -> None:
+    a, b = Box((0, 4), (8, 12)), Box((6, 0), (10, 6))
+    assert a.shape == (8, 8) and a.size == 64
+    assert a.intersect(b) == Box((6, 4), (8, 6))
+    assert a.intersect(Box((8, 0), (9, 4))) is None  # touching is not overlapping
+    assert Box((6, 4), (8, 6)).relative_to(a) == Box((6, 0), (8, 2))
+    assert Box.full((3, 5)) == Box((0, 0), (3, 5)) and Box.full(()).size == 1
+    assert Box((1,), (3,)).to_dict() == {"start": [1], "stop": [3]}
+
+
+# --- exact boxes ---------------------------------------------------------------------------------
+
+
+def test_data_parallel_replicates_and_tensor_parallel_splits() -> None:
+    dp = Layouts.from_strategy(strategy(item("w", (8, 1), (-1, -1))))
+    assert dp.device_count == 8 and boxes(dp, "w", (4, 8)) == [((0, 0), (4, 8))] * 8
+    tp = Layouts.from_strategy(strategy(item("w", (1, 4), (-1, 0))))
+    assert boxes(tp, "w", (4, 8)) == [((0, 2 * r), (4, 2 * r + 2)) for r in range(4)]
+
+
+def test_tutorial_layouts() -> None:
+    """The tutorial's layer1: 8 cards ((2,1),(1,2)) and 4 cards ((2,2),(2,1)) with optimizer parallel."""
+    src = Layouts.from_strategy(strategy(item("layer1.weight", (2, 2, 1, 2), (1, 0))))
+    assert boxes(src, "layer1.weight", (784, 512)) == [((0, 256 * (r % 2)), (784, 256 * (r % 2) + 256))
+                                                       for r in range(8)]
+    dst = Layouts.from_strategy(strategy(item("layer1.weight", (2, 2, 1), (1, 0), size=-1, step=2)))
+    # dim 0: 2 model-parallel chunks (axis 1 = rank % 2), each cut into 2 optimizer pieces (replica rank // 2)
+    rows = [(0, 196), (392, 588), (196, 392), (588, 784)]
+    assert boxes(dst, "layer1.weight", (784, 512)) == [((a, 0), (b, 512)) for a, b in rows]
+
+
+def test_nested_tensor_map_first_axis_outermost() -> None:
+    layouts = Layouts.from_strategy(strategy(item("w", (2, 2, 2), (2, 1), (0,))))
+    assert boxes(layouts, "w", (8, 4)) == [((2 * (r // 2), 2 * (r % 2)), (2 * (r // 2) + 2, 2 * (r % 2) + 2))
+                                           for r in range(8)]
+    swapped = Layouts.from_strategy(strategy(item("w", (2, 2, 2), (1, 2), (-1,))))
+    rows = [2 * (((r // 2) % 2) * 2 + r // 4) for r in range(8)]
+    assert boxes(swapped, "w", (8, 4)) == [((a, 0), (a + 2, 4)) for a in rows]
+
+
+@pytest.mark.parametrize(("size", "pieces"), [(-1, [0, 0, 1, 1, 2, 2, 3, 3]), (2, [0, 0, 1, 1, 0, 0, 1, 1]),
+                                              (1, [0] * 8)])
+def test_optimizer_sharding_cuts_dimension_0(size: int, pieces: list[int]) -> None:
+    layouts = Layouts.from_strategy(strategy(item("w", (4, 2), (-1, 0), size=size, step=2)))
+    n = max(pieces) + 1
+    rows = 16 // n
+    assert boxes(layouts, "w", (16, 6)) == [((p * rows, 3 * (r % 2)), (p * rows + rows, 3 * (r % 2) + 3))
+                                            for r, p in enumerate(pieces)]
+    assert layouts.full_shape("w", (rows, 3)) == (16, 6)
+
+
+def test_optimizer_sharding_inside_the_model_parallel_slice() -> None:
+    """Dimension 0 split by tensor parallel (axis 0) and then by optimizer pieces over the replicas."""
+    layouts = Layouts.from_strategy(strategy(item("w", (2, 2), (0,), size=-1, step=2)))
+    assert boxes(layouts, "w", (8,)) == [((0,), (2,)), ((4,), (6,)), ((2,), (4,)), ((6,), (8,))]
+
+
+def test_optimizer_sharding_over_one_replica_is_one_piece() -> None:
+    layouts = Layouts.from_strategy(strategy(item("w", (2,), (0,), size=-1, step=1)))
+    assert boxes(layouts, "w", (4,)) == [((0,), (2,)), ((2,), (4,))]
+
+
+def test_optimizer_sharding_needs_both_size_and_step() -> None:
+    layouts = Layouts.from_strategy(strategy(item("w", (4,), (-1,), size=-1, step=0)))
+    assert boxes(layouts, "w", (8,)) == [((0,), (8,))] * 4
+
+
+def test_even_param_split_shape_is_accepted() -> None:
+    layouts = Layouts.from_strategy(strategy(item("w", (2,), (0, -1), split=(3, 3))))
+    assert boxes(layouts, "w", (6, 2)) == [((0, 0), (3, 2)), ((3, 0), (6, 2))]
+
+
+def test_scalar_parameter() -> None:
+    layouts = Layouts.from_strategy(strategy(item("lr", (4,), ())))
+    assert boxes(layouts, "lr", ()) == [((), ())] * 4
+
+
+def test_pipeline_merged_names_and_shared_parameters() -> None:
+    merged = Strategy(
+        current_stage=1,
+        strategy_items=(StrategyItem("a", 0, ()), StrategyItem("b", 1, ())),
+        layout_items=(
+            item("0-embed", (2,), (0, -1)), item("0-w0", (2,), (-1, 0)),
+            item("1-w1", (2,), (-1,)), item("1-embed", (2,), (-1, 0)),
+        ),
+    )
+    layouts = Layouts.from_strategy(merged)
+    assert (layouts.stage_count, layouts.stage_device_num, layouts.device_count) == (2, 2, 4)
+    assert layouts.names == ("embed", "w0", "w1") and layouts.stages_of("embed") == (0, 1)
+    assert boxes(layouts, "w0", (2, 4)) == [((0, 0), (2, 2)), ((0, 2), (2, 4)), None, None]
+    assert boxes(layouts, "w1", (6,)) == [None, None, ((0,), (6,)), ((0,), (6,))]
+    # each stage of a shared parameter uses its own layout
+    assert boxes(layouts, "embed", (4, 6)) == [((0, 0), (2, 6)), ((2, 0), (4, 6)), ((0, 0), (4, 3)), ((0, 3), (4, 6))]
+    assert layouts.full_shape("embed", (4, 3), rank=3) == (4, 6)
+    assert layouts.full_shape("embed", (2, 6)) == (4, 6)
+
+
+def test_unmerged_stage_file_numbers_ranks_from_its_stage() -> None:
+    layouts = Layouts.from_strategy(strategy(item("w", (2,), (0,))), stage=1)
+    assert layouts.stages == (1,) and layouts.device_count == 4
+    assert boxes(layouts, "w", (4,)) == [None, None, ((0,), (2,)), ((2,), (4,))]
+
+
+def test_missing_strategy_is_one_whole_device() -> None:
+    layouts = Layouts.from_strategy(None)
+    assert layouts.unsharded and layouts.device_count == 1 and layouts.holds("anything")
+    assert layouts.slice_box("anything", (3, 4), 0) == Box((0, 0), (3, 4))
+    assert layouts.full_shape("anything", (3, 4)) == (3, 4)
+    with pytest.raises(LayoutError, match="rank 1 is outside"):
+        layouts.slice_box("anything", (3, 4), 1)
+
+
+# --- impossible layouts --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("layout", "shape", "message"),
+    [
+        (item("w", (4,), (0, -1)), (6, 2), r"dimension 0 \(6\) does not divide into 4 shard\(s\)"),
+        (item("w", (2, 2), (-1, 0), size=-1, step=1), (5, 2),
+         r"dimension 0 \(5\) does not divide into 1 shard\(s\) x 2 optimizer pieces"),
+        (item("w", (2, 2), (0, -1)), (4,), "the tensor map has 2 dimensions, the tensor 1"),
+        (item("w", (2,), (0, -1), split=(2, 4)), (6, 2), "uneven split"),
+        (item("w", (2,), (0, -1), split=(2, 2)), (6, 2), "param_split_shape .* is not an even split"),
+    ],
+)
+def test_impossible_layout_names_parameter_layout_and_shape(layout: LayoutItem, shape: tuple[int, ...],
+                                                             message: str) -> None:
+    with pytest.raises(LayoutError, match=message) as error:
+        Layouts.from_strategy(strategy(layout)).slice_box("w", shape, 0)
+    text = str(error.value)
+    assert "'w'" in text and "dev_matrix" in text
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        (item("w", (2, 4), (-1, 0), size=3, step=4), "opt_weight_shard_size 3 does not divide the replica count 2"),
+        (item("w", (2, 4), (-1, 0), size=-2, step=4), "must be -1 or positive"),
+        (item("w", (2, 2), (0, 0)), "one device axis for several dimensions"),
+        (item("w", (2, 2), (2, -1)), "device axis outside"),
+        (item("w", (2,), (), size=-1, step=1), "optimizer sharding of a 0-d tensor"),
+    ],
+)
+def test_impossible_layout_whatever_the_shape(layout: LayoutItem, message: str) -> None:
+    with pytest.raises(LayoutError, match=message) as error:
+        ParamLayout.from_item(layout)
+    assert "'w'" in str(error.value)
+
+
+def test_strategy_level_errors() -> None:
+    with pytest.raises(LayoutError, match="'b'.*covers 2 devices, other parameters 4"):
+        Layouts.from_strategy(strategy(item("a", (4,), (0,)), item("b", (2,), (0,))))
+    gap = Strategy(current_stage=1, layout_items=(item("0-a", (2,), (0,)), item("2-b", (2,), (0,))))
+    with pytest.raises(StrategyFormatError, match=r"stages \[0, 2\]"):
+        Layouts.from_strategy(gap)
+    with pytest.raises(StrategyFormatError, match="merged pipeline name"):
+        Layouts.from_strategy(Strategy(current_stage=1, layout_items=(item("0-a", (2,), (0,)),)), stage=0)
+    with pytest.raises(StrategyFormatError, match="no parameter layouts"):
+        Layouts.from_strategy(Strategy(current_stage=0))
+    with pytest.raises(LayoutError, match="'c' is not in the strategy"):
+        Layouts.from_strategy(strategy(item("a", (2,), (0,)))).slice_box("c", (2,), 0)
+
+
+def test_full_shape_rejects_dims_of_the_wrong_rank() -> None:
+    layouts = Layouts.from_strategy(strategy(item("w", (2,), (0, -1))))
+    with pytest.raises(LayoutError, match=r"'w': a stored slice has 1 dimensions.*slice dims \[3\]"):
+        layouts.full_shape("w", (3,))
+
+
+# --- MindSpore fixtures ----------------------------------------------------------------------------
+
+
+def _arrays(path: object) -> dict[str, np.ndarray]:
+    with index_checkpoint(path) as index:
+        return {name: np.array(index.array(name)) for name in index.entries}
+
+
+def _cut(array: np.ndarray, box: Box) -> np.ndarray:
+    return array[(*(slice(a, b) for a, b in zip(box.start, box.stop)), ...)]
+
+
+def _layouts(case: Case, which: str) -> Layouts:
+    path = case.strategy(which)
+    return Layouts.from_strategy(None if path is None else load_strategy(path))
+
+
+@requires_fixtures
+@case_params
+def test_full_model_sliced_by_source_layout_is_the_source_checkpoints(case: Case) -> None:
+    full = _arrays(case.root / case.meta["full_checkpoint"])
+    layouts = _layouts(case, "src")
+    for rank in range(layouts.device_count):
+        stored = _arrays(next((case.src_dir / f"rank_{rank}").glob("*.ckpt")))
+        for name, data in stored.items():
+            box = layouts.slice_box(name, full[name].shape, rank) if layouts.holds(name) else Box.full(data.shape)
+            assert box is not None, (rank, name)
+            np.testing.assert_array_equal(_cut(full[name], box), data, err_msg=f"rank {rank} {name}")
+
+
+@requires_fixtures
+@case_params
+def test_full_model_sliced_by_target_layout_is_what_mindspore_wrote(case: Case) -> None:
+    full = _arrays(case.root / case.meta["full_checkpoint"])
+    layouts = _layouts(case, "dst")
+    for rank, path in case.expected_files().items():
+        for name, data in _arrays(path).items():
+            box = layouts.slice_box(name, full[name].shape, rank) if layouts.holds(name) else Box.full(data.shape)
+            np.testing.assert_array_equal(_cut(full[name], box), data, err_msg=f"rank {rank} {name}")
+
+
+def test_fixture_cases_were_found() -> None:
+    if not CASES:
+        pytest.skip("no fixtures")
+    assert {"seed_8to4", "pipeline_2x4_to_4", "8_to_full", "full_to_8"} <= {c.name for c in CASES}
