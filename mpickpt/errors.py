@@ -29,3 +29,7 @@ class SourceMissingError(MpickptError, FileNotFoundError):
 
 class DestinationError(MpickptError):
     """The destination is unsafe (inside a source folder) or cannot be written."""
+
+
+class LaunchError(MpickptError):
+    """The process was started by an MPI launcher but cannot join its MPI world (mpi4py missing, wrong MPI)."""

@@ -91,10 +91,8 @@ class TargetPlan:
     params: tuple[ParamPlan, ...]
     source_ranks: tuple[int, ...]
 
-    def bytes_read(self, catalog: Mapping[str, TensorInfo] | None = None) -> int:
-        """Tensor bytes copied out of source files. The plan carries every dtype and box, so `catalog` is
-        not needed (accepted for callers of the first API sketch)."""
-        del catalog
+    def bytes_read(self) -> int:
+        """Tensor bytes copied out of source files."""
         return sum(
             sum(c.src_box.size for c in p.copies) * _itemsize(p.dtype) if p.in_strategy else p.nbytes
             for p in self.params

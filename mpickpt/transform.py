@@ -131,7 +131,7 @@ class TransformJob:
                     path=path,
                     source_ranks=plan.source_ranks,
                     source_files=tuple(rank_files[r] for r in plan.source_ranks),
-                    read_bytes=plan.bytes_read(catalog),
+                    read_bytes=plan.bytes_read(),
                     write_bytes=plan.bytes_written(),
                 )
             )
