@@ -354,6 +354,20 @@ class CheckpointIndex:
         whole = memoryview(self._buffer())
         return [whole[offset : offset + length] for offset, length in entry.pieces]
 
+    def release(self, name: str) -> None:
+        """Drop the parameter's mapped pages from this process's resident set (MADV_DONTNEED).
+
+        The data stays in the page cache and views stay valid (touching them maps the pages again),
+        so resident memory stays bounded by what is being copied now, not by what was read before.
+        """
+        entry = self.entry(name)
+        if self._mm is None or not entry.pieces:
+            return
+        start = entry.pieces[0][0] // mmap.PAGESIZE * mmap.PAGESIZE
+        end = entry.pieces[-1][0] + entry.pieces[-1][1]
+        if end > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def read_into(self, name: str, byte_offset: int, out: memoryview) -> None:
         """Copy bytes [byte_offset, byte_offset + len(out)) of the parameter's content, across pieces."""
         entry = self.entry(name)

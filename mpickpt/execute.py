@@ -199,6 +199,7 @@ def _assemble(param: ParamPlan, sources: SourceFiles) -> np.ndarray:
         for source_rows, row_start in _row_blocks(index, entry, copy, itemsize):
             rows = _shifted(copy, row_start, source_rows.shape[0])
             target[_slices(rows.dst_box)] = source_rows[_slices(rows.src_box)]
+        index.release(param.name)
     return target
 
 

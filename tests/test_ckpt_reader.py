@@ -11,7 +11,7 @@ import pytest
 from fixture_cases import FIXTURES
 
 from mpickpt._proto import checkpoint_pb2
-from mpickpt.ckpt import MAPTENSOR_DTYPE, dtype_itemsize, index_checkpoint, numpy_dtype
+from mpickpt.ckpt import MAPTENSOR_DTYPE, dtype_itemsize, index_checkpoint, numpy_dtype, save_checkpoint
 from mpickpt.errors import CheckpointFormatError, SourceMissingError
 
 ALL_CKPT = sorted(FIXTURES.rglob("*.ckpt"))
@@ -300,3 +300,15 @@ def test_dtype_table() -> None:
     assert {dtype_itemsize(d) for d in ("Bool", "Int8", "UInt8")} == {1}
     with pytest.raises(CheckpointFormatError, match="unknown MindSpore dtype 'Float8'"):
         numpy_dtype("Float8")
+
+
+def test_release_keeps_views_valid(tmp_path: Path) -> None:
+    data = np.arange(5000, dtype=np.float32)
+    path = tmp_path / "r.ckpt"
+    save_checkpoint(path, [("a", "Float32", data.shape, data), ("b", "Float32", data.shape, data[::-1].copy())])
+    with index_checkpoint(path) as index:
+        view = index.array("a")
+        assert view.sum() == data.sum()
+        index.release("a")
+        index.release("b")
+        assert np.array_equal(view, data) and np.array_equal(index.array("b"), data[::-1])
