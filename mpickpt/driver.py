@@ -1,0 +1,428 @@
+"""The run loop of `mpickpt transform`: one coordinator plans, every process writes its share of the outputs.
+
+Called on all ranks with the same arguments. The communicator is a parameter (mpickpt/mpi.py), so the same
+code runs under mpirun/srun and, with `SerialComm`, in one process with no MPI at all.
+
+Flow: rank 0 prepares the job and broadcasts it (or its error) -> `deal` gives every process its targets
+-> each process skips outputs whose completion record still matches, writes the rest (record after each)
+and posts small progress messages to rank 0 -> each process posts its report to rank 0 -> rank 0 writes
+dst_dir/manifest.json and the summary, and broadcasts the summary, which ends the run on every rank.
+
+Any exception during the work makes the failing process print `mpickpt: process P (target rank T): ...`
+and abort the MPI job, so no process waits for a dead peer (in a one-process world it is simply raised).
+
+Test-only hook: MPICKPT_TEST_FAIL="process=P[,after_bytes=B][,action=kill|raise]" makes process P send
+itself SIGKILL (action=kill) or raise (default) once it has written B bytes of tensor data in this run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol, TextIO
+
+from . import __version__
+from .errors import MpickptError
+from .manifest import (CompletionRecord, SourceStamp, checksum, remove_record, stamp_sources, verified_record,
+                       write_manifest, write_record)
+from .mpi import Comm
+from .transform import OutputTask, TransformJob, TransformOptions
+
+PROGRESS_SEND_SECONDS = 0.5  # how often a process tells rank 0 its counters while it writes
+PROGRESS_LINE_SECONDS = 2.0  # how often rank 0 prints a progress line when stderr is not a terminal
+PROGRESS_BAR_SECONDS = 0.2  # how often rank 0 redraws the bar on a terminal
+POLL_SECONDS = 0.02  # rank 0's sleep between checks for messages once its own work is done
+TEST_FAIL_VARIABLE = "MPICKPT_TEST_FAIL"
+
+
+class Job(Protocol):
+    """What the driver needs of a job (TransformJob, or a stand-in in tests)."""
+
+    tasks: tuple[OutputTask, ...]
+    dst_dir: str
+
+    def run_task(self, task: OutputTask, *, sync: bool = True,
+                 progress: Callable[[int], None] | None = None) -> None:
+        """Write one output atomically."""
+        ...
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """One output of this run: its record, who handled it and whether it was already complete."""
+
+    record: CompletionRecord
+    file: str  # relative to dst_dir
+    process: int
+    skipped: bool
+    read_bytes: int  # planned bytes read (0 when skipped)
+
+
+@dataclass(frozen=True)
+class ProcessReport:
+    """What one process did."""
+
+    process: int
+    outcomes: tuple[FileOutcome, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Figures of a whole run, the same on every rank."""
+
+    files: int
+    written: int
+    skipped: int
+    bytes_read: int
+    bytes_written: int
+    wall_seconds: float
+    processes: int
+    slowest_process: int
+    slowest_seconds: float
+    manifest: str
+
+    @property
+    def gbps(self) -> float:
+        """Bytes read plus bytes written per second of wall time, in GB/s."""
+        return (self.bytes_read + self.bytes_written) / max(self.wall_seconds, 1e-9) / 1e9
+
+    def line(self) -> str:
+        """One human-readable line."""
+        return (f"mpickpt: {self.files} files ({self.written} written, {self.skipped} already complete) by "
+                f"{self.processes} process{'es' if self.processes != 1 else ''}: read {_size(self.bytes_read)}, "
+                f"wrote {_size(self.bytes_written)} in {self.wall_seconds:.2f} s ({self.gbps:.3f} GB/s); "
+                f"slowest process {self.slowest_process} ({self.slowest_seconds:.2f} s); manifest {self.manifest}")
+
+
+@dataclass(frozen=True)
+class _Fault:
+    """A failure injected by MPICKPT_TEST_FAIL (tests only)."""
+
+    process: int
+    after_bytes: int
+    action: str
+
+
+def deal(tasks: Sequence[OutputTask], processes: int) -> tuple[tuple[OutputTask, ...], ...]:
+    """Targets per process, balanced by planned bytes (read + write): largest first onto the least-loaded
+    process (ties: fewer tasks, then lower process). Deterministic; extra processes get nothing."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    loads = [(0, 0, p) for p in range(processes)]  # (bytes, task count, process)
+    dealt: list[list[OutputTask]] = [[] for _ in range(processes)]
+    for task in sorted(tasks, key=lambda t: (-(t.read_bytes + t.write_bytes), t.target_rank)):
+        load, count, process = min(loads)
+        loads[process] = (load + task.read_bytes + task.write_bytes, count + 1, process)
+        dealt[process].append(task)
+    return tuple(tuple(share) for share in dealt)
+
+
+def run_transform(options: TransformOptions, comm: Comm, *, sync: bool = True, overwrite: bool = False,
+                  quiet: bool = False, stream: TextIO = sys.stderr) -> Summary:
+    """Called on all ranks: prepare on rank 0, broadcast, run every target once; see run_job.
+
+    If preparing fails on rank 0, every rank raises an error with rank 0's message.
+    """
+    started = time.monotonic()
+    return run_job(_broadcast_job(options, comm, stream), comm, sync=sync, overwrite=overwrite, quiet=quiet,
+                   stream=stream, started=started)
+
+
+def _broadcast_job(options: TransformOptions, comm: Comm, stream: TextIO) -> Job:
+    """Rank 0's prepared job on every rank, or rank 0's error raised on every rank."""
+    job: TransformJob | None = None
+    error: MpickptError | None = None
+    if comm.rank == 0:
+        try:
+            job = TransformJob.prepare(options)
+        except Exception as exc:
+            if comm.size == 1:
+                raise
+            error = exc if isinstance(exc, MpickptError) else MpickptError(f"{type(exc).__name__}: {exc}")
+            error = type(error)(str(error))  # plain message only: always picklable
+    try:
+        job, error = comm.bcast((job, error), root=0)
+    except Exception as exc:  # e.g. a job that does not pickle: the others would wait forever
+        _fail(comm, exc, None, stream)
+    if error is not None:
+        raise error
+    return job
+
+
+def run_job(job: Job, comm: Comm, *, sync: bool = True, overwrite: bool = False, quiet: bool = False,
+            stream: TextIO = sys.stderr, started: float | None = None) -> Summary:
+    """Called on all ranks with the same job: write this process's outputs, then rank 0 writes the manifest
+    and every rank returns the same Summary. `started` is the time.monotonic() the wall time counts from."""
+    started = time.monotonic() if started is None else started
+    view = _ProgressView(job.tasks, comm.size, stream, quiet) if comm.rank == 0 else None
+    collector = _Collector(comm, view)
+    tracker = _Tracker(comm, collector, _fault_from_env(os.environ))
+    try:
+        report = _work(job, deal(job.tasks, comm.size)[comm.rank], comm.rank, tracker, sync, overwrite)
+        comm.send(("result", report), 0)
+        summary = collector.finish(job, started, sync) if comm.rank == 0 else None
+    except BaseException as exc:
+        _fail(comm, exc, tracker.current, stream)
+    comm.flush()
+    return comm.bcast(summary, root=0)
+
+
+def _work(job: Job, tasks: Sequence[OutputTask], process: int, tracker: _Tracker, sync: bool,
+          overwrite: bool) -> ProcessReport:
+    """Skip or write each of this process's tasks. A helper thread checksums and records each written
+    output while the next one converts (CRC-32 releases the GIL); every record is on disk before this returns."""
+    began = time.monotonic()
+    entries: list[FileOutcome | tuple[OutputTask, Future[CompletionRecord]]] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpickpt-record") as recorder:
+        for task in tasks:
+            tracker.current = task
+            record = None if overwrite else verified_record(task.path, task.target_rank, task.source_files)
+            if record is not None:
+                entries.append(FileOutcome(record, os.path.relpath(task.path, job.dst_dir), process, skipped=True,
+                                           read_bytes=0))
+            else:
+                remove_record(task.path)
+                sources = stamp_sources(task.source_files)  # as they were before being read
+                start = time.monotonic()
+                job.run_task(task, sync=sync, progress=tracker.task_progress)
+                entries.append((task, recorder.submit(_record, task, sources, time.monotonic() - start, sync)))
+            tracker.task_done(task)
+        outcomes = []
+        for entry in entries:
+            if isinstance(entry, tuple):
+                task, future = entry
+                tracker.current = task
+                entry = FileOutcome(future.result(), os.path.relpath(task.path, job.dst_dir), process,
+                                    skipped=False, read_bytes=task.read_bytes)
+            outcomes.append(entry)
+    tracker.current = None
+    return ProcessReport(process, tuple(outcomes), time.monotonic() - began)
+
+
+def _record(task: OutputTask, sources: tuple[SourceStamp, ...], seconds: float, sync: bool) -> CompletionRecord:
+    """Checksum a finished output and write its completion record beside it."""
+    record = CompletionRecord(file=os.path.basename(task.path), target_rank=task.target_rank,
+                              size=os.stat(task.path).st_size, checksum=checksum(task.path),
+                              source_ranks=tuple(task.source_ranks), sources=sources, seconds=seconds)
+    write_record(task.path, record, sync=sync)
+    return record
+
+
+def _fail(comm: Comm, exc: BaseException, task: OutputTask | None, stream: TextIO) -> NoReturn:
+    """Raise in a one-process world; otherwise print the failure and abort every process."""
+    if comm.size == 1:
+        raise exc
+    where = f"process {comm.rank}" + (f" (target rank {task.target_rank})" if task is not None else "")
+    text = str(exc) if isinstance(exc, MpickptError) else f"{type(exc).__name__}: {exc}"
+    print(f"\nmpickpt: {where}: {text}", file=stream, flush=True)
+    comm.abort(1)
+
+
+class _Tracker:
+    """This process's counters: done targets and bytes; passes them on to rank 0 and fires the test fault."""
+
+    def __init__(self, comm: Comm, collector: _Collector, fault: _Fault | None) -> None:
+        self.comm = comm
+        self.collector = collector
+        self.fault = fault if fault is not None and fault.process == comm.rank else None
+        self.current: OutputTask | None = None
+        self.done = 0
+        self.finished_bytes = 0  # planned write bytes of finished tasks
+        self.task_bytes = 0  # bytes written so far in the current task
+        self.written_this_run = 0  # bytes actually written by run_task in this run
+        self.last_sent = 0.0
+
+    def task_progress(self, written: int) -> None:
+        """run_task's callback: `written` bytes of the current task are written so far."""
+        self.written_this_run += max(written - self.task_bytes, 0)
+        self.task_bytes = written
+        if self.fault is not None and self.written_this_run >= self.fault.after_bytes:
+            self._fire(self.fault)
+        self._tell(force=False)
+
+    def task_done(self, task: OutputTask) -> None:
+        """One more target is complete (written or skipped)."""
+        self.done += 1
+        self.finished_bytes += task.write_bytes
+        self.task_bytes = 0
+        self._tell(force=True)
+
+    def _tell(self, force: bool) -> None:
+        counters = (self.done, self.finished_bytes + self.task_bytes)
+        if self.comm.rank == 0:
+            self.collector.update(0, counters)
+            self.collector.receive()
+            return
+        now = time.monotonic()
+        if force or now - self.last_sent >= PROGRESS_SEND_SECONDS:
+            self.comm.send(("progress", counters), 0)
+            self.last_sent = now
+
+    def _fire(self, fault: _Fault) -> None:
+        if fault.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise MpickptError(f"{TEST_FAIL_VARIABLE}: injected failure after {self.written_this_run} bytes")
+
+
+class _Collector:
+    """Rank 0's inbox: progress counters and the processes' reports."""
+
+    def __init__(self, comm: Comm, view: _ProgressView | None) -> None:
+        self.comm = comm
+        self.view = view
+        self.reports: dict[int, ProcessReport] = {}
+
+    def update(self, process: int, counters: tuple[int, int]) -> None:
+        """New counters of one process."""
+        if self.view is not None:
+            self.view.update(process, counters)
+
+    def receive(self) -> None:
+        """Take in every message that has arrived, without waiting."""
+        for source, (kind, payload) in self.comm.poll():
+            if kind == "progress":
+                self.update(source, payload)
+            else:
+                self.reports[source] = payload
+
+    def finish(self, job: Job, started: float, sync: bool) -> Summary:
+        """Rank 0: wait for every report (showing progress), write the manifest, print the summary."""
+        while True:
+            self.receive()
+            if len(self.reports) == self.comm.size:
+                break
+            time.sleep(POLL_SECONDS)
+            if self.view is not None:
+                self.view.show(force=False)
+        wall = time.monotonic() - started
+        reports = [self.reports[p] for p in range(self.comm.size)]
+        path = write_manifest(job.dst_dir, manifest(reports, wall), sync=sync)
+        summary = summarize(reports, wall, str(path))
+        if self.view is not None:
+            self.view.close(summary)
+        return summary
+
+
+def manifest(reports: Sequence[ProcessReport], wall_seconds: float) -> dict[str, Any]:
+    """The JSON content of manifest.json."""
+    outcomes = sorted((o for r in reports for o in r.outcomes), key=lambda o: o.record.target_rank)
+    return {
+        "version": 1,
+        "tool": f"mpickpt {__version__}",
+        "world_size": len(reports),
+        "wall_seconds": round(wall_seconds, 6),
+        "files": [{"file": o.file, "target_rank": o.record.target_rank, "size": o.record.size,
+                   "checksum": o.record.checksum, "source_ranks": list(o.record.source_ranks),
+                   "seconds": round(o.record.seconds, 6), "process": o.process, "skipped": o.skipped}
+                  for o in outcomes],
+        "processes": [{"process": r.process, "targets": [o.record.target_rank for o in r.outcomes],
+                       "written": sum(not o.skipped for o in r.outcomes),
+                       "skipped": sum(o.skipped for o in r.outcomes),
+                       "bytes_read": sum(o.read_bytes for o in r.outcomes),
+                       "bytes_written": sum(o.record.size for o in r.outcomes if not o.skipped),
+                       "seconds": round(r.seconds, 6)} for r in reports],
+    }
+
+
+def summarize(reports: Sequence[ProcessReport], wall_seconds: float, manifest_path: str) -> Summary:
+    """Whole-run figures from every process's report."""
+    outcomes = [o for r in reports for o in r.outcomes]
+    slowest = max(reports, key=lambda r: (r.seconds, -r.process))
+    return Summary(files=len(outcomes), written=sum(not o.skipped for o in outcomes),
+                   skipped=sum(o.skipped for o in outcomes), bytes_read=sum(o.read_bytes for o in outcomes),
+                   bytes_written=sum(o.record.size for o in outcomes if not o.skipped),
+                   wall_seconds=wall_seconds, processes=len(reports), slowest_process=slowest.process,
+                   slowest_seconds=slowest.seconds, manifest=manifest_path)
+
+
+class _ProgressView:
+    """Rank 0's display: a bar when the stream is a terminal, else a line every 2 s; nothing when quiet."""
+
+    def __init__(self, tasks: Sequence[OutputTask], processes: int, stream: TextIO, quiet: bool) -> None:
+        self.total_targets = len(tasks)
+        self.total_bytes = sum(t.write_bytes for t in tasks)
+        self.counters = [(0, 0)] * processes
+        self.stream = stream
+        self.quiet = quiet
+        self.tty = _isatty(stream)
+        self.interval = PROGRESS_BAR_SECONDS if self.tty else PROGRESS_LINE_SECONDS
+        self.last_shown = time.monotonic()
+        self.drawn = False
+
+    def update(self, process: int, counters: tuple[int, int]) -> None:
+        """New counters of one process; redraw if it is time."""
+        self.counters[process] = counters
+        self.show(force=False)
+
+    def text(self) -> str:
+        """Targets done / total and bytes written / planned."""
+        done = sum(c[0] for c in self.counters)
+        written = sum(c[1] for c in self.counters)
+        return (f"{done}/{self.total_targets} targets, {_size(written)} / {_size(self.total_bytes)} written")
+
+    def show(self, force: bool) -> None:
+        """Print the progress if due (or forced)."""
+        now = time.monotonic()
+        if self.quiet or not (force or now - self.last_shown >= self.interval):
+            return
+        self.last_shown = now
+        if self.tty:
+            done = sum(c[1] for c in self.counters) / max(self.total_bytes, 1)
+            filled = int(30 * min(done, 1.0))
+            self.stream.write(f"\rmpickpt: [{'#' * filled}{'.' * (30 - filled)}] {self.text()}\x1b[K")
+            self.drawn = True
+        else:
+            self.stream.write(f"mpickpt: progress {self.text()}\n")
+        self.stream.flush()
+
+    def close(self, summary: Summary) -> None:
+        """End the bar and print the summary line."""
+        if self.quiet:
+            return
+        if self.drawn:
+            self.stream.write("\n")
+        self.stream.write(summary.line() + "\n")
+        self.stream.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _size(n: float) -> str:
+    """Bytes in decimal units: "512 B", "44.8 MB"."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if n < 1000:
+            break
+    else:
+        unit, n = "TB", n / 1000
+    return f"{n:.1f} {unit}"
+
+
+def _fault_from_env(env: Mapping[str, str]) -> _Fault | None:
+    """Parse MPICKPT_TEST_FAIL (test-only): "process=P[,after_bytes=B][,action=kill|raise]"."""
+    text = env.get(TEST_FAIL_VARIABLE)
+    if not text:
+        return None
+    try:
+        fields = dict(item.split("=", 1) for item in text.split(","))
+        fault = _Fault(process=int(fields.pop("process")), after_bytes=int(fields.pop("after_bytes", "0")),
+                       action=fields.pop("action", "raise"))
+    except (KeyError, ValueError) as exc:
+        raise MpickptError(f"{TEST_FAIL_VARIABLE}={text!r}: expected process=P[,after_bytes=B]"
+                           f"[,action=kill|raise] ({exc})") from None
+    if fields or fault.action not in ("kill", "raise"):
+        raise MpickptError(f"{TEST_FAIL_VARIABLE}={text!r}: unknown field or action")
+    return fault

@@ -1,0 +1,177 @@
+"""The only module that imports mpi4py: a small communicator and its one-process stand-in.
+
+`world()` returns an MPI communicator when the process was started by mpirun/mpiexec (MPICH's Hydra, Open MPI)
+or by Slurm's srun, and a `SerialComm` otherwise, so plain serial use never loads an MPI library.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any, NoReturn, Protocol, TypeVar
+
+from .errors import LaunchError
+
+T = TypeVar("T")
+
+# Launcher variables that carry the number of processes started, most specific first: Open MPI, PMI-1/PMI-2
+# launchers (MPICH's Hydra, Intel MPI, srun --mpi=pmi2), MVAPICH. Hydra and Open MPI started inside a Slurm
+# allocation set Slurm's step variables for their proxies too, so Slurm's come last.
+SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+# Variables that show a launcher started the process even when the size is not among them (PMIx servers).
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMI_FD", "PMI_PORT", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+MESSAGE_TAG = 7  # the driver's point-to-point messages (progress, results)
+
+
+class Comm(Protocol):
+    """What the driver needs from a communicator. All methods are called by the process that owns it."""
+
+    rank: int
+    size: int
+
+    def bcast(self, obj: T, root: int = 0) -> T:
+        """Called on all ranks: root's `obj` on every rank."""
+        ...
+
+    def send(self, obj: Any, dest: int) -> None:
+        """Post a small message to `dest` and return at once (delivery finishes in flush())."""
+        ...
+
+    def poll(self) -> list[tuple[int, Any]]:
+        """Messages that have arrived, as (source rank, object), without waiting."""
+        ...
+
+    def flush(self) -> None:
+        """Wait until every posted message has left this process."""
+        ...
+
+    def abort(self, code: int) -> NoReturn:
+        """End every process of the world with exit code `code`."""
+        ...
+
+
+class SerialComm:
+    """A world of one process: collectives return at once; messages to self are queued."""
+
+    rank = 0
+    size = 1
+
+    def __init__(self) -> None:
+        self._inbox: list[tuple[int, Any]] = []
+
+    def bcast(self, obj: T, root: int = 0) -> T:
+        """Return `obj`."""
+        return obj
+
+    def send(self, obj: Any, dest: int) -> None:
+        """Queue `obj` for this process's next poll()."""
+        if dest != 0:
+            raise ValueError(f"serial world has no process {dest}")
+        self._inbox.append((0, obj))
+
+    def poll(self) -> list[tuple[int, Any]]:
+        """Return and clear the queued messages."""
+        messages, self._inbox = self._inbox, []
+        return messages
+
+    def flush(self) -> None:
+        """Nothing is ever in flight."""
+
+    def abort(self, code: int) -> NoReturn:
+        """Exit this (only) process."""
+        sys.exit(code)
+
+
+class MpiComm:
+    """Thin wrapper over an mpi4py communicator (a private duplicate, so our tags meet nobody else's)."""
+
+    def __init__(self, comm: Any) -> None:
+        self._mpi = comm.Dup()
+        self._world = comm
+        self.rank: int = self._mpi.Get_rank()
+        self.size: int = self._mpi.Get_size()
+        self._pending: list[Any] = []
+
+    def bcast(self, obj: T, root: int = 0) -> T:
+        """Called on all ranks: root's `obj` on every rank (pickled)."""
+        return self._mpi.bcast(obj, root=root)
+
+    def send(self, obj: Any, dest: int) -> None:
+        """Non-blocking pickled send; finished sends are pruned as new ones are posted."""
+        self._pending = [req for req in self._pending if not req.Test()]
+        self._pending.append(self._mpi.isend(obj, dest=dest, tag=MESSAGE_TAG))
+
+    def poll(self) -> list[tuple[int, Any]]:
+        """Receive every message already matched by a probe, without waiting."""
+        from mpi4py import MPI
+
+        messages = []
+        status = MPI.Status()
+        while (message := self._mpi.improbe(source=MPI.ANY_SOURCE, tag=MESSAGE_TAG, status=status)) is not None:
+            messages.append((status.Get_source(), message.recv()))
+        return messages
+
+    def flush(self) -> None:
+        """Wait for every posted send."""
+        for req in self._pending:
+            req.Wait()
+        self._pending = []
+
+    def abort(self, code: int) -> NoReturn:
+        """MPI_Abort on COMM_WORLD: the launcher ends every process."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._world.Abort(code)
+        os._exit(code)  # Abort does not return; this only satisfies NoReturn
+
+
+def launched(env: Mapping[str, str]) -> bool:
+    """True when a launcher (mpiexec/mpirun or srun, not an sbatch script itself) started this process."""
+    return (any(name in env for name in SIZE_VARIABLES + RANK_VARIABLES)
+            or ("SLURM_STEP_ID" in env and "SLURM_STEP_NUM_TASKS" in env))
+
+
+def launched_size(env: Mapping[str, str]) -> int | None:
+    """How many processes the launcher says it started, or None when it does not say."""
+    for name in SIZE_VARIABLES:
+        if name in env:
+            return _int_variable(env, name)
+    if "SLURM_STEP_ID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        return _int_variable(env, "SLURM_STEP_NUM_TASKS")
+    return None
+
+
+def _int_variable(env: Mapping[str, str], name: str) -> int | None:
+    try:
+        return int(env[name])
+    except ValueError:
+        return None
+
+
+def world(env: Mapping[str, str] | None = None) -> Comm:
+    """COMM_WORLD wrapped when launched by mpirun/mpiexec/srun, else a SerialComm.
+
+    Open MPI's launcher is recognised and, unless the user chose otherwise, mpi4py's wheel is told to use the
+    Open MPI library (MPI4PY_MPIABI=openmpi). Raises LaunchError when mpi4py cannot be imported under a
+    launcher, or when MPI's world size differs from what the launcher started (for example srun without
+    --mpi=pmi2, which would give N one-process worlds each converting everything).
+    """
+    env = os.environ if env is None else env
+    if not launched(env):
+        return SerialComm()
+    if "OMPI_COMM_WORLD_SIZE" in env and not env.get("MPI4PY_MPIABI") and not env.get("MPI4PY_LIBMPI"):
+        os.environ["MPI4PY_MPIABI"] = "openmpi"
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise LaunchError(f"started by an MPI launcher but mpi4py cannot be imported: {exc}") from exc
+    comm = MpiComm(MPI.COMM_WORLD)
+    expected = launched_size(env)
+    if expected is not None and expected != comm.size:
+        raise LaunchError(
+            f"the launcher started {expected} processes but MPI formed a world of {comm.size}: "
+            "mpi4py uses another MPI library than the launcher, or srun lacks --mpi=pmi2/pmix "
+            "(see launch/README.md)")
+    return comm

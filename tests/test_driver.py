@@ -1,0 +1,441 @@
+"""The driver's logic in-process: dealing, records, rerun skipping, manifest, progress, failures.
+
+Jobs here are stand-ins that write small files; worlds are the serial communicator or a few threads that
+play MPI processes (ThreadComm), so no MPI library is needed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import queue
+import threading
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpickpt import driver
+from mpickpt.driver import deal, run_job, run_transform
+from mpickpt.errors import DestinationError, MpickptError
+from mpickpt.manifest import (CompletionRecord, checksum, read_record, record_path, stamp_sources, verified_record,
+                              write_json_atomic)
+from mpickpt.mpi import SerialComm, launched, launched_size, world
+from mpickpt.transform import OutputTask, TransformOptions
+
+
+def task(rank: int, read: int = 0, write: int = 0, path: str = "", sources: tuple[str, ...] = ()) -> OutputTask:
+    return OutputTask(rank, path, (rank,), sources, read, write)
+
+
+class FakeJob:
+    """Writes `rank_<t>/out_<t>.bin` with deterministic content, atomically, reporting progress per chunk."""
+
+    def __init__(self, root: Path, targets: int, *, fail_target: int | None = None, chunks: int = 3) -> None:
+        self.dst_dir = str(root / "dst")
+        src = root / "src"
+        src.mkdir(parents=True, exist_ok=True)
+        tasks = []
+        for t in range(targets):
+            source = src / f"s{t}.bin"
+            source.write_bytes(bytes([t]) * 100)
+            size = 1000 * (t % 3 + 1)
+            tasks.append(OutputTask(t, os.path.join(self.dst_dir, f"rank_{t}", f"out_{t}.bin"), (t,),
+                                    (str(source),), 100, size))
+        self.tasks = tuple(tasks)
+        self.fail_target = fail_target
+        self.chunks = chunks
+        self.calls: list[int] = []
+        self.lock = threading.Lock()
+
+    def content(self, task: OutputTask) -> bytes:
+        return bytes([task.target_rank + 1]) * task.write_bytes
+
+    def run_task(self, task: OutputTask, *, sync: bool = True,
+                 progress: Callable[[int], None] | None = None) -> None:
+        with self.lock:
+            self.calls.append(task.target_rank)
+        if task.target_rank == self.fail_target:
+            raise MpickptError(f"target rank {task.target_rank} ({task.path}): parameter 'w' is broken")
+        data = self.content(task)
+        os.makedirs(os.path.dirname(task.path), exist_ok=True)
+        tmp = task.path + ".tmp"
+        step = len(data) // self.chunks
+        with open(tmp, "wb") as f:
+            for i in range(self.chunks):
+                end = len(data) if i == self.chunks - 1 else (i + 1) * step
+                f.write(data[i * step:end])
+                if progress is not None:
+                    progress(end)
+        os.replace(tmp, task.path)
+
+
+class ThreadWorld:
+    """Shared state of a world whose processes are threads (messages are pickled, as MPI does)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.inboxes: list[queue.SimpleQueue[tuple[int, Any]]] = [queue.SimpleQueue() for _ in range(size)]
+        self.barrier = threading.Barrier(size, timeout=20)
+        self.slot: bytes = b""
+
+
+class ThreadComm:
+    """The driver's Comm for one thread of a ThreadWorld."""
+
+    def __init__(self, shared: ThreadWorld, rank: int) -> None:
+        self.shared = shared
+        self.rank = rank
+        self.size = shared.size
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        if self.rank == root:
+            self.shared.slot = pickle.dumps(obj)
+        self.shared.barrier.wait()
+        value = pickle.loads(self.shared.slot)
+        self.shared.barrier.wait()
+        return value
+
+    def send(self, obj: Any, dest: int) -> None:
+        self.shared.inboxes[dest].put((self.rank, pickle.loads(pickle.dumps(obj))))
+
+    def poll(self) -> list[tuple[int, Any]]:
+        inbox = self.shared.inboxes[self.rank]
+        messages = []
+        while not inbox.empty():
+            messages.append(inbox.get())
+        return messages
+
+    def flush(self) -> None:
+        pass
+
+    def abort(self, code: int) -> None:
+        raise AssertionError(f"abort({code}) called")
+
+
+def run_threads(size: int, body: Callable[[ThreadComm], Any]) -> list[Any]:
+    """Run body(comm) on `size` threads; return each rank's result (re-raising the first exception)."""
+    shared = ThreadWorld(size)
+    results: list[Any] = [None] * size
+    raised: list[BaseException] = []
+
+    def main(rank: int) -> None:
+        try:
+            results[rank] = body(ThreadComm(shared, rank))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            raised.append(exc)
+            shared.barrier.abort()
+
+    threads = [threading.Thread(target=main, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    if raised:
+        raise raised[0]
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    return results
+
+
+# --- dealing -------------------------------------------------------------------------------------------
+
+def test_deal_one_target_each_when_counts_match() -> None:
+    tasks = [task(r, read=100 * (r + 1), write=10) for r in range(4)]
+    shares = deal(tasks, 4)
+    assert sorted(len(s) for s in shares) == [1, 1, 1, 1]
+    assert [s[0].target_rank for s in shares] == [3, 2, 1, 0]  # largest first onto the least-loaded
+
+
+def test_deal_balances_bytes_with_fewer_processes() -> None:
+    tasks = [task(0, read=90), task(1, read=50), task(2, read=40), task(3, read=10), task(4, read=10)]
+    shares = deal(tasks, 2)
+    assert [[t.target_rank for t in s] for s in shares] == [[0, 3], [1, 2, 4]]
+    assert [sum(t.read_bytes for t in s) for s in shares] == [100, 100]
+
+
+def test_deal_leaves_extra_processes_idle_and_spreads_empty_tasks() -> None:
+    shares = deal([task(r) for r in range(3)], 5)
+    assert [len(s) for s in shares] == [1, 1, 1, 0, 0]
+    with pytest.raises(ValueError, match="processes"):
+        deal([], 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 10**9), max_size=40), st.integers(1, 12))
+def test_deal_gives_every_task_once_deterministically(sizes: list[int], processes: int) -> None:
+    tasks = [task(r, read=s, write=s // 3) for r, s in enumerate(sizes)]
+    shares = deal(tasks, processes)
+    assert len(shares) == processes
+    assert sorted(t.target_rank for s in shares for t in s) == list(range(len(tasks)))
+    assert shares == deal(list(reversed(tasks)), processes)
+    if len(tasks) >= processes:
+        assert all(shares)  # nobody idles while targets are left
+    loads = [sum(t.read_bytes + t.write_bytes for t in s) for s in shares]
+    biggest = max((t.read_bytes + t.write_bytes for t in tasks), default=0)
+    assert max(loads, default=0) - min(loads, default=0) <= biggest  # greedy bound
+
+
+# --- serial runs ---------------------------------------------------------------------------------------
+
+def test_serial_run_writes_outputs_records_and_manifest(tmp_path: Path) -> None:
+    job = FakeJob(tmp_path, 3)
+    stream = io.StringIO()
+    summary = run_job(job, SerialComm(), stream=stream)
+    for t in job.tasks:
+        data = Path(t.path).read_bytes()
+        assert data == job.content(t)
+        record = read_record(t.path)
+        assert record is not None
+        assert (record.size, record.checksum) == (len(data), f"crc32:{zlib.crc32(data):08x}")
+        assert record.source_ranks == t.source_ranks and record.target_rank == t.target_rank
+        assert record.sources == stamp_sources(t.source_files)
+    manifest = json.loads((Path(job.dst_dir) / "manifest.json").read_text())
+    assert manifest["world_size"] == 1
+    assert [f["file"] for f in manifest["files"]] == [f"rank_{t}/out_{t}.bin" for t in range(3)]
+    assert [f["size"] for f in manifest["files"]] == [1000, 2000, 3000]
+    assert all(f["process"] == 0 and not f["skipped"] for f in manifest["files"])
+    assert manifest["processes"][0]["bytes_written"] == 6000
+    assert (summary.files, summary.written, summary.skipped) == (3, 3, 0)
+    assert (summary.bytes_read, summary.bytes_written, summary.processes) == (300, 6000, 1)
+    assert summary.manifest == str(Path(job.dst_dir) / "manifest.json")
+    assert stream.getvalue().strip() == summary.line()
+    assert "3 files (3 written, 0 already complete) by 1 process:" in summary.line()
+    assert not list(Path(job.dst_dir).rglob("*.tmp"))
+
+
+def test_rerun_skips_matching_outputs_and_redoes_changed_ones(tmp_path: Path) -> None:
+    job = FakeJob(tmp_path, 4)
+    run_job(job, SerialComm(), quiet=True)
+    job.calls.clear()
+    again = run_job(job, SerialComm(), quiet=True)
+    assert job.calls == [] and (again.written, again.skipped) == (0, 4)
+    assert all(f["skipped"] for f in json.loads(Path(again.manifest).read_text())["files"])
+
+    t0, t1, t2, t3 = job.tasks
+    Path(t0.path).write_bytes(b"x" * 1000)  # same size, other content
+    Path(t1.path).unlink()  # output gone, record left
+    os.utime(t2.source_files[0], ns=(1, 1))  # a source changed
+    record_path(t3.path).write_text("{not json")  # record damaged
+    third = run_job(job, SerialComm(), quiet=True)
+    assert sorted(job.calls) == [0, 1, 2, 3] and third.written == 4
+    assert all(Path(t.path).read_bytes() == job.content(t) for t in job.tasks)
+
+    job.calls.clear()
+    forced = run_job(job, SerialComm(), overwrite=True, quiet=True)
+    assert sorted(job.calls) == [0, 1, 2, 3] and forced.skipped == 0
+
+
+def test_serial_failure_raises_and_leaves_only_complete_outputs(tmp_path: Path) -> None:
+    job = FakeJob(tmp_path, 3, fail_target=1)
+    with pytest.raises(MpickptError, match=r"target rank 1 .*out_1\.bin.*parameter 'w'"):
+        run_job(job, SerialComm(), quiet=True)
+    done = [t for t in job.tasks if Path(t.path).exists()]
+    assert all(read_record(t.path) is not None for t in done)
+    assert not Path(job.tasks[1].path).exists() and read_record(job.tasks[1].path) is None
+    assert not (Path(job.dst_dir) / "manifest.json").exists()
+
+
+def test_injected_failure_raises_after_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(driver.TEST_FAIL_VARIABLE, "process=0,after_bytes=1500,action=raise")
+    job = FakeJob(tmp_path, 3)
+    with pytest.raises(MpickptError, match="MPICKPT_TEST_FAIL: injected failure after 2000 bytes"):
+        run_job(job, SerialComm(), quiet=True)
+    monkeypatch.setenv(driver.TEST_FAIL_VARIABLE, "process=1,after_bytes=0")  # another process: no effect
+    assert run_job(job, SerialComm(), quiet=True).written == 3
+
+
+@pytest.mark.parametrize("text", ["after_bytes=3", "process=x", "process=0,action=explode", "process=0,when=now"])
+def test_bad_test_fail_variable_is_named(text: str) -> None:
+    with pytest.raises(MpickptError, match="MPICKPT_TEST_FAIL="):
+        driver._fault_from_env({driver.TEST_FAIL_VARIABLE: text})
+
+
+def test_prepare_error_is_raised_serially(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "rank_0").mkdir(parents=True)
+    options = TransformOptions(src_dir=str(src), dst_dir=str(src / "out"))
+    with pytest.raises(DestinationError, match="out"):
+        run_transform(options, SerialComm(), quiet=True)
+
+
+# --- worlds of several processes (threads) -------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+def test_threads_split_the_work_and_agree_on_the_summary(tmp_path: Path, size: int) -> None:
+    job = FakeJob(tmp_path, 4)
+    summaries = run_threads(size, lambda comm: run_job(job, comm, quiet=True))
+    assert all(s == summaries[0] for s in summaries)
+    assert sorted(job.calls) == [0, 1, 2, 3]  # each target written exactly once
+    manifest = json.loads(Path(summaries[0].manifest).read_text())
+    assert manifest["world_size"] == size and summaries[0].processes == size
+    shares = deal(job.tasks, size)
+    assert {f["target_rank"]: f["process"] for f in manifest["files"]} == {
+        t.target_rank: p for p, share in enumerate(shares) for t in share}
+    assert [p["targets"] for p in manifest["processes"]] == [[t.target_rank for t in s] for s in shares]
+    for entry in manifest["files"]:
+        assert entry["checksum"] == checksum(Path(job.dst_dir) / entry["file"])
+
+
+def test_prepare_error_on_rank_0_reaches_every_rank(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "rank_0").mkdir(parents=True)
+    options = TransformOptions(src_dir=str(src), dst_dir=str(src))
+
+    def body(comm: ThreadComm) -> Exception | None:
+        try:
+            run_transform(options, comm, quiet=True)
+        except MpickptError as exc:
+            return exc
+        return None
+
+    errors = run_threads(3, body)
+    assert all(isinstance(e, DestinationError) for e in errors)
+    assert len({str(e) for e in errors}) == 1
+
+
+def test_failure_in_a_process_prints_its_name_and_aborts(tmp_path: Path) -> None:
+    job = FakeJob(tmp_path, 4, fail_target=2)
+    streams = [io.StringIO() for _ in range(2)]
+    aborted: list[int] = []
+
+    class AbortingComm(ThreadComm):
+        def abort(self, code: int) -> None:
+            aborted.append(self.rank)
+            self.shared.barrier.abort()
+            raise SystemExit(code)
+
+    def body(comm: ThreadComm) -> None:
+        try:
+            run_job(job, AbortingComm(comm.shared, comm.rank), quiet=True, stream=streams[comm.rank])
+        except (SystemExit, threading.BrokenBarrierError):
+            pass
+
+    run_threads(2, body)
+    failing = next(p for p, share in enumerate(deal(job.tasks, 2)) if any(t.target_rank == 2 for t in share))
+    assert aborted[0] == failing
+    assert (f"mpickpt: process {failing} (target rank 2): target rank 2 ({job.tasks[2].path}): parameter 'w'"
+            in streams[failing].getvalue())
+
+
+def test_job_that_cannot_be_broadcast_aborts_instead_of_hanging(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    job = FakeJob(tmp_path, 2)
+    job.unpicklable = lambda: None  # type: ignore[attr-defined]
+    monkeypatch.setattr(driver.TransformJob, "prepare", classmethod(lambda cls, options: job))
+    stream = io.StringIO()
+    aborted: list[int] = []
+
+    class AbortingComm(ThreadComm):
+        def abort(self, code: int) -> None:
+            aborted.append(self.rank)
+            self.shared.barrier.abort()
+            raise SystemExit(code)
+
+    def body(comm: ThreadComm) -> None:
+        try:
+            run_transform(TransformOptions("src", "dst"), AbortingComm(comm.shared, comm.rank), stream=stream)
+        except (SystemExit, threading.BrokenBarrierError):
+            pass
+
+    run_threads(2, body)
+    assert aborted[0] == 0  # rank 0 first (the others only see the broken barrier afterwards)
+    assert "mpickpt: process 0: " in stream.getvalue() and "pickle" in stream.getvalue().lower()
+
+
+def test_progress_lines_count_every_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(driver, "PROGRESS_LINE_SECONDS", 0.0)
+    monkeypatch.setattr(driver, "PROGRESS_SEND_SECONDS", 0.0)
+    job = FakeJob(tmp_path, 4)
+    stream = io.StringIO()
+    run_threads(2, lambda comm: run_job(job, comm, stream=stream if comm.rank == 0 else io.StringIO()))
+    lines = stream.getvalue().splitlines()
+    progress = [line for line in lines if line.startswith("mpickpt: progress ")]
+    assert progress and all("targets" in line and "written" in line for line in progress)
+    assert any(line.startswith("mpickpt: progress 4/4 targets, 7.0 kB / 7.0 kB written") for line in progress)
+    assert lines[-1].startswith("mpickpt: 4 files (4 written")
+
+
+def test_progress_bar_on_a_terminal_and_silence_when_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(driver, "PROGRESS_BAR_SECONDS", 0.0)
+    terminal = Terminal()
+    run_job(FakeJob(tmp_path / "a", 2), SerialComm(), stream=terminal)
+    assert "\rmpickpt: [" in terminal.getvalue() and "2/2 targets" in terminal.getvalue()
+    assert "#" * 30 in terminal.getvalue()
+    quiet = Terminal()
+    run_job(FakeJob(tmp_path / "b", 2), SerialComm(), stream=quiet, quiet=True)
+    assert quiet.getvalue() == ""
+
+
+# --- records and manifest files ------------------------------------------------------------------------
+
+def test_checksum_is_crc32_of_the_whole_file(tmp_path: Path) -> None:
+    data = os.urandom(3 * (1 << 20) + 123)
+    (tmp_path / "f").write_bytes(data)
+    assert checksum(tmp_path / "f") == f"crc32:{zlib.crc32(data):08x}"
+    (tmp_path / "empty").write_bytes(b"")
+    assert checksum(tmp_path / "empty") == "crc32:00000000"
+
+
+def test_record_must_match_target_and_file_name(tmp_path: Path) -> None:
+    job = FakeJob(tmp_path, 1)
+    run_job(job, SerialComm(), quiet=True)
+    t = job.tasks[0]
+    assert verified_record(t.path, 0, t.source_files) == read_record(t.path)
+    assert verified_record(t.path, 1, t.source_files) is None
+    assert verified_record(t.path, 0, ()) is None  # other sources
+    other = os.path.join(os.path.dirname(t.path), "renamed.bin")
+    os.replace(t.path, other)
+    os.replace(record_path(t.path), record_path(other))
+    assert verified_record(other, 0, t.source_files) is None
+
+
+def test_record_round_trip_and_version_check() -> None:
+    record = CompletionRecord("a.ckpt", 3, 10, "crc32:0000000a", (1, 2), (), 0.5)
+    assert CompletionRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+    with pytest.raises(ValueError, match="version"):
+        CompletionRecord.from_dict({**record.to_dict(), "version": 99})
+
+
+def test_unwritable_destination_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    with pytest.raises(DestinationError, match=r"blocker/manifest\.json: cannot write"):
+        write_json_atomic(tmp_path / "blocker" / "manifest.json", {}, sync=True)
+
+
+# --- launcher detection --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("env", "is_launched", "size"), [
+    ({}, False, None),
+    ({"PMI_RANK": "1", "PMI_SIZE": "4", "PMI_FD": "9"}, True, 4),  # MPICH Hydra, srun --mpi=pmi2
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "3"}, True, 3),  # Open MPI
+    ({"PMIX_RANK": "2", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"}, True, 4),  # srun --mpi=pmix
+    ({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}, True, 2),  # srun, no PMI
+    ({"SLURM_JOB_ID": "5", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, False, None),  # the sbatch script itself
+    ({"PMI_RANK": "0", "PMI_SIZE": "4", "SLURM_STEP_ID": "2", "SLURM_STEP_NUM_TASKS": "1"}, True, 4),  # Hydra in Slurm
+    ({"PMIX_RANK": "0"}, True, None),
+])
+def test_launcher_detection(env: dict[str, str], is_launched: bool, size: int | None) -> None:
+    assert launched(env) is is_launched
+    assert launched_size(env) == size
+
+
+def test_world_without_a_launcher_is_serial() -> None:
+    comm = world({})
+    assert isinstance(comm, SerialComm) and (comm.rank, comm.size) == (0, 1)
+    assert comm.bcast("x") == "x"
+    comm.send({"a": 1}, 0)
+    assert comm.poll() == [(0, {"a": 1})] and comm.poll() == []
+    with pytest.raises(ValueError, match="no process 1"):
+        comm.send(1, 1)
+    with pytest.raises(SystemExit):
+        comm.abort(3)

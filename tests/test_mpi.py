@@ -1,0 +1,256 @@
+"""`mpickpt transform` under real MPI launchers, as `mpiexec -n K` subprocesses (MPI stays out of pytest).
+
+MPICH is the venv's (PyPI `mpich`); Open MPI is Debian's (`mpiexec.openmpi`), with mpi4py's wheel switched to
+it by mpickpt itself. Every fixture case gives the same bytes for K = 1..4 as the serial run; a process that
+raises or is killed ends the whole job quickly, leaves no partial output under a final name, and a rerun
+finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fixture_cases import CASES, Case, case_params, requires_fixtures
+
+pytestmark = requires_fixtures  # not pytest.mark.mpi: pytest-mpi skips those without --with-mpi
+
+REPO = Path(__file__).resolve().parents[1]
+MPICH_MPIEXEC = Path(sys.executable).parent / "mpiexec"
+FLAVORS = ["mpich", "openmpi"]
+TIMEOUT = 60  # a run that takes this long has hung
+ENDS_WITHIN = 30  # seconds from launch to every process gone after a failure
+KILL_CASE = next((c for c in CASES if c.name == "seed_8to4"), CASES[0] if CASES else None)
+
+
+def launcher(flavor: str) -> list[str]:
+    """The mpiexec command of one MPI flavour (skips when it is not installed)."""
+    if flavor == "mpich":
+        if not MPICH_MPIEXEC.exists():
+            pytest.skip(f"MPICH's mpiexec is not at {MPICH_MPIEXEC} (pip install mpich)")
+        return [str(MPICH_MPIEXEC)]
+    path = shutil.which("mpiexec.openmpi")
+    if path is None:
+        pytest.skip("Open MPI is not installed (apt-get install openmpi-bin libopenmpi-dev)")
+    return [path, "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any launcher's or mpi4py's variables, plus `extra`."""
+    drop = ("PMI_", "PMIX_", "OMPI_", "MPI4PY_", "SLURM_", "HYDRA_", "MPICKPT_TEST")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def transform_args(case: Case, dst: Path, src_dir: Path | None = None) -> list[str]:
+    """`mpickpt transform` flags for a fixture case (pipeline cases give the per-stage strategy folder)."""
+    args = ["--src-dir", str(src_dir or case.src_dir), "--dst-dir", str(dst), "--prefix", case.prefix]
+    stage_dir = case.meta.get("src_pipeline_strategy_dir")
+    if stage_dir:
+        args += ["--src-strategy-dir", str(case.root / stage_dir)]
+    elif case.strategy("src"):
+        args += ["--src-strategy", str(case.strategy("src"))]
+    if case.strategy("dst"):
+        args += ["--dst-strategy", str(case.strategy("dst"))]
+    return args
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished command."""
+
+    returncode: int
+    output: str  # stdout and stderr
+    seconds: float
+
+
+def run(cmd: list[str], **env: str) -> Run:
+    """Run a command with a clean environment plus `env`; a run over TIMEOUT seconds fails the test."""
+    began = time.monotonic()
+    done = subprocess.run(cmd, env=clean_env(**env), capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
+    return Run(done.returncode, done.stdout + done.stderr, time.monotonic() - began)
+
+
+def mpickpt(args: list[str], prefix: list[str] | None = None, **env: str) -> Run:
+    """Run `[prefix] python -m mpickpt transform args`."""
+    return run((prefix or []) + [sys.executable, "-m", "mpickpt", "transform", *args], **env)
+
+
+SEGMENT_PATTERNS = ("mpich_shm_*", "vader_segment.*")  # MPICH's and Open MPI's shared memory
+
+
+def shm_segments() -> set[Path]:
+    """MPI shared-memory segments now in /dev/shm."""
+    return {p for pattern in SEGMENT_PATTERNS for p in Path("/dev/shm").glob(pattern)}
+
+
+def remove_stale_segments(candidates: Iterable[Path], wait: float = 3.0) -> None:
+    """Delete those of `candidates` that no process maps, waiting up to `wait` s for dying processes to go.
+
+    The MPI libraries unlink their segments once every process has attached or at exit, so only a killed
+    job leaves them behind (and a later MPICH job whose name hashes alike would hang in MPI_Init)."""
+    left = set(candidates)
+    end = time.monotonic() + wait
+    while left:
+        mapped: set[str] = set()
+        for maps in Path("/proc").glob("[0-9]*/maps"):
+            try:
+                mapped.update(line.rsplit(" ", 1)[-1] for line in maps.read_text().splitlines()
+                              if "/dev/shm/" in line)
+            except OSError:
+                continue
+        for segment in [s for s in left if str(s) not in mapped]:
+            segment.unlink(missing_ok=True)
+            left.discard(segment)
+        if time.monotonic() > end:
+            break
+        time.sleep(0.2)
+
+
+@pytest.fixture(autouse=True)
+def no_stale_segments() -> Iterator[None]:
+    """Remove the shared-memory segments that processes killed or aborted by a test leave behind."""
+    before = shm_segments()
+    yield
+    remove_stale_segments(shm_segments() - before)
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    """Every file a run leaves, by relative path, except the run-specific manifest and records."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "manifest.json" and not p.name.endswith(".done.json")}
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes]]:
+    """Serial outputs of every fixture case, made once (no launcher: one process runs all targets)."""
+    results = {}
+    for case in CASES:
+        dst = tmp_path_factory.mktemp(f"serial_{case.name}")
+        done = mpickpt(transform_args(case, dst) + ["--quiet"])
+        assert done.returncode == 0, done.output
+        assert done.output == ""
+        results[case.name] = outputs(dst)
+        assert json.loads((dst / "manifest.json").read_text())["world_size"] == 1
+    return results
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("processes", [1, 2, 3, 4])
+@case_params
+def test_mpiexec_gives_the_serial_bytes(case: Case, processes: int, flavor: str, tmp_path: Path,
+                                        serial: dict[str, dict[str, bytes]]) -> None:
+    prefix = launcher(flavor) + ["-n", str(processes)]
+    done = mpickpt(transform_args(case, tmp_path), prefix)
+    assert done.returncode == 0, done.output
+    got = outputs(tmp_path)
+    assert sorted(got) == sorted(serial[case.name])
+    for name, data in serial[case.name].items():
+        assert got[name] == data, f"{name} differs from the serial run ({flavor}, {processes} processes)"
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["world_size"] == processes
+    dealt = [t for p in manifest["processes"] for t in p["targets"]]
+    assert sorted(dealt) == sorted(f["target_rank"] for f in manifest["files"])  # each target exactly once
+    busy = sum(bool(p["targets"]) for p in manifest["processes"])
+    assert busy == min(processes, len(dealt))  # extra processes idle, the others all work
+    assert f"by {processes} process" in done.output.splitlines()[-1]
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_killed_process_ends_the_job_and_a_rerun_finishes_it(flavor: str, tmp_path: Path,
+                                                             serial: dict[str, dict[str, bytes]]) -> None:
+    case = KILL_CASE
+    expected = serial[case.name]
+    prefix = launcher(flavor) + ["-n", "4"]
+    killed = mpickpt(transform_args(case, tmp_path), prefix,
+                     MPICKPT_TEST_FAIL="process=1,after_bytes=1,action=kill")
+    assert killed.returncode != 0, killed.output
+    assert killed.seconds < ENDS_WITHIN, f"the job took {killed.seconds:.1f} s to end"
+    complete = [name for name in expected if name.endswith(".ckpt") and (tmp_path / name).exists()]
+    missing = [name for name in expected if name.endswith(".ckpt") and name not in complete]
+    assert missing, "the killed process's output must not exist under its final name"
+    for name in complete:
+        assert (tmp_path / name).read_bytes() == expected[name], f"{name} is incomplete under its final name"
+    assert not (tmp_path / "manifest.json").exists()
+    recorded = [name for name in complete if Path(f"{tmp_path / name}.done.json").exists()]
+
+    rerun = mpickpt(transform_args(case, tmp_path), prefix)
+    assert rerun.returncode == 0, rerun.output
+    got = outputs(tmp_path)
+    assert {n: d for n, d in got.items() if not n.endswith(".tmp")} == expected
+    files = {f["file"]: f for f in json.loads((tmp_path / "manifest.json").read_text())["files"]}
+    assert all(not files[name]["skipped"] for name in missing)
+    assert all(files[name]["skipped"] for name in recorded)  # complete with a record: kept, not redone
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_exception_in_one_process_names_it_and_ends_every_process(flavor: str, tmp_path: Path) -> None:
+    done = mpickpt(transform_args(KILL_CASE, tmp_path), launcher(flavor) + ["-n", "3"],
+                   MPICKPT_TEST_FAIL="process=2,after_bytes=1")
+    assert done.returncode != 0
+    assert done.seconds < ENDS_WITHIN
+    assert "mpickpt: process 2 (target rank " in done.output
+    assert "): MPICKPT_TEST_FAIL: injected failure after" in done.output
+    assert not (tmp_path / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_corrupt_source_names_process_target_file_and_parameter(flavor: str, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(KILL_CASE.src_dir, src)
+    victim = next((src / "rank_3").glob("*.ckpt"))
+    victim.chmod(0o600)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    done = mpickpt(transform_args(KILL_CASE, tmp_path / "dst", src), launcher(flavor) + ["-n", "2"])
+    assert done.returncode != 0
+    assert done.seconds < ENDS_WITHIN
+    line = next(line for line in done.output.splitlines() if line.startswith("mpickpt: process "))
+    assert " (target rank " in line and str(victim) in line, line
+    assert "parameter '" in line, line
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_destination_inside_a_source_is_refused_on_every_rank(flavor: str, tmp_path: Path) -> None:
+    case = next(c for c in CASES if c.name == "full_to_8")
+    src = tmp_path / "src"
+    shutil.copytree(case.src_dir, src)
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    done = mpickpt(transform_args(case, src / "out", src), launcher(flavor) + ["-n", "2"])
+    assert done.returncode != 0
+    assert done.output.count("mpickpt: error:") == 2, done.output  # both ranks, rank 0's message
+    assert len({line for line in done.output.splitlines() if line.startswith("mpickpt: error:")}) == 1
+    assert "inside" in done.output or "equal" in done.output
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+
+
+def test_launcher_and_mpi_world_disagreeing_is_refused(tmp_path: Path) -> None:
+    """srun without --mpi=pmi2 would start N one-process worlds; mpickpt refuses instead of converting N times."""
+    case = KILL_CASE
+    done = mpickpt(transform_args(case, tmp_path), SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="0")
+    assert done.returncode != 0
+    assert "the launcher started 2 processes but MPI formed a world of 1" in done.output
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_mpirun_wrapper_script(flavor: str, tmp_path: Path, serial: dict[str, dict[str, bytes]]) -> None:
+    case = KILL_CASE
+    mpiexec = launcher(flavor)[0]
+    cmd = ["bash", str(REPO / "launch" / "mpirun.sh"), "-n", "3", "--mpiexec", mpiexec, "--",
+           *transform_args(case, tmp_path)]
+    done = run(cmd, MPICKPT=str(Path(sys.executable).parent / "mpickpt"))
+    assert done.returncode == 0, done.output
+    assert outputs(tmp_path) == serial[case.name]
+    assert json.loads((tmp_path / "manifest.json").read_text())["world_size"] == 3
