@@ -102,33 +102,35 @@ def _run_transform(args: argparse.Namespace) -> int:
 
 def _run_plan(args: argparse.Namespace) -> int:
     job = TransformJob.prepare(_options(args), write_merged=False)
-    wanted = set(args.target or [t.target_rank for t in job.tasks])
-    rows = []
-    for task in job.tasks:
-        if task.target_rank not in wanted:
-            continue
-        row = {
-            "target_rank": task.target_rank,
-            "output": task.path,
-            "source_ranks": list(task.source_ranks),
-            "source_files": list(task.source_files),
-            "bytes_read": task.read_bytes,
-            "bytes_written": task.write_bytes,
-        }
-        if args.copies:
-            row["plan"] = job.planner().plan(task.target_rank).to_dict()
-        rows.append(row)
+    tasks = [t for t in job.tasks if not args.target or t.target_rank in args.target]
     if args.json:
+        rows = []
+        for task in tasks:
+            row: dict[str, object] = {
+                "target_rank": task.target_rank,
+                "output": task.path,
+                "source_ranks": list(task.source_ranks),
+                "source_files": list(task.source_files),
+                "bytes_read": task.read_bytes,
+                "bytes_written": task.write_bytes,
+            }
+            if args.copies:
+                row["plan"] = job.planner().plan(task.target_rank).to_dict()
+            rows.append(row)
         json.dump({"targets": rows}, sys.stdout, indent=1)
         print()
         return 0
     print(f"{'target':>6}  {'sources':<24} {'read':>12} {'written':>12}  output")
-    for row in rows:
-        ranks = ",".join(map(str, row["source_ranks"]))
-        print(f"{row['target_rank']:>6}  {ranks:<24} {row['bytes_read']:>12,} {row['bytes_written']:>12,}  {row['output']}")
-    total_read = sum(r["bytes_read"] for r in rows)
-    total_written = sum(r["bytes_written"] for r in rows)
-    print(f"{len(rows)} targets, {total_read:,} bytes read, {total_written:,} bytes written")
+    for task in tasks:
+        ranks = ",".join(map(str, task.source_ranks))
+        print(f"{task.target_rank:>6}  {ranks:<24} {task.read_bytes:>12,} {task.write_bytes:>12,}  {task.path}")
+        if args.copies:
+            for param in job.planner().plan(task.target_rank).params:
+                print(f"        {param.name} {param.dtype}{list(param.dims)}: "
+                      + "; ".join(f"rank {c.src_rank} {c.src_box} -> {c.dst_box}" for c in param.copies))
+    total_read = sum(t.read_bytes for t in tasks)
+    total_written = sum(t.write_bytes for t in tasks)
+    print(f"{len(tasks)} targets, {total_read:,} bytes read, {total_written:,} bytes written")
     return 0
 
 

@@ -60,6 +60,9 @@ class Box:
             tuple(b - o for b, o in zip(self.stop, outer.start)),
         )
 
+    def __str__(self) -> str:
+        return "[" + ", ".join(f"{a}:{b}" for a, b in zip(self.start, self.stop)) + "]"
+
     def to_dict(self) -> dict[str, list[int]]:
         return {"start": list(self.start), "stop": list(self.stop)}
 

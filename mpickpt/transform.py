@@ -90,7 +90,7 @@ class TransformJob:
         src = _strategy(options.src_strategy, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY)
         dst = _strategy(options.dst_strategy, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY)
         rank_files = find_rank_files(src_dir)
-        src_stage = src.stage if _is_stage_subnetwork(src, dst) else None
+        src_stage = src.stage if src is not None and _is_stage_subnetwork(src, dst) else None
         return cls.plan(src, dst, rank_files, options.dst_dir, options.prefix, read_dirs, src_stage)
 
     @classmethod
