@@ -235,6 +235,7 @@ def strategy_items(params: list[Param], topo: Topology, stage: int) -> tuple[Str
     dp, tp = topo.dp, topo.tp
     items = []
     for i, p in enumerate(q for q in params if q.stage == stage and not q.name.startswith("adam_")):
+        strat: tuple[tuple[int, ...], ...]
         if p.kind == "vocab":
             op, strat = "Gather", ((tp, 1), (dp, 1))
         elif p.kind == "col":
