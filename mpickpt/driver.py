@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol, TextIO
+from typing import Any, NoReturn, Protocol, TextIO, cast
 
 from . import __version__
 from .errors import MpickptError
@@ -152,7 +152,7 @@ def _broadcast_job(options: TransformOptions, comm: Comm, stream: TextIO) -> Job
         _fail(comm, exc, None, stream)
     if error is not None:
         raise error
-    return job
+    return cast(Job, job)  # rank 0 prepared it, or raised
 
 
 def run_job(job: Job, comm: Comm, *, sync: bool = True, overwrite: bool = False, quiet: bool = False,
@@ -170,7 +170,7 @@ def run_job(job: Job, comm: Comm, *, sync: bool = True, overwrite: bool = False,
     except BaseException as exc:
         _fail(comm, exc, tracker.current, stream)
     comm.flush()
-    return comm.bcast(summary, root=0)
+    return cast(Summary, comm.bcast(summary, root=0))  # rank 0 always has one here
 
 
 def _work(job: Job, tasks: Sequence[OutputTask], process: int, tracker: _Tracker, sync: bool,

@@ -218,7 +218,7 @@ def _row_blocks(
     for row in range(start, stop, rows_per_block):
         count = min(rows_per_block, stop - row)
         block = np.empty((count, *dims[1:], itemsize), dtype=np.uint8)
-        index.read_into(entry.name, row * row_bytes, memoryview(block).cast("B"))
+        index.read_into(entry.name, row * row_bytes, block.data.cast("B"))
         yield block, row
 
 

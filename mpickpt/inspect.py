@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from .ckpt import index_checkpoint
@@ -120,10 +121,10 @@ def _shape(values: list[int]) -> str:
     return json.dumps(values, separators=(",", ":"))
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], *, right: set[int]) -> list[str]:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, right: set[int]) -> list[str]:
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
 
-    def line(cells: tuple[str, ...]) -> str:
+    def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return [line(header), *map(line, rows)]

@@ -391,7 +391,7 @@ def _check_int(value: Any, where: str, bounds: tuple[int, int]) -> int:
 
 
 def _from_protobuf(data: bytes, path: str) -> Strategy:
-    message = _pb.ParallelStrategyMap()
+    message = _pb.ParallelStrategyMap()  # type: ignore[attr-defined]  # generated at import time
     try:
         message.ParseFromString(data)
     except DecodeError as exc:
@@ -444,7 +444,7 @@ def _layout_from_message(item: Any, path: str) -> LayoutItem:
 
 
 def _to_protobuf(strategy: Strategy) -> bytes:
-    message = _pb.ParallelStrategyMap(current_stage=strategy.current_stage)
+    message = _pb.ParallelStrategyMap(current_stage=strategy.current_stage)  # type: ignore[attr-defined]
     for item in strategy.strategy_items:
         entry = message.parallel_strategy_item.add(node_name=item.node_name)
         entry.parallel_strategys.stage = item.stage

@@ -110,7 +110,7 @@ def conversions(draw: st.DrawFn, *, max_params: int = 3, dividing_only: bool = F
     src_devices = draw(st.sampled_from(device_counts))
     dst_choices = [d for d in device_counts if not dividing_only or max(d, src_devices) % min(d, src_devices) == 0]
     dst_devices = draw(st.sampled_from(dst_choices))
-    sides = []
+    sides: list[Strategy | None] = []
     for devices in (src_devices, dst_devices):
         if missing and draw(st.integers(0, 5)) == 5:
             sides.append(None)
