@@ -299,20 +299,27 @@ def test_prepare_error_on_rank_0_reaches_every_rank(tmp_path: Path) -> None:
     assert len({str(e) for e in errors}) == 1
 
 
+class AbortingComm(ThreadComm):
+    """A thread communicator whose abort records the rank and breaks every barrier, as MPI_Abort would."""
+
+    def __init__(self, shared: ThreadWorld, rank: int, aborted: list[int]) -> None:
+        super().__init__(shared, rank)
+        self.aborted = aborted
+
+    def abort(self, code: int) -> None:
+        self.aborted.append(self.rank)
+        self.shared.barrier.abort()
+        raise SystemExit(code)
+
+
 def test_failure_in_a_process_prints_its_name_and_aborts(tmp_path: Path) -> None:
     job = FakeJob(tmp_path, 4, fail_target=2)
     streams = [io.StringIO() for _ in range(2)]
     aborted: list[int] = []
 
-    class AbortingComm(ThreadComm):
-        def abort(self, code: int) -> None:
-            aborted.append(self.rank)
-            self.shared.barrier.abort()
-            raise SystemExit(code)
-
     def body(comm: ThreadComm) -> None:
         try:
-            run_job(job, AbortingComm(comm.shared, comm.rank), quiet=True, stream=streams[comm.rank])
+            run_job(job, AbortingComm(comm.shared, comm.rank, aborted), quiet=True, stream=streams[comm.rank])
         except (SystemExit, threading.BrokenBarrierError):
             pass
 
@@ -331,15 +338,9 @@ def test_job_that_cannot_be_broadcast_aborts_instead_of_hanging(tmp_path: Path,
     stream = io.StringIO()
     aborted: list[int] = []
 
-    class AbortingComm(ThreadComm):
-        def abort(self, code: int) -> None:
-            aborted.append(self.rank)
-            self.shared.barrier.abort()
-            raise SystemExit(code)
-
     def body(comm: ThreadComm) -> None:
         try:
-            run_transform(TransformOptions("src", "dst"), AbortingComm(comm.shared, comm.rank), stream=stream)
+            run_transform(TransformOptions("src", "dst"), AbortingComm(comm.shared, comm.rank, aborted), stream=stream)
         except (SystemExit, threading.BrokenBarrierError):
             pass
 
