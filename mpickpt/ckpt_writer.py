@@ -28,6 +28,7 @@ from types import TracebackType
 from mpickpt.ckpt_reader import CRC_MARK, CheckpointIndex
 from mpickpt.dtypes import DTYPES, dtype_itemsize
 from mpickpt.errors import CheckpointFormatError, DestinationError
+from mpickpt.sources import refuse_destination_inside
 
 PIECE_SIZE = 512 * 1024 * 1024
 """Largest content of one entry; MindSpore's save_checkpoint splits bigger tensors at this size."""
@@ -165,7 +166,7 @@ class CheckpointWriter:
         self._buf = bytearray()
         self._names: set[str] = set()
         self._written_back = 0  # file offset up to which writeback was started
-        _refuse_forbidden(self.path, forbidden_dirs)
+        refuse_destination_inside(self.path, forbidden_dirs)
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._tmp.unlink(missing_ok=True)  # stale leftover of an interrupted run
@@ -383,13 +384,6 @@ class CheckpointWriter:
 def _segment_length(segment: _Segment) -> int:
     """Bytes in one content segment (buffer or file range)."""
     return len(segment) if isinstance(segment, memoryview) else segment.length
-
-
-def _refuse_forbidden(path: Path, forbidden_dirs: Iterable[str | os.PathLike[str]]) -> None:
-    target = path.parent.resolve() / path.name
-    for folder in forbidden_dirs:
-        if target.is_relative_to(Path(folder).resolve()):
-            raise DestinationError(f"{path}: refusing to write inside {folder} (a source folder)")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -38,5 +38,5 @@ def refuse_destination_inside(dst: str | os.PathLike[str], read_dirs: Iterable[s
         source = Path(os.path.realpath(folder))
         if target == source or source in target.parents:
             raise DestinationError(
-                f"destination {dst} is inside source folder {folder}: mpickpt never writes into its sources"
+                f"{dst}: refusing to write inside source folder {folder}: mpickpt never writes into its sources"
             )
