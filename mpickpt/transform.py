@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .ckpt import index_checkpoint
 from .errors import MpickptError, SourceMissingError
 from .execute import SourceFiles, write_target
 from .layout import Layouts
-from .plan import Planner, TensorInfo, catalog_from_headers, needed_header_ranks
+from .plan import Planner, TargetPlan, TensorInfo, catalog_from_headers, needed_header_ranks
 from .sources import find_rank_files, refuse_destination_inside
 from .strategy import Strategy, load_strategy, merge_strategy_folder, save_strategy
 
@@ -65,10 +65,13 @@ class TransformJob:
     forbidden_dirs: tuple[str, ...]
     src_stage: int | None = None
     _planner: Planner | None = field(default=None, repr=False, compare=False)
+    # Plans made while preparing, used once by run_task in the same process (not sent to others).
+    _plans: dict[int, TargetPlan] = field(default_factory=dict, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state["_planner"] = None
+        state["_plans"] = {}
         return state
 
     @classmethod
@@ -112,7 +115,7 @@ class TransformJob:
         tasks = []
         targets = planner.target_ranks if output_paths is None else sorted(output_paths)
         for target in targets:
-            plan = planner.plan(target)
+            plan = job._plans[target] = planner.plan(target)
             missing = [r for r in plan.source_ranks if r not in rank_files]
             if missing:
                 raise SourceMissingError(
@@ -146,7 +149,7 @@ class TransformJob:
 
     def run_task(self, task: OutputTask, *, sync: bool = True, progress: Callable[[int], None] | None = None) -> None:
         """Write one output atomically; progress(bytes) is called as bytes are written."""
-        plan = self.planner().plan(task.target_rank)
+        plan = self._plans.pop(task.target_rank, None) or self.planner().plan(task.target_rank)
         with SourceFiles({r: self.rank_files[r] for r in plan.source_ranks}) as sources:
             try:
                 write_target(
@@ -167,7 +170,7 @@ def _strategy(file: str | None, folder: str | None, keep_in: str | None, merged_
         target = Path(keep_in) / merged_name
         target.parent.mkdir(parents=True, exist_ok=True)
         save_strategy(merged, target)
-        return load_strategy(target)
+        return replace(merged, path=str(target))
     return load_strategy(file) if file else None
 
 
