@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(os.environ.get("MPICKPT_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+PIPELINE = FIXTURES / "pipeline_2x4_to_4"
+STAGE_FILES = PIPELINE / "src_pipeline_strategys"  # per-rank strategy files of the two pipeline stages
+STRATEGY_FILES = sorted(FIXTURES.glob("*/*strategy*.ckpt")) + sorted(STAGE_FILES.glob("*.ckpt"))
 
 
 @dataclass(frozen=True)

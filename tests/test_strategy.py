@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from fixture_cases import FIXTURES
+from fixture_cases import FIXTURES, PIPELINE, STAGE_FILES, STRATEGY_FILES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,9 +32,6 @@ from mpickpt.strategy import (
     strategy_to_bytes,
 )
 
-PIPELINE = FIXTURES / "pipeline_2x4_to_4"
-STAGE_FILES = PIPELINE / "src_pipeline_strategys"
-STRATEGY_FILES = sorted(FIXTURES.glob("*/*strategy*.ckpt")) + sorted(STAGE_FILES.glob("*.ckpt"))
 
 needs_fixtures = pytest.mark.skipif(not STRATEGY_FILES, reason=f"no fixtures in {FIXTURES}")
 

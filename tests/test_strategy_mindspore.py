@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixture_cases import FIXTURES
+from fixture_cases import FIXTURES, PIPELINE, STAGE_FILES, STRATEGY_FILES
 from mindspore_helpers import requires_mindspore, run_mindspore
 
 from mpickpt._proto import checkpoint_pb2, node_strategy_pb2
@@ -25,9 +25,6 @@ from mpickpt.strategy import (
     save_strategy,
 )
 
-PIPELINE = FIXTURES / "pipeline_2x4_to_4"
-STAGE_FILES = PIPELINE / "src_pipeline_strategys"
-STRATEGY_FILES = sorted(FIXTURES.glob("*/*strategy*.ckpt")) + sorted(STAGE_FILES.glob("*.ckpt"))
 
 pytestmark = [
     pytest.mark.mindspore,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import mpickpt
-from fixture_cases import CASES, FIXTURES, Case, assert_same_content, case_params, requires_fixtures
+from fixture_cases import CASES, PIPELINE, Case, assert_same_content, case_params, requires_fixtures
 
 pytestmark = requires_fixtures
 
@@ -62,7 +62,6 @@ def test_rank_list_never_longer_than_mindspore(case: Case) -> None:
         assert ours == sorted(ours, reverse=True)
 
 
-PIPELINE = FIXTURES / "pipeline_2x4_to_4"
 
 
 @pytest.mark.skipif(not (PIPELINE / "expected_by_stage").is_dir(), reason="no pipeline fixture")
