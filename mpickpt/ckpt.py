@@ -12,7 +12,8 @@ from mpickpt.ckpt_reader import (
     TensorEntry,
     index_checkpoint,
 )
-from mpickpt.ckpt_writer import PIECE_SIZE, CheckpointWriter, save_checkpoint, tmp_path_for
+from mpickpt.atomic import tmp_path_for
+from mpickpt.ckpt_writer import PIECE_SIZE, CheckpointWriter, save_checkpoint
 from mpickpt.dtypes import DTYPES, dtype_itemsize, numpy_dtype
 
 __all__ = [

@@ -290,6 +290,7 @@ class CheckpointIndex:
         self.entries = entries
         self.size = size
         self.crc = crc  # stored CRC32 of the trailer, None when the file has none
+        self.metadata: dict[str, str] = {}  # a .ckpt has no file-level metadata
         self._fd: int | None = fd
         self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
 

@@ -7,8 +7,9 @@ last shorter, each repeating the tag, dims and dtype. One deliberate difference:
 no entry at all for an empty tensor (a dimension of 0); this writer writes one entry with empty
 content, which ``mindspore.load_checkpoint`` loads with the right shape.
 
-Output goes to ``<name>.tmp`` beside the target, which on success is fsynced, made read-only
-(0400) and renamed over the target (replacing a read-only file), then the folder is fsynced.
+Output goes to a temporary file beside the target (:mod:`mpickpt.atomic`), which on success is
+fsynced, made read-only (0400) and renamed over the target (replacing a read-only file), then the
+folder is fsynced.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from types import TracebackType
 from mpickpt.ckpt_reader import CRC_MARK, CheckpointIndex
 from mpickpt.dtypes import DTYPES, dtype_itemsize
 from mpickpt.errors import CheckpointFormatError, DestinationError
-from mpickpt.sources import refuse_destination_inside
+from mpickpt.atomic import AtomicFile
+from mpickpt.formats.base import TensorSpec
 
 PIECE_SIZE = 512 * 1024 * 1024
 """Largest content of one entry; MindSpore's save_checkpoint splits bigger tensors at this size."""
@@ -37,12 +39,6 @@ _SMALL = 64 * 1024  # writes below this are gathered in a buffer
 _FLUSH_AT = 1 << 20
 _COPY_CHUNK = 8 << 20  # user-space copy chunk when a CRC must see the bytes
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
-
-
-def tmp_path_for(path: str | os.PathLike[str]) -> Path:
-    """The temporary file a writer streams ``path`` into before renaming it."""
-    path = Path(path)
-    return path.with_name(path.name + ".tmp")
 
 
 def _varint(value: int) -> bytes:
@@ -159,20 +155,13 @@ class CheckpointWriter:
         piece_size: int = PIECE_SIZE,
     ) -> None:
         self.path = Path(path)
-        self._tmp = tmp_path_for(self.path)
         self._sync = sync
         self._piece_size = piece_size
         self._crc: int | None = 0 if crc else None
         self._buf = bytearray()
         self._names: set[str] = set()
         self._written_back = 0  # file offset up to which writeback was started
-        refuse_destination_inside(self.path, forbidden_dirs)
-        try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._tmp.unlink(missing_ok=True)  # stale leftover of an interrupted run
-            self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            raise DestinationError(f"{self.path}: cannot create {self._tmp.name}: {err}") from err
+        self._file = AtomicFile(self.path, sync=sync, mode=0o400, forbidden_dirs=forbidden_dirs)
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -241,38 +230,29 @@ class CheckpointWriter:
         else:
             self.copy_tensor_ranges(name, entry.dtype, entry.dims, index.fileno(), entry.pieces)
 
+    def declare(self, tensors: Sequence[TensorSpec]) -> None:
+        """Announce the tensors this file will hold (a ``.ckpt`` needs nothing in advance; names are
+        checked as they are written)."""
+
     def commit(self) -> None:
         """Finish the file: trailer, fsync, mode 0400, rename over the target, fsync the folder."""
-        fd = self._open_fd()
         try:
             if self._crc is not None:
                 self._emit(CRC_MARK + self._crc.to_bytes(10, "big"))
             self._flush()
-            os.fchmod(fd, 0o400)
-            if self._sync:
-                os.fsync(fd)
-            os.close(fd)
-            self._fd = None
-            self._tmp.replace(self.path)
-            if self._sync:
-                _fsync_dir(self.path.parent)
         except OSError as err:
             self.abort()
             raise DestinationError(f"{self.path}: cannot finish the checkpoint: {err}") from err
+        self._file.commit()
 
     def abort(self) -> None:
         """Drop the temporary file; the target is left as it was."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._tmp.unlink(missing_ok=True)
+        self._file.abort()
 
     # -- internals ----------------------------------------------------------------------------
 
     def _open_fd(self) -> int:
-        if self._fd is None:
-            raise DestinationError(f"{self.path}: writer is already closed")
-        return self._fd
+        return self._file.fd
 
     def _claim(self, name: str) -> bytes:
         """Reserve ``name`` (each parameter once) and return its UTF-8 tag."""
@@ -384,14 +364,6 @@ class CheckpointWriter:
 def _segment_length(segment: _Segment) -> int:
     """Bytes in one content segment (buffer or file range)."""
     return len(segment) if isinstance(segment, memoryview) else segment.length
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(

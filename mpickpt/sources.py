@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import DestinationError, SourceMissingError
+from .errors import SourceMissingError
 
 _RANK_DIR = re.compile(r"rank_(\d+)")
 
@@ -29,14 +28,3 @@ def find_rank_files(src_dir: str | os.PathLike[str], suffix: str = ".ckpt") -> d
     if not files:
         raise SourceMissingError(f"{root} holds no rank_<r>/*{suffix} checkpoint files")
     return dict(sorted(files.items()))
-
-
-def refuse_destination_inside(dst: str | os.PathLike[str], read_dirs: Iterable[str | os.PathLike[str]]) -> None:
-    """Raise DestinationError when dst equals or lies inside a folder that is read from."""
-    target = Path(os.path.realpath(dst))
-    for folder in read_dirs:
-        source = Path(os.path.realpath(folder))
-        if target == source or source in target.parents:
-            raise DestinationError(
-                f"{dst}: refusing to write inside source folder {folder}: mpickpt never writes into its sources"
-            )

@@ -15,7 +15,6 @@ Keys MindSpore's converter does not read may be absent: "current_stage" (0) and 
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import math
@@ -188,23 +187,13 @@ def strategy_to_bytes(strategy: Strategy, fmt: str) -> bytes:
     raise StrategyFormatError(f"{_where(strategy)}: unknown strategy format {fmt!r} (use {PROTOBUF!r} or {JSON!r})")
 
 
-def save_strategy(strategy: Strategy, path: str | os.PathLike[str]) -> None:
-    """Write a strategy file (JSON when the name ends in ".json", else protobuf) via `<path>.tmp` and rename."""
+def save_strategy(strategy: Strategy, path: str | os.PathLike[str], *, sync: bool = True) -> None:
+    """Write a strategy file (JSON when the name ends in ".json", else protobuf) atomically."""
+    from .atomic import write_bytes_atomic
+
     path = os.fspath(path)
     data = strategy_to_bytes(strategy, JSON if path.endswith(".json") else PROTOBUF)
-    tmp = path + ".tmp"
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        with open(tmp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise DestinationError(f"{path}: cannot write the strategy file: {exc}") from exc
+    write_bytes_atomic(path, data, sync=sync)
 
 
 def merge_strategies(strategies: Sequence[Strategy]) -> Strategy:

@@ -16,7 +16,8 @@ from .errors import MpickptError, SourceMissingError
 from .execute import SourceFiles, write_target
 from .layout import Layouts
 from .plan import Planner, TargetPlan, TensorInfo, catalog_from_headers, needed_header_ranks
-from .sources import find_rank_files, refuse_destination_inside
+from .destination import refuse_destination_inside
+from .sources import find_rank_files
 from .strategy import Strategy, load_strategy, merge_strategy_folder, save_strategy
 
 # Parameter-name prefixes MindSpore ignores when deciding on the pipeline subnetwork transform.
@@ -37,7 +38,10 @@ class TransformOptions:
     dst_strategy: str | None = None
     src_strategy_dir: str | None = None  # per-stage pipeline strategy files, merged by rank 0 into dst_dir
     dst_strategy_dir: str | None = None
-    output_format: str = "ckpt"
+    output_format: str = "ckpt"  # or "safetensors"
+    src_format: str | None = None  # "ckpt" or "safetensors" when rank folders hold both; None: what is there
+    verify_crc: bool = False  # check the stored checksum of every source file read
+    crc: bool = False  # write the format's checksum into every output (MindSpore's crc_check)
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class OutputTask:
     source_files: tuple[str, ...]
     read_bytes: int
     write_bytes: int
+    job_key: str = ""  # digest of everything but the source files that decides this output's content
 
 
 @dataclass

@@ -409,7 +409,7 @@ def test_record_round_trip_and_version_check() -> None:
 
 def test_unwritable_destination_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "blocker").write_text("a file where a folder should be")
-    with pytest.raises(DestinationError, match=r"blocker/manifest\.json: cannot write"):
+    with pytest.raises(DestinationError, match=r"blocker/manifest\.json: cannot create a file here"):
         write_json_atomic(tmp_path / "blocker" / "manifest.json", {}, sync=True)
 
 

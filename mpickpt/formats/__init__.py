@@ -1,0 +1,73 @@
+"""Storage formats behind one interface (:mod:`mpickpt.formats.base`): a registry picks the reader of a
+file by its suffix, else by its content, and the writer of an output by format name."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from mpickpt.errors import CheckpointFormatError, MpickptError, SourceMissingError
+from mpickpt.formats.base import SourceIndex, TensorEntry, TensorSpec, TensorWriter
+
+__all__ = ["FORMATS", "SourceIndex", "TensorEntry", "TensorSpec", "TensorWriter", "format_of", "open_index",
+           "open_writer", "suffix_of"]
+
+FORMATS = ("ckpt", "safetensors")
+_SUFFIXES = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
+
+
+def suffix_of(fmt: str) -> str:
+    """The file suffix of a format name (MpickptError for an unknown one)."""
+    try:
+        return _SUFFIXES[fmt]
+    except KeyError:
+        raise MpickptError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})") from None
+
+
+def format_of(path: str | os.PathLike[str]) -> str:
+    """The format of a file: by suffix, else by its first bytes (CheckpointFormatError if neither tells)."""
+    path = Path(path)
+    for fmt, suffix in _SUFFIXES.items():
+        if path.name.endswith(suffix):
+            return fmt
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except FileNotFoundError:
+        raise SourceMissingError(f"{path}: file does not exist") from None
+    except OSError as err:
+        raise CheckpointFormatError(f"{path}: cannot read: {err.strerror or err}") from err
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 << 20:
+        return "safetensors"
+    if head[:1] == b"\x0a":
+        return "ckpt"
+    raise CheckpointFormatError(f"{path}: neither a MindSpore .ckpt nor a safetensors file")
+
+
+def open_index(path: str | os.PathLike[str], *, verify_crc: bool = False, fmt: str | None = None) -> SourceIndex:
+    """Index a source file of any known format (headers only; ``verify_crc`` checks its stored checksum)."""
+    fmt = fmt or format_of(path)
+    if fmt == "ckpt":
+        from mpickpt.ckpt_reader import index_checkpoint
+
+        return index_checkpoint(path, verify_crc=verify_crc)
+    if fmt == "safetensors":
+        from mpickpt.formats.safetensors import index_safetensors
+
+        return index_safetensors(path, verify_crc=verify_crc)
+    raise MpickptError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def open_writer(path: str | os.PathLike[str], fmt: str, *, crc: bool = False, sync: bool = True,
+                forbidden_dirs: Iterable[str | os.PathLike[str]] = ()) -> TensorWriter:
+    """A writer of one output file in format ``fmt`` (``crc``: the format's own integrity record)."""
+    if fmt == "ckpt":
+        from mpickpt.ckpt_writer import CheckpointWriter
+
+        return CheckpointWriter(path, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs)
+    if fmt == "safetensors":
+        from mpickpt.formats.safetensors import SafetensorsWriter
+
+        return SafetensorsWriter(path, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs)
+    raise MpickptError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
