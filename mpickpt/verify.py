@@ -426,13 +426,15 @@ class ContentChecker:
                     return (f"source file {self.rank_files[rank]} holds {theirs.dtype}{list(theirs.dims)}, but the "
                             f"source layout gives rank {rank} {entry.dtype}{list(piece.shape)}")
                 source = self._source(rank)
-                difference = _first_difference(index, entry.name, entry.dims, part.relative_to(target), source,
-                                               theirs.dims, part.relative_to(piece), itemsize)
+                ours = part.relative_to(target)
+                difference = _first_difference(index, entry.name, entry.dims, ours, source, theirs.dims,
+                                               part.relative_to(piece), itemsize)
                 source.release(entry.name)
                 if difference is not None:
-                    at = [a + b for a, b in zip(difference, target.start)]
-                    return (f"element {list(difference)} of the slice (element {at} of the full tensor, box "
-                            f"{target}) differs from source file {self.rank_files[rank]}")
+                    at = [d + a for d, a in zip(difference, ours.start)]
+                    full = [d + a for d, a in zip(difference, part.start)]
+                    return (f"element {at} of the slice (element {full} of the full tensor, box {target}) "
+                            f"differs from source file {self.rank_files[rank]}")
         if covered != target.size:
             return f"the source slices cover {covered} of the {target.size} elements of box {target}"
         return None
