@@ -291,12 +291,15 @@ class ContentChecker:
     def __init__(self, job: ContentJob) -> None:
         self.src = Layouts.from_strategy(job.src, stage=job.src_stage)
         self.dst = Layouts.from_strategy(job.dst)
-        self.rank_files = job.rank_files
+        self.rank_files = {r: p for r, p in job.rank_files.items() if self._is_source(r)}
         self.headers: dict[int, dict[str, TensorEntry]] = {}
-        for rank, path in sorted(job.rank_files.items()):
+        for rank, path in sorted(self.rank_files.items()):
             with open_index(path) as index:
                 self.headers[rank] = dict(index.entries)
-        self.names = list(dict.fromkeys(n for rank in sorted(self.headers) for n in self.headers[rank]))
+        self.holders: dict[str, list[int]] = {}  # parameter -> source ranks whose files hold it, ascending
+        for rank, entries in sorted(self.headers.items()):
+            for name in entries:
+                self.holders.setdefault(name, []).append(rank)
         self._open: OrderedDict[int, SourceIndex] = OrderedDict()
         self._boxes: dict[tuple[ParamLayout, tuple[int, ...]], dict[Box, list[int]]] = {}
 
@@ -309,7 +312,7 @@ class ContentChecker:
             return 0, [Problem(check.path, None, f"cannot be read: {exc}")]
         with index:
             expected, problems = {}, []
-            for name in self.names:
+            for name in self.holders:
                 try:
                     found = self.expected(name, check.target_rank)
                 except MpickptError as exc:
@@ -326,6 +329,11 @@ class ContentChecker:
                     problems.append(Problem(check.path, name, text))
         return len(expected), problems
 
+    def _is_source(self, rank: int) -> bool:
+        """Whether the source layouts have this rank (an unsharded source is rank 0; an unmerged stage
+        file of the pipeline subnetwork transform has the ranks of its stage)."""
+        return rank < self.src.device_count and self.src.stage_of(rank) in self.src.stages
+
     def close(self) -> None:
         """Close the source files kept open."""
         for index in self._open.values():
@@ -341,7 +349,7 @@ class ContentChecker:
         `local % source devices per stage` in the lowest source stage holding it; absent from the source
         strategy: the stored value, whole. Sources shared by stages are read from the lowest stage."""
         src, dst = self.src, self.dst
-        holders = [r for r in sorted(self.headers) if name in self.headers[r]]
+        holders = self.holders[name]
         if not src.unsharded and name not in src.names:
             entry = self.headers[holders[0]][name]
             return Expected(entry.dtype, entry.dims)
@@ -364,7 +372,7 @@ class ContentChecker:
     def _reference(self, name: str, holders: list[int], stage: int) -> int:
         """The lowest source rank of `stage` whose file holds `name`."""
         for rank in holders:
-            if self.src.unsharded or (rank < self.src.device_count and self.src.stage_of(rank) == stage):
+            if self.src.stage_of(rank) == stage:
                 return rank
         raise MpickptError(f"no source file of pipeline stage {stage} holds it (files holding it: "
                            f"{[self.rank_files[r] for r in holders]})")
@@ -388,9 +396,9 @@ class ContentChecker:
     def _compare_whole(self, index: SourceIndex, entry: TensorEntry) -> str | None:
         """A value copied whole: equal to that of at least one source file holding it."""
         compared = []
-        for rank in sorted(self.headers):
-            theirs = self.headers[rank].get(entry.name)
-            if theirs is None or (theirs.dtype, theirs.dims, theirs.nbytes) != (entry.dtype, entry.dims, entry.nbytes):
+        for rank in self.holders[entry.name]:
+            theirs = self.headers[rank][entry.name]
+            if (theirs.dtype, theirs.dims, theirs.nbytes) != (entry.dtype, entry.dims, entry.nbytes):
                 continue
             flat = (entry.nbytes,)
             difference = _first_difference(index, entry.name, flat, Box.full(flat), self._source(rank), flat,

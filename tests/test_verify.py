@@ -21,7 +21,7 @@ from mpickpt.driver import run_transform
 from mpickpt.layout import Layouts
 from mpickpt.manifest import MANIFEST_NAME, checksum, read_record, write_record
 from mpickpt.mpi import SerialComm
-from mpickpt.strategy import Strategy, save_strategy, split_stage_prefix
+from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, save_strategy, split_stage_prefix
 from mpickpt.testing.strategies import Conversion, conversions
 from mpickpt.transform import TransformOptions
 from mpickpt.verify import Check, Verdict, deal, verify_outputs, verify_records
@@ -353,6 +353,35 @@ def test_converted_random_layouts_and_pipelines_verify(tmp_path_factory: pytest.
     if entry is not None:
         flip(path, entry.name, entry.nbytes - 1)
         assert_names(verify(options), path, entry.name)
+
+
+def test_pipeline_subnetwork_outputs_verify(tmp_path: Path) -> None:
+    """One stage's unmerged strategy file as the source: outputs `<prefix>t_part<stage>.ckpt` hold its part."""
+    def layout(name: str, dev: tuple[int, ...], tensor_map: tuple[int, ...]) -> LayoutItem:
+        return LayoutItem(name=name, dev_matrix=dev, tensor_map=(tensor_map,), param_split_shape=((),))
+
+    stages = [["a", "b"], ["c", "d"]]
+    full = {n: np.arange(64, dtype=np.float32).reshape(8, 8) * (i + 1) for i, n in enumerate("abcd")}
+    for stage, names in enumerate(stages):
+        items = tuple(layout(n, (2,), (0, -1)) for n in names)
+        save_strategy(Strategy(0, (StrategyItem(f"MatMul-op{stage}", stage, ((2, 1),)),), items),
+                      tmp_path / f"stage_{stage}.ckpt")
+        for local in range(2):
+            rank = 2 * stage + local
+            tensors = [(n, "Float32", (4, 8), full[n][4 * local:4 * local + 4]) for n in names]
+            (tmp_path / "src" / f"rank_{rank}").mkdir(parents=True)
+            save_checkpoint(tmp_path / "src" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt", tensors + EXTRAS[:1])
+    dst = Strategy(0, (StrategyItem("MatMul-op0", 0, ((1, 4),)),), tuple(layout(n, (4,), (-1, 0)) for n in "abcd"))
+    save_strategy(dst, tmp_path / "dst.ckpt")
+    options = TransformOptions(src_dir=str(tmp_path / "src"), dst_dir=str(tmp_path / "out"),
+                               src_strategy=str(tmp_path / "stage_1.ckpt"), dst_strategy=str(tmp_path / "dst.ckpt"))
+    convert(options)
+    assert [p.name for p in outputs(tmp_path / "out")] == [f"checkpoint_{t}_part1.ckpt" for t in range(4)]
+    verdict = verify(options)
+    assert verdict.ok and verdict.params == 4 * 3, verdict.lines()
+    path = outputs(tmp_path / "out")[2]
+    flip(path, "d", 5)
+    assert_names(verify(options), path, "d")
 
 
 # --- under MPI ----------------------------------------------------------------------------------------------
