@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections import OrderedDict
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,13 +134,12 @@ def run(prepare: Callable[[], Job], comm: Comm) -> Verdict:
     started = time.monotonic()
     job = _broadcast_job(prepare, comm)
     try:
-        checker = _checker(job)
         params, problems = 0, []
-        for check in deal(job.checks, comm.size)[comm.rank]:
-            count, found = checker(check)
-            params += count
-            problems += found
-        _close(checker)
+        with _checker(job) as checker:
+            for check in deal(job.checks, comm.size)[comm.rank]:
+                count, found = checker(check)
+                params += count
+                problems += found
         comm.send((params, problems), 0)
         verdict = _gather(job, comm, started) if comm.rank == 0 else None
     except BaseException as exc:
@@ -173,8 +174,9 @@ def _gather(job: Job, comm: Comm, started: float) -> Verdict:
             time.sleep(POLL_SECONDS)
     problems = list(job.found) + [p for _, found in reports for p in found]
     problems.sort(key=lambda p: (p.file, p.param or ""))
-    return Verdict(len(job.checks), sum(count for count, _ in reports), tuple(problems),
-                   time.monotonic() - started, comm.size)
+    files = {c.path for c in job.checks} | {p.file for p in job.found}
+    return Verdict(len(files), sum(count for count, _ in reports), tuple(problems), time.monotonic() - started,
+                   comm.size)
 
 
 def _fail(comm: Comm, exc: BaseException) -> NoReturn:
@@ -182,7 +184,7 @@ def _fail(comm: Comm, exc: BaseException) -> NoReturn:
     if comm.size == 1:
         raise exc
     text = str(exc) if isinstance(exc, MpickptError) else f"{type(exc).__name__}: {exc}"
-    print(f"mpickpt: verify: process {comm.rank}: {text}", flush=True)
+    print(f"mpickpt: verify: process {comm.rank}: {text}", file=sys.stderr, flush=True)
     comm.abort(1)
 
 
@@ -197,15 +199,11 @@ def deal(checks: Sequence[Check], processes: int) -> list[list[Check]]:
     return shares
 
 
-def _checker(job: Job) -> Callable[[Check], tuple[int, list[Problem]]]:
+def _checker(job: Job) -> AbstractContextManager[Callable[[Check], tuple[int, list[Problem]]]]:
+    """What checks one output of this job: (parameters checked, problems found)."""
     if isinstance(job, RecordsJob):
-        return lambda check: (0, check_record(check, job.manifest[check.path]))
+        return nullcontext(lambda check: (0, check_record(check, job.manifest[check.path])))
     return ContentChecker(job)
-
-
-def _close(checker: object) -> None:
-    if isinstance(checker, ContentChecker):
-        checker.close()
 
 
 # --- preparing (rank 0) ----------------------------------------------------------------------------
@@ -320,14 +318,21 @@ class ContentChecker:
                     continue
                 if found is not None:
                     expected[name] = found
+            derived = {p.param for p in problems}
             problems += [Problem(check.path, name, "is in the output but not expected (the sources and strategies "
                                                    f"give target rank {check.target_rank} no such parameter)")
-                         for name in index.entries if name not in expected]
+                         for name in index.entries if name not in expected and name not in derived]
             for name, want in expected.items():
                 text = self.compare(index, name, want)
                 if text:
                     problems.append(Problem(check.path, name, text))
         return len(expected), problems
+
+    def __enter__(self) -> ContentChecker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _is_source(self, rank: int) -> bool:
         """Whether the source layouts have this rank (an unsharded source is rank 0; an unmerged stage
