@@ -13,7 +13,6 @@ from .errors import MpickptError
 from .inspect import describe_file, format_description
 from .transform import TransformJob, TransformOptions
 
-
 INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 BROKEN_PIPE = 141  # 128 + SIGPIPE, as shells report a command whose reader went away
 

@@ -22,11 +22,11 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Self, cast
 
 import numpy as np
 
@@ -145,7 +145,7 @@ def run(prepare: Callable[[], Job], comm: Comm) -> Verdict:
     except BaseException as exc:
         _fail(comm, exc)
     comm.flush()
-    return comm.bcast(verdict, root=0)
+    return cast(Verdict, comm.bcast(verdict, root=0))  # rank 0 always has one here
 
 
 def _broadcast_job(prepare: Callable[[], Job], comm: Comm) -> Job:
@@ -162,7 +162,7 @@ def _broadcast_job(prepare: Callable[[], Job], comm: Comm) -> Job:
     job, error = comm.bcast((job, error), root=0)
     if error is not None:
         raise error
-    return job
+    return cast(Job, job)  # rank 0 prepared it, or raised
 
 
 def _gather(job: Job, comm: Comm, started: float) -> Verdict:
@@ -328,7 +328,7 @@ class ContentChecker:
                     problems.append(Problem(check.path, name, text))
         return len(expected), problems
 
-    def __enter__(self) -> ContentChecker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -510,5 +510,5 @@ def _blocks(index: SourceIndex, name: str, dims: Sequence[int], box: Box, itemsi
     for first in range(box.start[0], box.stop[0], rows):
         count = min(rows, box.stop[0] - first)
         data = np.empty(count * row, np.uint8)
-        index.read_into(name, first * row, memoryview(data))
+        index.read_into(name, first * row, data.data)
         yield first - box.start[0], data.reshape(count, *dims[1:], itemsize)[(slice(None), *inner)]
