@@ -7,11 +7,16 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import MpickptError
-from .inspect import describe_file, format_description
-from .transform import TransformJob, TransformOptions
+
+if TYPE_CHECKING:
+    from .transform import TransformOptions
+
+# The commands import their modules when they run, so that a Ctrl-C while numpy and the rest load still
+# ends in main's handler.
 
 INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 BROKEN_PIPE = 141  # 128 + SIGPIPE, as shells report a command whose reader went away
@@ -102,6 +107,8 @@ def _add_job_flags(parser: argparse.ArgumentParser, *, need_src: bool, need_dst:
 
 
 def _options(args: argparse.Namespace) -> TransformOptions:
+    from .transform import TransformOptions
+
     return TransformOptions(
         src_dir=args.src_dir,
         dst_dir=args.dst_dir or "",
@@ -142,6 +149,8 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
+    from .transform import TransformJob
+
     job = TransformJob.prepare(_options(args), write_merged=False)
     targets = sorted(t.target_rank for t in job.tasks)
     outside = [t for t in args.target or () if t not in targets]
@@ -199,6 +208,8 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from .inspect import describe_file, format_description
+
     if not os.path.exists(args.file):
         raise MpickptError(f"{args.file} does not exist")
     description = describe_file(args.file, verify_crc=args.verify_crc)

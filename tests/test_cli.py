@@ -179,11 +179,11 @@ def test_verify_strategies_without_sources_is_an_error(tmp_path: Path) -> None:
 def test_ctrl_c_ends_with_one_line_and_status_130() -> None:
     code = (
         "import sys, time\n"
-        "import mpickpt.cli as cli\n"
+        "import mpickpt.cli as cli, mpickpt.inspect as inspect\n"
         "def slow(*args, **kwargs):\n"
         "    print('started', flush=True)\n"
         "    time.sleep(60)\n"
-        "cli.describe_file = slow\n"
+        "inspect.describe_file = slow\n"
         f"sys.exit(cli.main(['inspect', {str(EXAMPLE / 'src_strategy.ckpt')!r}]))\n"
     )
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
