@@ -2,8 +2,8 @@
 
 With sources (`verify_outputs`): for every output file and parameter, the target's box in the full tensor
 comes from the target layout; every source file holding the parameter gives its own box from the source
-layout; wherever the two overlap, the bytes must be equal (CRC-32 of each bounded block of rows of the
-overlap, on both sides; a differing block is compared element by element to name the first difference).
+layout; wherever the two overlap, the bytes must be equal (compared byte for byte, one bounded block of rows
+of the overlap at a time, so memory stays within a few blocks however large the tensors).
 Every target box must be covered by source files; parameters outside the strategies must equal the value
 of a source file holding them; each output must hold exactly the expected parameters, dtypes and dims.
 
@@ -34,12 +34,12 @@ from .dtypes import dtype_itemsize
 from .errors import MpickptError
 from .formats import SourceIndex, TensorEntry, open_index
 from .layout import Box, Layouts, ParamLayout
-from .manifest import MANIFEST_NAME, checksum, crc32, read_record
+from .manifest import MANIFEST_NAME, checksum, read_record
 from .mpi import Comm
 from .strategy import Strategy
 from .transform import TransformJob, TransformOptions
 
-BLOCK_BYTES = 4 << 20  # rows read per comparison step: at most this many bytes of one side
+BLOCK_BYTES = 1 << 20  # rows read per comparison step: at most this many bytes of each side (or one row)
 OPEN_SOURCES = 32  # source files kept open per process
 POLL_SECONDS = 0.02
 OUTPUT_SUFFIXES = (".ckpt", ".safetensors")
@@ -391,12 +391,9 @@ class ContentChecker:
             return f"is missing (expected {want.dtype}{list(want.dims)})"
         if (entry.dtype, tuple(entry.dims)) != (want.dtype, want.dims):
             return f"is {entry.dtype}{list(entry.dims)}, expected {want.dtype}{list(want.dims)}"
-        try:
-            if want.box is None:
-                return self._compare_whole(index, entry)
-            return self._compare_box(index, entry, want)
-        finally:
-            index.release(name)
+        if want.box is None:
+            return self._compare_whole(index, entry)
+        return self._compare_box(index, entry, want)
 
     def _compare_whole(self, index: SourceIndex, entry: TensorEntry) -> str | None:
         """A value copied whole: equal to that of at least one source file holding it."""
@@ -438,11 +435,9 @@ class ContentChecker:
                 if (theirs.dtype, theirs.dims) != (entry.dtype, piece.shape):
                     return (f"source file {self.rank_files[rank]} holds {theirs.dtype}{list(theirs.dims)}, but the "
                             f"source layout gives rank {rank} {entry.dtype}{list(piece.shape)}")
-                source = self._source(rank)
                 ours = part.relative_to(target)
-                difference = _first_difference(index, entry.name, entry.dims, ours, source, theirs.dims,
+                difference = _first_difference(index, entry.name, entry.dims, ours, self._source(rank), theirs.dims,
                                                part.relative_to(piece), itemsize)
-                source.release(entry.name)
                 if difference is not None:
                     at = [d + a for d, a in zip(difference, ours.start)]
                     full = [d + a for d, a in zip(difference, part.start)]
@@ -479,14 +474,12 @@ class ContentChecker:
 def _first_difference(ours: SourceIndex, name: str, our_dims: Sequence[int], our_box: Box, theirs: SourceIndex,
                       their_dims: Sequence[int], their_box: Box, itemsize: int) -> tuple[int, ...] | None:
     """Index (relative to the boxes) of the first element where equally shaped boxes of two stored slices of
-    parameter `name` differ, or None. Each block of rows is checked by CRC-32; a differing one element by
-    element."""
+    parameter `name` differ, or None; read and compared a block of at most BLOCK_BYTES per side at a time."""
     rows = max(1, BLOCK_BYTES // max(_row_bytes(our_dims, itemsize), _row_bytes(their_dims, itemsize), 1))
     blocks = zip(_blocks(ours, name, our_dims, our_box, itemsize, rows),
                  _blocks(theirs, name, their_dims, their_box, itemsize, rows))
     for (first, mine), (_, other) in blocks:
-        mine, other = np.ascontiguousarray(mine), np.ascontiguousarray(other)
-        if crc32(mine) == crc32(other):
+        if np.array_equal(mine, other):
             continue
         index = np.argwhere(mine != other)[0][:-1]
         index[0] += first
@@ -511,4 +504,5 @@ def _blocks(index: SourceIndex, name: str, dims: Sequence[int], box: Box, itemsi
         count = min(rows, box.stop[0] - first)
         data = np.empty(count * row, np.uint8)
         index.read_into(name, first * row, data.data)
+        index.release(name)  # the block is a copy: drop the mapped pages it came from
         yield first - box.start[0], data.reshape(count, *dims[1:], itemsize)[(slice(None), *inner)]
