@@ -42,6 +42,7 @@ from .transform import TransformJob, TransformOptions
 BLOCK_BYTES = 1 << 20  # rows read per comparison step: at most this many bytes of each side (or one row)
 OPEN_SOURCES = 32  # source files kept open per process
 POLL_SECONDS = 0.02
+SHOWN_PROBLEMS = 100  # problems printed one per line; the summary counts them all
 OUTPUT_SUFFIXES = (".ckpt", ".safetensors")
 
 
@@ -81,15 +82,18 @@ class Verdict:
     def ok(self) -> bool:
         return not self.problems
 
-    def lines(self) -> list[str]:
-        """One line per problem, then a summary line."""
+    def lines(self, limit: int = SHOWN_PROBLEMS) -> list[str]:
+        """One line per problem (the first `limit`), then a summary line."""
         what = f"{self.files} files" + (f", {self.params} parameters" if self.params else "")
         took = f"by {self.processes} process{'es' if self.processes != 1 else ''} in {self.seconds:.2f} s"
         if self.ok:
             return [f"mpickpt: verify: OK: {what} match {took}"]
+        lines = [f"mpickpt: verify: MISMATCH: {p}" for p in self.problems[:limit]]
+        if len(self.problems) > limit:
+            lines.append(f"mpickpt: verify: ... and {len(self.problems) - limit} more problems")
         bad = len({p.file for p in self.problems})
-        return ([f"mpickpt: verify: MISMATCH: {p}" for p in self.problems]
-                + [f"mpickpt: verify: FAILED: {bad} of {what} do not match ({len(self.problems)} problems) {took}"])
+        summary = f"mpickpt: verify: FAILED: {bad} of {what} do not match ({len(self.problems)} problems) {took}"
+        return [*lines, summary]
 
 
 @dataclass(frozen=True)

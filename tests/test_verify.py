@@ -25,7 +25,7 @@ from mpickpt.mpi import SerialComm
 from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, save_strategy, split_stage_prefix
 from mpickpt.testing.strategies import Conversion, conversions
 from mpickpt.transform import TransformOptions
-from mpickpt.verify import Check, Verdict, deal, verify_outputs, verify_records
+from mpickpt.verify import Check, Problem, Verdict, deal, verify_outputs, verify_records
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "tiny_llama"
@@ -160,6 +160,19 @@ def test_flipped_byte_names_the_first_differing_element(converted: dict[str, Pat
     verdict = verify(example_options("4", out))
     assert_names(verdict, path, name)
     assert f"element [{row}, {col}] of the slice" in verdict.problems[0].text
+    for record in [out / MANIFEST_NAME, *out.glob("rank_*/*.done.json")]:
+        record.unlink()
+    assert_names(verify(example_options("4", out)), path, name)  # no records needed
+
+
+def test_problem_lines_are_capped_but_counted() -> None:
+    problems = tuple(Problem(f"rank_{i}/c.ckpt", "w", "differs") for i in range(5))
+    lines = Verdict(files=5, params=10, problems=problems, seconds=1.0, processes=2).lines(limit=2)
+    assert lines[:2] == ["mpickpt: verify: MISMATCH: rank_0/c.ckpt: parameter 'w': differs",
+                         "mpickpt: verify: MISMATCH: rank_1/c.ckpt: parameter 'w': differs"]
+    assert lines[2:] == ["mpickpt: verify: ... and 3 more problems",
+                         ("mpickpt: verify: FAILED: 5 of 5 files, 10 parameters do not match (5 problems) "
+                          "by 2 processes in 1.00 s")]
 
 
 @pytest.mark.parametrize("damage", ["missing", "extra", "dims", "dtype"])
