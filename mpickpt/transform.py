@@ -116,7 +116,7 @@ class TransformJob:
             notes.append(f"pipeline subnetwork transform: the source strategy is stage {src_stage} only, whose "
                          f"parameters are a strict subset of the target's; outputs are <prefix><rank>_part"
                          f"{src_stage}{suffix_of(options.output_format)}")
-        rank_files = _ranks_of_strategy(src, src_stage, rank_files, src_dir, notes)
+        rank_files = _ranks_of_strategy(src, src_stage, rank_files, src_dir)
         headers = {r: headers[r] for r in rank_files}
         src = _kept(src, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY)
         dst = _kept(dst, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY)
@@ -250,10 +250,11 @@ def _job_key(strategies: Mapping[str, str], prefix: str, output_format: str, crc
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _ranks_of_strategy(src: Strategy | None, src_stage: int | None, rank_files: dict[int, str], src_dir: Path,
-                       notes: list[str]) -> dict[int, str]:
+def _ranks_of_strategy(src: Strategy | None, src_stage: int | None, rank_files: dict[int, str],
+                       src_dir: Path) -> dict[int, str]:
     """The rank files the source strategy covers (those of `src_stage` only in the pipeline subnetwork
-    transform): missing ranks are an error, extra folders a warning in the notes."""
+    transform). Missing ranks are an error; so are extra rank folders, since a strategy for fewer devices
+    than the checkpoint has would otherwise convert part of the data without a word."""
     if src is None:
         if len(rank_files) > 1:
             raise MpickptError(f"{src_dir} holds {len(rank_files)} rank folders but no source strategy was given: "
@@ -273,8 +274,9 @@ def _ranks_of_strategy(src: Strategy | None, src_stage: int | None, rank_files: 
                                  f"(looked for rank_<r>/*.ckpt or *.safetensors)")
     extra = sorted(r for r in rank_files if r not in wanted)
     if extra and src_stage is None:
-        notes.append(f"warning: {src_dir} has rank folders {extra} beyond the {len(wanted)} ranks of the source "
-                     f"strategy; they are not read")
+        raise PlanError(f"{src_dir} has rank folders {extra} beyond the {len(wanted)} ranks of the source strategy "
+                        f"({src.path}): is it the strategy of this checkpoint? Move those folders away to convert "
+                        f"ranks {wanted.start}..{wanted.stop - 1} only")
     return {r: f for r, f in rank_files.items() if r in wanted}
 
 
