@@ -7,6 +7,13 @@ integer. :func:`index_checkpoint` walks that wire format once with ``pread``, re
 headers and skipping over tensor content, so its cost grows with the number of entries, not the
 bytes. Consecutive entries with the same tag (tensors over 512 MiB) are pieces of one parameter
 whose contents concatenate in order.
+
+Everything that can be wrong is refused while indexing, with a ``CheckpointFormatError`` naming
+the file and the parameter, so that :meth:`CheckpointIndex.array` and friends cannot fail later:
+broken wire format, lengths past the end, dims numpy cannot shape (over 64 of them, or a product
+too large even beside a 0), content size disagreeing with dims and dtype, ``str`` values numpy
+cannot hold (read at index time: they are small), malformed MapTensors, and pieces that are
+scattered or disagree.
 """
 
 from __future__ import annotations
