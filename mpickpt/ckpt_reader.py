@@ -49,7 +49,7 @@ _MAP_DTYPES = {
     name: np.dtype(name).itemsize
     for name in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
     + ("float16", "float32", "float64")
-}
+} | {"bfloat16": 2}
 """``str(numpy dtype)`` names a MapTensor's tensors may carry (MindSpore writes ``str(array.dtype)``)."""
 
 
