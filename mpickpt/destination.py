@@ -18,3 +18,16 @@ def refuse_destination_inside(dst: str | os.PathLike[str], read_dirs: Iterable[s
             raise DestinationError(
                 f"{dst}: refusing to write inside source folder {folder}: mpickpt never writes into its sources"
             )
+
+
+def check_destination(dst_dir: str | os.PathLike[str], read_dirs: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse a destination inside a source folder, or one that exists and is not a folder."""
+    if os.path.exists(dst_dir) and not os.path.isdir(dst_dir):
+        raise DestinationError(f"{dst_dir}: the destination exists and is not a folder")
+    refuse_destination_inside(dst_dir, read_dirs)
+
+
+def check_prefix(prefix: str) -> None:
+    """An output name prefix is a plain file-name prefix: no folders, no '..'."""
+    if "/" in prefix or os.sep in prefix or ".." in prefix or "\0" in prefix:
+        raise DestinationError(f"--prefix {prefix!r}: a prefix is the start of a file name: no '/', '..' or NUL")
