@@ -25,7 +25,7 @@ from mpickpt.mpi import SerialComm
 from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, save_strategy, split_stage_prefix
 from mpickpt.testing.strategies import Conversion, conversions
 from mpickpt.transform import TransformOptions
-from mpickpt.verify import Check, Problem, Verdict, deal, verify_outputs, verify_records
+from mpickpt.verify import Check, ContentJob, Problem, Verdict, deal, run, verify_outputs, verify_records
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "tiny_llama"
@@ -292,6 +292,9 @@ def test_redundancy_removed_sources(tmp_path_factory: pytest.TempPathFactory, se
     write_truth(root, case, root / "out")
     options = case_options(root, root / "out")
     assert verify(options).ok
+    converted = case_options(root, root / "converted")
+    convert(converted)
+    assert verify(converted).ok
     path = outputs(root / "out")[-1]
     name = next(iter(case.tensors))
     flip(path, name, 0)
@@ -299,15 +302,24 @@ def test_redundancy_removed_sources(tmp_path_factory: pytest.TempPathFactory, se
 
 
 def test_a_slice_no_source_file_holds_fails(tmp_path: Path) -> None:
+    """The checker's own coverage check (transform refuses such sources before verify gets this far)."""
     case = make_case(3, devices=(4, 2))
     write_case(case, tmp_path)
-    name = next(iter(case.tensors))
-    for path in sorted((tmp_path / "src").glob("rank_*/*.ckpt")):
-        path.chmod(0o600)
-        save_checkpoint(path, [t for t in contents(path) if t[0] != name], sync=False)
     write_truth(tmp_path, case, tmp_path / "out")
-    verdict = verify(case_options(tmp_path, tmp_path / "out"))
+    name = next(iter(case.tensors))
+    layouts = Layouts.from_strategy(case.src)
+    shape = case.tensors[name][1].shape
+    first = layouts.slice_box(name, shape, 0)
+    for rank in range(layouts.device_count):
+        if layouts.slice_box(name, shape, rank) == first:
+            path = tmp_path / "src" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt"
+            path.chmod(0o600)
+            save_checkpoint(path, [t for t in contents(path) if t[0] != name], sync=False)
+    files = {r: str(tmp_path / "src" / f"rank_{r}" / f"checkpoint_{r}.ckpt") for r in range(layouts.device_count)}
+    checks = tuple(Check(str(p), int(p.parent.name.split("_")[1]), 0) for p in outputs(tmp_path / "out"))
+    verdict = run(lambda: ContentJob(case.src, case.dst, None, files, checks), SerialComm())
     assert not verdict.ok and {p.param for p in verdict.problems} == {name}
+    assert all("no source file holds region" in p.text for p in verdict.problems)
 
 
 # --- pipeline sources -----------------------------------------------------------------------------------
