@@ -88,18 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="prove the outputs of a conversion right (parallel under mpirun)",
         description="With the sources and strategies of the conversion: re-derive every parameter slice of "
                     "every output from the sources and compare. With --dst-dir alone: compare every output "
-                    "with its completion record and manifest.json. Exit status 0 only when all match.")
+                    "with its completion record and manifest.json. Exit status: 0 when every output matches, "
+                    "1 when one does not, 2 when the check cannot run.")
     _add_job_flags(verify, need_src=False, need_dst=True)
     verify.set_defaults(run=_run_verify)
     return parser
 
 
 def _add_job_flags(parser: argparse.ArgumentParser, *, need_src: bool, need_dst: bool) -> None:
-    parser.add_argument("--src-dir", required=need_src, help="folder of rank_<r>/*.ckpt source checkpoints")
+    omit = "" if need_src else " (omit: compare the outputs with their completion records and manifest.json only)"
+    parser.add_argument("--src-dir", required=need_src, help=f"folder of rank_<r>/*.ckpt source checkpoints{omit}")
     parser.add_argument("--dst-dir", required=need_dst, help="output folder")
     parser.add_argument("--prefix", default="checkpoint_", help="output name prefix (default: checkpoint_)")
-    parser.add_argument("--src-strategy", help="source strategy file (.ckpt protobuf or .json)")
-    parser.add_argument("--dst-strategy", help="target strategy file (.ckpt protobuf or .json)")
+    parser.add_argument("--src-strategy", help="source strategy file, .ckpt protobuf or .json (omit, with no "
+                                               "--src-strategy-dir: one unsharded source)")
+    parser.add_argument("--dst-strategy", help="target strategy file, .ckpt protobuf or .json (omit, with no "
+                                               "--dst-strategy-dir: one full target)")
     parser.add_argument("--src-strategy-dir", help="folder of per-stage source strategy files to merge")
     parser.add_argument("--dst-strategy-dir", help="folder of per-stage target strategy files to merge")
     parser.add_argument("--output-format", default="ckpt", choices=["ckpt", "safetensors"],
