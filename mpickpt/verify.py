@@ -92,7 +92,8 @@ class Verdict:
         if len(self.problems) > limit:
             lines.append(f"mpickpt: verify: ... and {len(self.problems) - limit} more problems")
         bad = len({p.file for p in self.problems})
-        summary = f"mpickpt: verify: FAILED: {bad} of {what} do not match ({len(self.problems)} problems) {took}"
+        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+        summary = f"mpickpt: verify: FAILED: {bad} of {what} do not match ({count}) {took}"
         return [*lines, summary]
 
 
