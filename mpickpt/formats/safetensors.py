@@ -9,7 +9,8 @@ aligned) then by name, and lists them in the header in that order, ``__metadata_
 MindSpore's metadata: ``"format": "ms"``, ``"remove_redundancy": "True"|"False"`` when its save said
 so, ``"<name>": "Int4"`` for each qint4x2 tensor (stored as I8), and with ``crc_check`` a
 ``"crc_num"``: the zlib CRC-32 chained over the tensors in sorted name order, each contributing its
-UTF-8 name then its bytes. MindSpore writes no ``__metadata__`` at all for a file without tensors.
+UTF-8 name then ``bytes(array)`` (its bytes, except for a 0-d integer: see :func:`_crc_link`). MindSpore
+writes no ``__metadata__`` at all for a file without tensors, and cannot save BFloat16 with a CRC.
 
 The official package orders ``__metadata__`` keys as a Rust hash map does, randomly per process; this
 writer keeps MindSpore's insertion order (format, remove_redundancy, Int4 names, crc_num). Files are
@@ -89,17 +90,42 @@ def _zero_byte_powers() -> list[list[int]]:
 _POWERS: list[list[int]] = []
 
 
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)`` and ``len(b)``."""
+def _advance(crc: int, length: int) -> int:
+    """A raw CRC-32 register after ``length`` more zero bytes."""
     if not _POWERS:
         _POWERS.extend(_zero_byte_powers())
     k = 0
-    while len2:
-        if len2 & 1:
-            crc1 = _gf2_apply(_POWERS[k], crc1)
-        len2 >>= 1
+    while length:
+        if length & 1:
+            crc = _gf2_apply(_POWERS[k], crc)
+        length >>= 1
         k += 1
-    return crc1 ^ crc2
+    return crc
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)`` and ``len(b)``."""
+    return _advance(crc1, len2) ^ crc2
+
+
+_SIGNED = {"Int8": True, "UInt8": False, "Int16": True, "UInt16": False, "Int32": True, "UInt32": False,
+           "Int64": True, "UInt64": False, "Int4": True}
+
+
+def _crc_link(crc: int, name: str, dtype: str, dims: tuple[int, ...], data_crc: int, nbytes: int,
+              scalar: bytes) -> int:
+    """Chain one tensor into MindSpore's ``crc_num``: its UTF-8 name, then ``bytes(array)`` of it.
+
+    For a 0-d integer array (Int4 included: MindSpore sees int8) ``bytes(array)`` is ``value`` zero
+    bytes, not the stored ones (Python's ``bytes(n)``); MindSpore cannot take a negative value at all, so
+    its true bytes count then.
+    """
+    crc = zlib.crc32(name.encode("utf-8"), crc)
+    if not dims and dtype in _SIGNED:
+        value = int.from_bytes(scalar, "little", signed=_SIGNED[dtype])
+        if value >= 0:
+            return crc32_combine(crc, _advance(0xFFFFFFFF, value) ^ 0xFFFFFFFF, value)
+    return crc32_combine(crc, data_crc, nbytes)
 
 
 # -- reader -------------------------------------------------------------------------------------
@@ -252,10 +278,12 @@ class SafetensorsIndex(CheckpointIndex):
         """MindSpore's ``crc_num`` of the content: CRC-32 over sorted names, each name then its bytes."""
         crc = 0
         for name in sorted(self.entries):
-            crc = zlib.crc32(name.encode("utf-8"), crc)
+            entry = self.entries[name]
             (view,) = self.raw(name)
+            data_crc = 0
             for start in range(0, len(view), _COPY_CHUNK):
-                crc = zlib.crc32(view[start : start + _COPY_CHUNK], crc)
+                data_crc = zlib.crc32(view[start : start + _COPY_CHUNK], data_crc)
+            crc = _crc_link(crc, name, entry.dtype, entry.dims, data_crc, len(view), bytes(view[:8]))
             self.release(name)
         return crc
 
@@ -303,6 +331,7 @@ class _Slot:
     written: int = 0
     crc: int = 0
     started: bool = False
+    scalar: bytes = b""  # the content of a 0-d tensor (MindSpore's CRC reads integer ones as a count)
 
 
 def _header_json(slots: Sequence[_Slot], metadata: Mapping[str, str] | None) -> bytes:
@@ -499,6 +528,8 @@ class SafetensorsWriter:
         self._pwrite(view, self._room(slot, len(view)), slot.spec.name)
         if self._crc:
             slot.crc = zlib.crc32(view, slot.crc)
+            if not slot.spec.dims:
+                slot.scalar += bytes(view)
         slot.written += len(view)
 
     def _finish(self, slot: _Slot) -> None:
@@ -573,7 +604,8 @@ class SafetensorsWriter:
         crc = 0
         for name in sorted(self._slots):
             slot = self._slots[name]
-            crc = crc32_combine(zlib.crc32(name.encode("utf-8"), crc), slot.crc, slot.spec.nbytes)
+            spec = slot.spec
+            crc = _crc_link(crc, name, spec.dtype, spec.dims, slot.crc, spec.nbytes, slot.scalar)
         return crc
 
     def _put_crc_header(self) -> None:
