@@ -30,7 +30,12 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from mpickpt.errors import CheckpointFormatError, DestinationError, MpickptError, SourceMissingError
+from mpickpt.errors import (
+    CheckpointFormatError,
+    DestinationError,
+    MpickptError,
+    SourceMissingError,
+)
 from mpickpt.formats import TensorEntry, TensorSpec, open_index, open_writer, suffix_of
 
 __all__ = ["ckpt_to_safetensors", "convert_file", "convert_files", "output_folders", "plan_conversion",
@@ -164,11 +169,12 @@ def _checked(pairs: list[tuple[Path, Path]]) -> list[Pair]:
             raise DestinationError(f"{dst}: both {seen[key]} and {src} would be converted to this file")
         seen[key] = src
         try:
-            info = dst.stat()
+            existing = dst.stat()
         except OSError:
-            info = None
-        if info is not None and (info.st_dev, info.st_ino) in sources:
-            raise DestinationError(f"{dst}: refusing to replace source file {sources[(info.st_dev, info.st_ino)]}")
+            existing = None
+        if existing is not None and (existing.st_dev, existing.st_ino) in sources:
+            raise DestinationError(f"{dst}: refusing to replace source file "
+                                   f"{sources[(existing.st_dev, existing.st_ino)]}")
         out.append((src, dst, src.stat().st_size))
     return out
 

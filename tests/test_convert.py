@@ -13,9 +13,19 @@ import pytest
 from test_safetensors import header, requires_mindspore, run_mindspore
 
 from mpickpt.ckpt import index_checkpoint, save_checkpoint
-from mpickpt.convert import (ckpt_to_safetensors, convert_file, output_folders, plan_conversion,
-                             safetensors_to_ckpt)
-from mpickpt.errors import CheckpointFormatError, DestinationError, MpickptError, SourceMissingError
+from mpickpt.convert import (
+    ckpt_to_safetensors,
+    convert_file,
+    output_folders,
+    plan_conversion,
+    safetensors_to_ckpt,
+)
+from mpickpt.errors import (
+    CheckpointFormatError,
+    DestinationError,
+    MpickptError,
+    SourceMissingError,
+)
 from mpickpt.formats import open_index
 from mpickpt.formats.safetensors import index_safetensors
 

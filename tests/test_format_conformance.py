@@ -159,10 +159,9 @@ def test_abort_and_exception_leave_nothing(tmp_path: Path, fmt: str) -> None:
     writer.declare([TensorSpec("a", "Float32", (2,), 8)])
     writer.write_tensor("a", "Float32", (2,), np.zeros(2, np.float32))
     writer.abort()
-    with pytest.raises(RuntimeError, match="boom"):
-        with open_writer(path, fmt, sync=False) as writer:
-            writer.declare([TensorSpec("a", "Float32", (2,), 8)])
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), open_writer(path, fmt, sync=False) as writer:
+        writer.declare([TensorSpec("a", "Float32", (2,), 8)])
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -244,9 +243,8 @@ def test_damaged_files_raise_only_mpickpt_errors_naming_the_file(fast_dir: Path,
 
 def test_tensor_given_twice_is_refused(tmp_path: Path, fmt: str) -> None:
     path = tmp_path / f"x{suffix_of(fmt)}"
-    with pytest.raises(MpickptError, match="'a'") as err:
-        with open_writer(path, fmt, sync=False) as writer:
-            writer.declare([TensorSpec("a", "Float32", (2,), 8)])
-            for _ in range(2):
-                writer.write_tensor("a", "Float32", (2,), np.zeros(2, np.float32))
+    with pytest.raises(MpickptError, match="'a'") as err, open_writer(path, fmt, sync=False) as writer:
+        writer.declare([TensorSpec("a", "Float32", (2,), 8)])
+        for _ in range(2):
+            writer.write_tensor("a", "Float32", (2,), np.zeros(2, np.float32))
     assert str(path) in str(err.value) and not path.exists()

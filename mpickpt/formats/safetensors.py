@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from mpickpt.atomic import AtomicFile
 from mpickpt.ckpt_reader import CheckpointIndex, TensorEntry
@@ -169,7 +170,7 @@ def _metadata(header: dict[str, object]) -> dict[str, str]:
 
 
 def _is_int(value: object) -> bool:
-    return type(value) is int  # noqa: E721 - bool is not a dimension
+    return type(value) is int  # bool is not a dimension
 
 
 def _dims(shape: object, itemsize: int) -> tuple[int, ...]:
@@ -270,9 +271,6 @@ class SafetensorsIndex(CheckpointIndex):
                  crc: int | None) -> None:
         super().__init__(path, fd, size, entries, crc)
         self.metadata = metadata
-
-    def __enter__(self) -> SafetensorsIndex:
-        return self
 
     def computed_crc(self) -> int:
         """MindSpore's ``crc_num`` of the content: CRC-32 over sorted names, each name then its bytes."""
@@ -381,7 +379,7 @@ class SafetensorsWriter:
         self._data_start = 0
         self._file = AtomicFile(self.path, sync=sync, mode=0o400, forbidden_dirs=forbidden_dirs)
 
-    def __enter__(self) -> SafetensorsWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
