@@ -203,6 +203,8 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], to_fo
     in the kernel; ``dst`` appears atomically, read-only."""
     if to_format not in _SOURCE_FORMAT:
         raise MpickptError(f"cannot convert to {to_format!r}")
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise DestinationError(f"{dst}: refusing to replace source file {src}")
     with open_index(src, fmt=_SOURCE_FORMAT[to_format]) as index:
         renamed = _renamed(index.path, index.entries, name_map, sort=to_format == "ckpt")
         with open_writer(dst, to_format, sync=sync) as writer:

@@ -201,6 +201,8 @@ def test_output_never_replaces_a_source(tmp_path: Path) -> None:
     os.link(tmp_path / "a.ckpt", tmp_path / "a.safetensors")
     with pytest.raises(DestinationError, match="refusing to replace source file"):
         ckpt_to_safetensors(tmp_path / "a.ckpt")
+    with pytest.raises(DestinationError, match="refusing to replace source file"):
+        convert_file(tmp_path / "a.ckpt", tmp_path / "a.safetensors", "safetensors")
     assert index_checkpoint(tmp_path / "a.ckpt").entries
 
 
