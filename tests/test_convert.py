@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_safetensors import header, requires_mindspore, run_mindspore
 
-from mpickpt.ckpt import index_checkpoint, save_checkpoint
+from mpickpt.ckpt import CheckpointWriter, index_checkpoint, save_checkpoint
 from mpickpt.convert import (
     ckpt_to_safetensors,
     convert_file,
@@ -145,6 +145,16 @@ def test_content_survives_a_round_trip(tmp_path: Path) -> None:
     with index_safetensors(tmp_path / "st/rank_1/net_1.safetensors") as index:
         assert index.metadata == {"format": "ms", "q": "Int4"}
         assert (tmp_path / "st/rank_1/net_1.safetensors").stat().st_mode & 0o777 == 0o400
+
+
+def test_tensor_split_into_ckpt_pieces(tmp_path: Path) -> None:
+    data = np.arange(1000, dtype=np.float32)
+    with CheckpointWriter(tmp_path / "a.ckpt", sync=False, piece_size=1000) as writer:
+        writer.write_tensor("w", "Float32", data.shape, data)
+    assert len(index_checkpoint(tmp_path / "a.ckpt").entry("w").pieces) == 4
+    ckpt_to_safetensors(tmp_path / "a.ckpt")
+    with index_safetensors(tmp_path / "a.safetensors") as index:
+        assert index.array("w").tobytes() == data.tobytes()
 
 
 def test_plan_lists_sizes_and_folders(tmp_path: Path) -> None:
