@@ -306,6 +306,13 @@ def test_declare_refusals_name_file_and_parameter(tmp_path: Path, specs: list[Te
     assert list(tmp_path.iterdir()) == []
 
 
+def test_header_over_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mpickpt.formats.safetensors.MAX_HEADER_SIZE", 100)
+    with pytest.raises(CheckpointFormatError, match="over the 100-byte limit"), \
+            SafetensorsWriter(tmp_path / "x.safetensors", sync=False) as writer:
+        writer.declare([TensorSpec(f"t{i}", "Int8", (0,), 0) for i in range(5)])
+
+
 def attempt(path: Path, action: str) -> None:
     with SafetensorsWriter(path, sync=False) as writer:
         if action == "write before declare":

@@ -407,6 +407,9 @@ class SafetensorsWriter:
             offset += spec.nbytes
         self._slots = slots
         header = self._header(_CRC_PLACEHOLDER)
+        if len(header) > MAX_HEADER_SIZE:
+            raise CheckpointFormatError(f"{self.path}: the header of {len(slots)} tensors would take {len(header)} "
+                                        f"bytes, over the {MAX_HEADER_SIZE}-byte limit of safetensors readers")
         self._data_start = 8 + len(header)
         if not self._crc:
             self._put_header(header)
