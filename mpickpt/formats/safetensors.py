@@ -1,0 +1,638 @@
+"""safetensors files as MindSpore 2.10 reads and writes them: a header-only indexer with zero-copy views,
+and a streaming writer whose output is byte-identical to ``safetensors.numpy.save_file``.
+
+Layout: an 8-byte little-endian header length ``n``, ``n`` bytes of JSON (padded with spaces to a
+multiple of 8), then the tensor data, every byte of it belonging to exactly one tensor. The official
+package lays tensors out by dtype (its enum order, descending: widest first, so every tensor is
+aligned) then by name, and lists them in the header in that order, ``__metadata__`` first.
+
+MindSpore's metadata: ``"format": "ms"``, ``"remove_redundancy": "True"|"False"`` when its save said
+so, ``"<name>": "Int4"`` for each qint4x2 tensor (stored as I8), and with ``crc_check`` a
+``"crc_num"``: the zlib CRC-32 chained over the tensors in sorted name order, each contributing its
+UTF-8 name then ``bytes(array)`` (its bytes, except for a 0-d integer: see :func:`_crc_link`). MindSpore
+writes no ``__metadata__`` at all for a file without tensors, and cannot save BFloat16 with a CRC.
+
+The official package orders ``__metadata__`` keys as a Rust hash map does, randomly per process; this
+writer keeps MindSpore's insertion order (format, remove_redundancy, Int4 names, crc_num). Files are
+therefore byte-identical to the official ones whenever the metadata holds one key, and otherwise equal
+up to that key order (same size, same offsets, same data).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import operator
+import os
+import stat
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from mpickpt.atomic import AtomicFile
+from mpickpt.ckpt_reader import CheckpointIndex, TensorEntry
+from mpickpt.dtypes import dtype_itemsize
+from mpickpt.errors import CheckpointFormatError, DestinationError, SourceMissingError
+from mpickpt.formats.base import TensorSpec
+
+__all__ = ["MAX_HEADER_SIZE", "SafetensorsIndex", "SafetensorsWriter", "crc32_combine", "index_safetensors"]
+
+MAX_HEADER_SIZE = 100_000_000
+"""Largest JSON header accepted (the official package's and MindSpore's limit)."""
+
+_TO_MINDSPORE = {
+    "BOOL": "Bool", "U8": "UInt8", "I8": "Int8", "I16": "Int16", "U16": "UInt16", "I32": "Int32",
+    "U32": "UInt32", "I64": "Int64", "U64": "UInt64", "F16": "Float16", "BF16": "BFloat16",
+    "F32": "Float32", "F64": "Float64",
+}
+_TO_SAFETENSORS = {ms: st for st, ms in _TO_MINDSPORE.items()} | {"Int4": "I8"}
+# The official package's data order: its Dtype enum, descending (widest first).
+_LAYOUT_RANK = {st: rank for rank, st in enumerate(
+    ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8", "BOOL"))}
+_INT4 = "Int4"
+_CRC_KEY = "crc_num"
+_CRC_PLACEHOLDER = "0" * 10  # widest decimal CRC-32; the real one may be shorter
+_MAX_DIMS = 64
+_MAX_BYTES = (1 << 63) - 1
+_COPY_CHUNK = 8 << 20
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+# -- CRC-32 of concatenations -----------------------------------------------------------------
+
+
+def _gf2_apply(matrix: Sequence[int], vector: int) -> int:
+    out = i = 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
+
+
+def _zero_byte_powers() -> list[list[int]]:
+    """Operators advancing a raw CRC-32 register over 2**k zero bytes, k = 0..63."""
+    one_bit = [0xEDB88320] + [1 << (i - 1) for i in range(1, 32)]
+    op = one_bit
+    for _ in range(3):  # 8 bits
+        op = [_gf2_apply(op, col) for col in op]
+    powers = [op]
+    for _ in range(63):
+        op = [_gf2_apply(op, col) for col in op]
+        powers.append(op)
+    return powers
+
+
+_POWERS: list[list[int]] = []
+
+
+def _advance(crc: int, length: int) -> int:
+    """A raw CRC-32 register after ``length`` more zero bytes."""
+    if not _POWERS:
+        _POWERS.extend(_zero_byte_powers())
+    k = 0
+    while length:
+        if length & 1:
+            crc = _gf2_apply(_POWERS[k], crc)
+        length >>= 1
+        k += 1
+    return crc
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)`` and ``len(b)``."""
+    return _advance(crc1, len2) ^ crc2
+
+
+_SIGNED = {"Int8": True, "UInt8": False, "Int16": True, "UInt16": False, "Int32": True, "UInt32": False,
+           "Int64": True, "UInt64": False, "Int4": True}
+
+
+def _crc_link(crc: int, name: str, dtype: str, dims: tuple[int, ...], data_crc: int, nbytes: int,
+              scalar: bytes) -> int:
+    """Chain one tensor into MindSpore's ``crc_num``: its UTF-8 name, then ``bytes(array)`` of it.
+
+    For a 0-d integer array (Int4 included: MindSpore sees int8) ``bytes(array)`` is ``value`` zero
+    bytes, not the stored ones (Python's ``bytes(n)``); MindSpore cannot take a negative value at all, so
+    its true bytes count then.
+    """
+    crc = zlib.crc32(name.encode("utf-8"), crc)
+    if not dims and dtype in _SIGNED:
+        value = int.from_bytes(scalar, "little", signed=_SIGNED[dtype])
+        if value >= 0:
+            return crc32_combine(crc, _advance(0xFFFFFFFF, value) ^ 0xFFFFFFFF, value)
+    return crc32_combine(crc, data_crc, nbytes)
+
+
+# -- reader -------------------------------------------------------------------------------------
+
+
+class _Malformed(Exception):
+    """Internal: the header is invalid (the message names the tensor where known)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Malformed(f"key {key!r} appears twice in one JSON object of the header")
+        out[key] = value
+    return out
+
+
+def _load_json(raw: bytes) -> dict[str, object]:
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError:
+        raise _Malformed("header is not UTF-8") from None
+    except (ValueError, RecursionError) as err:
+        raise _Malformed(f"header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise _Malformed("header is not a JSON object")
+    return header
+
+
+def _metadata(header: dict[str, object]) -> dict[str, str]:
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise _Malformed("__metadata__ is not a JSON object")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise _Malformed(f"__metadata__ value of {key!r} is not a string")
+    return metadata
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int  # bool is not a dimension
+
+
+def _dims(shape: object, itemsize: int) -> tuple[int, ...]:
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
+        raise _Malformed(f"shape is not a list of at most {_MAX_DIMS} dimensions")
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        raise _Malformed(f"shape {shape} is not a list of non-negative integers")
+    if math.prod(max(d, 1) for d in shape) * itemsize > _MAX_BYTES:
+        raise _Malformed(f"shape {shape} is too large")
+    return tuple(shape)
+
+
+def _tensor(name: str, info: object, metadata: dict[str, str], data_start: int) -> TensorEntry:
+    """One header entry as a TensorEntry with absolute offsets (checked for itself only)."""
+    if not isinstance(info, dict):
+        raise _Malformed("entry is not a JSON object")
+    st_dtype = info.get("dtype")
+    if st_dtype not in _TO_MINDSPORE:
+        raise _Malformed(f"unknown or unsupported dtype {st_dtype!r}")
+    dtype = _TO_MINDSPORE[st_dtype]  # type: ignore[index]
+    if metadata.get(name) == _INT4:
+        if st_dtype != "I8":
+            raise _Malformed(f"marked Int4 in __metadata__ but stored as {st_dtype}, not I8")
+        dtype = _INT4
+    dims = _dims(info.get("shape"), dtype_itemsize(dtype))
+    offsets = info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise _Malformed(f"data_offsets {offsets!r} are not two integers 0 <= begin <= end")
+    begin, end = offsets
+    expected = math.prod(dims) * dtype_itemsize(dtype)
+    if end - begin != expected:
+        raise _Malformed(f"holds {end - begin} bytes, but {st_dtype} {list(dims)} needs {expected}")
+    return TensorEntry(name, dtype, dims, ((data_start + begin, end - begin),))
+
+
+def _in_data_order(entries: list[TensorEntry], data_start: int, size: int) -> dict[str, TensorEntry]:
+    """Entries sorted by offset, checked to tile the data exactly (no gap, no overlap, nothing after)."""
+    ordered = sorted(entries, key=lambda e: (e.pieces[0][0], e.pieces[0][1]))
+    pos, previous = data_start, None
+    for entry in ordered:
+        begin, length = entry.pieces[0]
+        where = f"tensor {entry.name!r}"
+        if begin + length > size:
+            raise _Malformed(f"{where}: data [{begin - data_start}, {begin + length - data_start}) runs past "
+                             f"the end of the file ({size - data_start} data bytes)")
+        if begin < pos:
+            raise _Malformed(f"{where} overlaps tensor {previous!r}")
+        if begin > pos:
+            raise _Malformed(f"{where}: {begin - pos} bytes before it belong to no tensor")
+        pos, previous = begin + length, entry.name
+    if pos != size:
+        raise _Malformed(f"{size - pos} bytes after the last tensor belong to no tensor")
+    return {entry.name: entry for entry in ordered}
+
+
+def _parse_header(raw: bytes, data_start: int, size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    header = _load_json(raw)
+    metadata = _metadata(header)
+    found = []
+    for name, info in header.items():
+        try:
+            found.append(_tensor(name, info, metadata, data_start))
+        except _Malformed as err:
+            raise _Malformed(f"tensor {name!r}: {err}") from None
+    return _in_data_order(found, data_start, size), metadata
+
+
+def _stored_crc(metadata: dict[str, str]) -> int | None:
+    text = metadata.get(_CRC_KEY)
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit() and len(text) <= 10 and int(text) < 1 << 32):
+        raise _Malformed(f"__metadata__ crc_num {text!r} is not a decimal CRC-32")
+    return int(text)
+
+
+def _read_header(fd: int, size: int) -> tuple[bytes, int]:
+    """The JSON header bytes and the absolute offset where the data begins."""
+    if size < 8:
+        raise _Malformed(f"file of {size} bytes is too short for a safetensors header")
+    length = int.from_bytes(os.pread(fd, 8, 0), "little")
+    if length > MAX_HEADER_SIZE:
+        raise _Malformed(f"header length {length} exceeds the {MAX_HEADER_SIZE}-byte limit")
+    if 8 + length > size:
+        raise _Malformed(f"header length {length} runs past the end of the file ({size} bytes)")
+    raw = os.pread(fd, length, 8)
+    if len(raw) != length:
+        raise _Malformed("file shrank while its header was being read")
+    return raw, 8 + length
+
+
+class SafetensorsIndex(CheckpointIndex):
+    """An indexed safetensors file: the same API as :class:`~mpickpt.ckpt_reader.CheckpointIndex`
+    (entries in data order, zero-copy views, ``fileno`` for kernel copies), plus its ``__metadata__``."""
+
+    def __init__(self, path: Path, fd: int, size: int, entries: dict[str, TensorEntry], metadata: dict[str, str],
+                 crc: int | None) -> None:
+        super().__init__(path, fd, size, entries, crc)
+        self.metadata = metadata
+
+    def computed_crc(self) -> int:
+        """MindSpore's ``crc_num`` of the content: CRC-32 over sorted names, each name then its bytes."""
+        crc = 0
+        for name in sorted(self.entries):
+            entry = self.entries[name]
+            (view,) = self.raw(name)
+            data_crc = 0
+            for start in range(0, len(view), _COPY_CHUNK):
+                data_crc = zlib.crc32(view[start : start + _COPY_CHUNK], data_crc)
+            crc = _crc_link(crc, name, entry.dtype, entry.dims, data_crc, len(view), bytes(view[:8]))
+            self.release(name)
+        return crc
+
+
+def index_safetensors(path: str | os.PathLike[str], verify_crc: bool = False) -> SafetensorsIndex:
+    """Index a safetensors file reading only its header; ``verify_crc`` checks MindSpore's ``crc_num``
+    when the metadata holds one (the whole file is read once)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SourceMissingError(f"{path}: safetensors file does not exist") from None
+    except OSError as err:
+        raise CheckpointFormatError(f"{path}: cannot open safetensors file: {err.strerror or err}") from err
+    try:
+        info = os.fstat(fd)
+        size = info.st_size
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointFormatError(f"{path}: cannot open safetensors file: not a regular file")
+        try:
+            raw, data_start = _read_header(fd, size)
+            entries, metadata = _parse_header(raw, data_start, size)
+            crc = _stored_crc(metadata)
+        except _Malformed as err:
+            raise CheckpointFormatError(f"{path}: {err}") from None
+        index = SafetensorsIndex(path, fd, size, entries, metadata, crc)
+    except BaseException:
+        os.close(fd)
+        raise
+    if verify_crc and crc is not None and index.computed_crc() != crc:
+        index.close()
+        raise CheckpointFormatError(f"{path}: CRC check failed (crc_num {crc}); the file is damaged")
+    return index
+
+
+# -- writer -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    """A declared tensor: where its data goes and how much of it has arrived."""
+
+    spec: TensorSpec
+    offset: int  # relative to the start of the data
+    written: int = 0
+    crc: int = 0
+    started: bool = False
+    scalar: bytes = b""  # the content of a 0-d tensor (MindSpore's CRC reads integer ones as a count)
+
+
+def _header_json(slots: Sequence[_Slot], metadata: Mapping[str, str] | None) -> bytes:
+    """The JSON header padded with spaces to a multiple of 8 bytes, as the official package writes it."""
+    header: dict[str, object] = {} if metadata is None else {"__metadata__": dict(metadata)}
+    for slot in slots:
+        spec = slot.spec
+        header[spec.name] = {"dtype": _TO_SAFETENSORS[spec.dtype], "shape": list(spec.dims),
+                             "data_offsets": [slot.offset, slot.offset + spec.nbytes]}
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return text + b" " * (-len(text) % 8)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
+def _byte_view(data: object) -> memoryview:
+    view = memoryview(data)  # type: ignore[arg-type]
+    if not view.c_contiguous:
+        raise ValueError("not C-contiguous")
+    if view.nbytes == 0:
+        return memoryview(b"")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+class SafetensorsWriter:
+    """Streams declared tensors into a safetensors file at ``path``, committed atomically (mode 0400).
+
+    :meth:`declare` fixes the layout and the header; each tensor is then given once, in any order,
+    and lands at its offset (``pwrite``, or ``copy_file_range`` from a source file). ``metadata`` is the
+    base ``__metadata__`` (default MindSpore's ``{"format": "ms"}``; pass ``remove_redundancy`` here);
+    Int4 markers and, with ``crc``, ``crc_num`` are added. With ``crc`` the header is written at commit:
+    its length depends on the CRC's decimal width, so the data goes after room for the widest and is
+    moved down in place in the rare case the real header is shorter.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, crc: bool = False, sync: bool = True,
+                 forbidden_dirs: Iterable[str | os.PathLike[str]] = (),
+                 metadata: Mapping[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self._crc = crc
+        self._base_metadata = dict(metadata) if metadata is not None else {"format": "ms"}
+        self._slots: dict[str, _Slot] | None = None
+        self._data_start = 0
+        self._file = AtomicFile(self.path, sync=sync, mode=0o400, forbidden_dirs=forbidden_dirs)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    # -- declaring ----------------------------------------------------------------------------
+
+    def declare(self, tensors: Sequence[TensorSpec]) -> None:
+        """Fix the file's tensors (any order; laid out as the official package does) and its header."""
+        if self._slots is not None:
+            raise CheckpointFormatError(f"{self.path}: tensors were already declared")
+        specs = [self._checked_spec(spec) for spec in tensors]
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise CheckpointFormatError(f"{self.path}: tensor {twice[0]!r} is declared twice")
+        specs.sort(key=lambda s: (_LAYOUT_RANK[_TO_SAFETENSORS[s.dtype]], s.name))
+        offset, slots = 0, {}
+        for spec in specs:
+            slots[spec.name] = _Slot(spec, offset)
+            offset += spec.nbytes
+        self._slots = slots
+        header = self._header(_CRC_PLACEHOLDER)
+        if len(header) > MAX_HEADER_SIZE:
+            raise CheckpointFormatError(f"{self.path}: the header of {len(slots)} tensors would take {len(header)} "
+                                        f"bytes, over the {MAX_HEADER_SIZE}-byte limit of safetensors readers")
+        self._data_start = 8 + len(header)
+        if not self._crc:
+            self._put_header(header)
+
+    def _checked_spec(self, spec: TensorSpec) -> TensorSpec:
+        name = spec.name
+        if spec.kind != "tensor":
+            raise CheckpointFormatError(f"{self.path}: parameter {name!r} is a {spec.kind}; safetensors cannot "
+                                        f"hold it")
+        if spec.dtype == "str":
+            raise CheckpointFormatError(f"{self.path}: parameter {name!r} is a str value; safetensors cannot "
+                                        f"hold it")
+        if spec.dtype not in _TO_SAFETENSORS:
+            raise CheckpointFormatError(f"{self.path}: parameter {name!r} has unknown dtype {spec.dtype!r}")
+        if name == "__metadata__" or (spec.dtype == _INT4 and (name in self._base_metadata or name == _CRC_KEY)):
+            raise CheckpointFormatError(f"{self.path}: parameter name {name!r} clashes with a metadata key")
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointFormatError(f"{self.path}: parameter name {name!r} is not valid UTF-8") from None
+        dims = tuple(operator.index(d) for d in spec.dims)
+        if len(dims) > _MAX_DIMS or any(d < 0 for d in dims) or spec.nbytes != math.prod(dims) * dtype_itemsize(
+                spec.dtype):
+            raise CheckpointFormatError(f"{self.path}: parameter {name!r} ({spec.dtype} {list(dims)}) cannot hold "
+                                        f"{spec.nbytes} bytes")
+        return TensorSpec(name, spec.dtype, dims, spec.nbytes, spec.kind)
+
+    def _header(self, crc_text: str) -> bytes:
+        assert self._slots is not None
+        slots = list(self._slots.values())
+        if not slots:
+            return _header_json(slots, None)  # MindSpore saves an empty dict without metadata
+        metadata = dict(self._base_metadata)
+        metadata.update((s.spec.name, _INT4) for s in sorted(slots, key=lambda s: s.spec.name)
+                        if s.spec.dtype == _INT4)
+        if self._crc:
+            metadata[_CRC_KEY] = crc_text
+        return _header_json(slots, metadata)
+
+    def _put_header(self, header: bytes) -> None:
+        self._pwrite(memoryview(len(header).to_bytes(8, "little") + header), 0, None)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def write_tensor(self, name: str, dtype: str, dims: Sequence[int], data: object) -> None:
+        """Write a declared tensor whose content is the buffer ``data``."""
+        view = self._view(name, data)
+        slot = self._start(name, dtype, dims, len(view))
+        self._append(slot, view)
+        self._finish(slot)
+
+    def write_tensor_chunks(self, name: str, dtype: str, dims: Sequence[int], nbytes: int,
+                            chunks: Iterable[object]) -> None:
+        """Write a declared tensor from buffers that concatenate to exactly ``nbytes`` bytes."""
+        slot = self._start(name, dtype, dims, nbytes)
+        for chunk in chunks:
+            self._append(slot, self._view(name, chunk))
+        self._finish(slot)
+
+    def _view(self, name: str, data: object) -> memoryview:
+        try:
+            return _byte_view(data)
+        except (TypeError, ValueError) as err:
+            raise CheckpointFormatError(f"{self.path}: data of parameter {name!r} is not a contiguous buffer: "
+                                        f"{err}") from None
+
+    def copy_tensor_from(self, name: str, dtype: str, dims: Sequence[int], src_fd: int, src_offset: int,
+                         nbytes: int) -> None:
+        """Write a declared tensor whose content is ``nbytes`` at ``src_offset`` of file ``src_fd``."""
+        self.copy_tensor_segments(name, dtype, dims, [(src_fd, src_offset, nbytes)])
+
+    def copy_tensor_ranges(self, name: str, dtype: str, dims: Sequence[int], src_fd: int,
+                           ranges: Sequence[tuple[int, int]]) -> None:
+        """Write a declared tensor from (offset, length) ranges of one file, concatenated."""
+        self.copy_tensor_segments(name, dtype, dims, [(src_fd, offset, length) for offset, length in ranges])
+
+    def copy_tensor_segments(self, name: str, dtype: str, dims: Sequence[int],
+                             segments: Sequence[tuple[int, int, int]]) -> None:
+        """Write a declared tensor from (fd, offset, length) ranges of files, concatenated; copied in the
+        kernel, or through a buffer when a CRC must see the bytes."""
+        slot = self._start(name, dtype, dims, sum(length for _, _, length in segments))
+        for fd, offset, length in segments:
+            if self._crc:
+                self._copy_through_buffer(slot, fd, offset, length)
+            else:
+                self._copy_in_kernel(slot, fd, offset, length)
+        self._finish(slot)
+
+    def write_maptensor(self, name: str, payloads: Sequence[object]) -> None:
+        """Refused: safetensors has no MapTensor."""
+        raise CheckpointFormatError(f"{self.path}: parameter {name!r} is a MapTensor; safetensors cannot hold it")
+
+    def _start(self, name: str, dtype: str, dims: Sequence[int], nbytes: int) -> _Slot:
+        if self._slots is None:
+            raise CheckpointFormatError(f"{self.path}: declare() must come before parameter {name!r} is written")
+        slot = self._slots.get(name)
+        if slot is None:
+            raise CheckpointFormatError(f"{self.path}: parameter {name!r} was not declared")
+        spec = slot.spec
+        if slot.started:
+            raise CheckpointFormatError(f"{self.path}: parameter {name!r} written twice")
+        if (dtype, tuple(dims), nbytes) != (spec.dtype, spec.dims, spec.nbytes):
+            raise CheckpointFormatError(
+                f"{self.path}: parameter {name!r} is given as {dtype} {list(dims)} ({nbytes} bytes) but was "
+                f"declared {spec.dtype} {list(spec.dims)} ({spec.nbytes} bytes)")
+        slot.started = True
+        return slot
+
+    def _room(self, slot: _Slot, length: int) -> int:
+        """File offset of the next ``length`` bytes of the slot (refusing more than declared)."""
+        if slot.written + length > slot.spec.nbytes:
+            raise CheckpointFormatError(f"{self.path}: parameter {slot.spec.name!r} got more than "
+                                        f"{slot.spec.nbytes} bytes")
+        return self._data_start + slot.offset + slot.written
+
+    def _append(self, slot: _Slot, view: memoryview) -> None:
+        self._pwrite(view, self._room(slot, len(view)), slot.spec.name)
+        if self._crc:
+            slot.crc = zlib.crc32(view, slot.crc)
+            if not slot.spec.dims:
+                slot.scalar += bytes(view)
+        slot.written += len(view)
+
+    def _finish(self, slot: _Slot) -> None:
+        if slot.written != slot.spec.nbytes:
+            raise CheckpointFormatError(f"{self.path}: parameter {slot.spec.name!r} got {slot.written} bytes "
+                                        f"of {slot.spec.nbytes}")
+
+    def _copy_through_buffer(self, slot: _Slot, fd: int, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            data = os.pread(fd, min(_COPY_CHUNK, end - offset), offset)
+            if not data:
+                raise CheckpointFormatError(f"{self.path}: source of parameter {slot.spec.name!r} ends early")
+            self._append(slot, memoryview(data))
+            offset += len(data)
+
+    def _copy_in_kernel(self, slot: _Slot, fd: int, offset: int, length: int) -> None:
+        dst = self._room(slot, length)
+        end, use_kernel = offset + length, hasattr(os, "copy_file_range")
+        try:
+            while offset < end:
+                if use_kernel:
+                    try:
+                        got = os.copy_file_range(fd, self._file.fd, end - offset, offset, dst)
+                    except OSError as err:
+                        if err.errno not in _NO_COPY_FILE_RANGE:
+                            raise
+                        use_kernel = False
+                        continue
+                else:
+                    data = os.pread(fd, min(_COPY_CHUNK, end - offset), offset)
+                    got = len(data)
+                    _pwrite_all(self._file.fd, memoryview(data), dst)
+                if got == 0:
+                    raise CheckpointFormatError(f"{self.path}: source of parameter {slot.spec.name!r} ends early")
+                offset, dst, slot.written = offset + got, dst + got, slot.written + got
+        except OSError as err:
+            raise DestinationError(f"{self.path}: cannot write parameter {slot.spec.name!r}: "
+                                   f"{err.strerror or err}") from err
+
+    def _pwrite(self, view: memoryview, offset: int, name: str | None) -> None:
+        try:
+            _pwrite_all(self._file.fd, view, offset)
+        except OSError as err:
+            what = f"parameter {name!r}" if name is not None else "the header"
+            raise DestinationError(f"{self.path}: cannot write {what}: {err.strerror or err}") from err
+
+    # -- finishing ----------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Check every declared tensor arrived, write the CRC header if any, and commit atomically."""
+        try:
+            if self._slots is None:
+                raise CheckpointFormatError(f"{self.path}: nothing was declared")
+            missing = [s.spec.name for s in self._slots.values() if s.written != s.spec.nbytes or not s.started]
+            if missing:
+                raise CheckpointFormatError(f"{self.path}: declared parameter {missing[0]!r} was not (fully) "
+                                            f"written ({len(missing)} incomplete)")
+            if self._crc:
+                self._put_crc_header()
+        except BaseException:
+            self.abort()
+            raise
+        self._file.commit()
+
+    def abort(self) -> None:
+        """Drop the temporary file; the target is left as it was."""
+        self._file.abort()
+
+    def _content_crc(self) -> int:
+        assert self._slots is not None
+        crc = 0
+        for name in sorted(self._slots):
+            slot = self._slots[name]
+            spec = slot.spec
+            crc = _crc_link(crc, name, spec.dtype, spec.dims, slot.crc, spec.nbytes, slot.scalar)
+        return crc
+
+    def _put_crc_header(self) -> None:
+        header = self._header(str(self._content_crc()))
+        shift = self._data_start - (8 + len(header))
+        if shift:
+            self._move_data_down(shift)
+        self._put_header(header)
+
+    def _move_data_down(self, shift: int) -> None:
+        """Move the data ``shift`` bytes toward the start (the real header is shorter than reserved)."""
+        assert self._slots is not None
+        src = self._data_start
+        end = src + sum(s.spec.nbytes for s in self._slots.values())
+        try:
+            reader = os.open(self._file.tmp, os.O_RDONLY | os.O_CLOEXEC)  # the temporary is write-only
+            try:
+                while src < end:
+                    data = os.pread(reader, min(_COPY_CHUNK, end - src), src)
+                    if not data:
+                        raise CheckpointFormatError(f"{self.path}: temporary file shrank while being written")
+                    _pwrite_all(self._file.fd, memoryview(data), src - shift)
+                    src += len(data)
+            finally:
+                os.close(reader)
+            os.ftruncate(self._file.fd, end - shift)
+        except OSError as err:
+            raise DestinationError(f"{self.path}: cannot finish the file: {err.strerror or err}") from err
+        self._data_start -= shift
