@@ -80,6 +80,8 @@ def _byte_view(path: Path, name: str, data: object) -> memoryview:
     view = memoryview(data)  # type: ignore[arg-type]
     if not view.c_contiguous:
         raise CheckpointFormatError(f"{path}: data of parameter {name!r} is not C-contiguous")
+    if view.nbytes == 0:
+        return memoryview(b"")  # an empty array of several dims cannot be cast
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
