@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .convert import ckpt_to_safetensors, safetensors_to_ckpt
 from .dtypes import numpy_dtype
 from .errors import SourceMissingError
 from .formats import open_index
@@ -18,9 +19,11 @@ from .strategy import merge_pipeline_strategys as _merge_pipeline_strategys
 from .transform import OutputTask, TransformJob, TransformOptions
 
 __all__ = [
+    "ckpt_to_safetensors",
     "load_segmented_checkpoints",
     "merge_pipeline_strategys",
     "rank_list_for_transform",
+    "safetensors_to_ckpt",
     "transform_checkpoint_by_rank",
     "transform_checkpoints",
 ]

@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     transform.add_argument("--no-sync", action="store_true", help="do not fsync outputs (scratch filesystems)")
     transform.add_argument("--overwrite", action="store_true", help="redo outputs that a previous run completed")
     transform.add_argument("--quiet", action="store_true", help="no progress or summary")
+    transform.add_argument("--src-format", choices=["ckpt", "safetensors"],
+                           help="which source files to read when rank folders hold both formats")
+    transform.add_argument("--verify-crc", action="store_true",
+                           help="check the stored checksum of every source file read (.ckpt trailer, "
+                                "safetensors crc_num); a file without one is named in a warning")
+    transform.add_argument("--crc", action="store_true",
+                           help="write checksums into the outputs (MindSpore's crc_check format)")
     transform.set_defaults(run=_run_transform)
 
     plan = commands.add_parser("plan", help="dry run: what each target rank reads and writes")
@@ -83,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--verify-crc", action="store_true", help="check a checkpoint's CRC trailer")
     inspect.set_defaults(run=_run_inspect)
+
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint file or rank_*/ folder tree between .ckpt and safetensors "
+                        "(files dealt to processes by size under mpirun)",
+        description="Convert as MindSpore's ckpt_to_safetensors / safetensors_to_ckpt do: a file, or every "
+                    "rank*/ folder of a folder; outputs keep the folder layout under DST.")
+    convert.add_argument("src", help="a .ckpt or .safetensors file, or a folder of rank*/ folders")
+    convert.add_argument("dst", help="output folder")
+    convert.add_argument("--to", required=True, choices=["safetensors", "ckpt"], help="the output format")
+    convert.add_argument("--file-name-regex", help="convert only files whose name matches (MindSpore's "
+                                                   "file_name_regex)")
+    convert.add_argument("--no-sync", action="store_true", help="do not fsync outputs (scratch filesystems)")
+    convert.set_defaults(run=_run_convert)
 
     verify = commands.add_parser(
         "verify", help="prove the outputs of a conversion right (parallel under mpirun)",
@@ -122,6 +142,9 @@ def _options(args: argparse.Namespace) -> TransformOptions:
         src_strategy_dir=args.src_strategy_dir,
         dst_strategy_dir=args.dst_strategy_dir,
         output_format=args.output_format,
+        src_format=getattr(args, "src_format", None),
+        verify_crc=getattr(args, "verify_crc", False),
+        crc=getattr(args, "crc", False),
     )
 
 
@@ -130,6 +153,19 @@ def _run_transform(args: argparse.Namespace) -> int:
     from .mpi import world
 
     run_transform(_options(args), world(), sync=not args.no_sync, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert import run_convert
+    from .mpi import world
+
+    comm = world()
+    pairs = run_convert(args.src, args.dst, args.to, comm, file_name_regex=args.file_name_regex,
+                        sync=not args.no_sync)
+    if comm.rank == 0:
+        print(f"mpickpt: converted {len(pairs)} file(s), {sum(p[2] for p in pairs):,} bytes, to {args.to} "
+              f"by {comm.size} process(es)", file=sys.stderr)
     return 0
 
 

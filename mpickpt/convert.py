@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mpickpt.errors import (
     CheckpointFormatError,
@@ -36,10 +38,14 @@ from mpickpt.errors import (
     MpickptError,
     SourceMissingError,
 )
+if TYPE_CHECKING:
+    from mpickpt.mpi import Comm
+
+from mpickpt.collective import broadcast_prepared, deal_by_size, fail
 from mpickpt.formats import TensorEntry, TensorSpec, open_index, open_writer, suffix_of
 
 __all__ = ["ckpt_to_safetensors", "convert_file", "convert_files", "output_folders", "plan_conversion",
-           "safetensors_to_ckpt"]
+           "run_convert", "safetensors_to_ckpt"]
 
 _SOURCE_FORMAT = {"safetensors": "ckpt", "ckpt": "safetensors"}
 _FUNCTION = {"safetensors": "ckpt_to_safetensors", "ckpt": "safetensors_to_ckpt"}
@@ -231,3 +237,31 @@ def _renamed(path: Path, entries: Mapping[str, TensorEntry], name_map: Mapping[s
         owner[new] = name
         out.append((new, entries[name]))
     return out
+
+
+def run_convert(file_path: str | os.PathLike[str], save_path: str | os.PathLike[str] | None, to_format: str,
+                comm: Comm, *, file_name_regex: str | None = None, sync: bool = True) -> list[Pair]:
+    """Called on every process (`mpickpt convert`): rank 0 plans and makes the output folders, the files
+    are dealt to processes by size, each converts its share; returns every pair converted, on every rank."""
+
+    def prepare() -> list[Pair]:
+        pairs = plan_conversion(file_path, save_path, to_format, file_name_regex)
+        for folder in output_folders(file_path, save_path):
+            _make_folder(folder)
+        return pairs
+
+    pairs = broadcast_prepared(prepare, comm)
+    current: Pair | None = None
+    try:
+        for current in deal_by_size(pairs, lambda pair: pair[2], comm.size)[comm.rank]:
+            convert_file(current[0], current[1], to_format, sync=sync)
+        comm.send(None, 0)
+        if comm.rank == 0:
+            done = 0
+            while done < comm.size:  # every process has finished its share
+                done += len(comm.poll())
+                time.sleep(0.02)
+    except BaseException as exc:
+        fail(comm, exc, f"process {comm.rank}" + (f" ({current[0]})" if current else ""))
+    comm.flush()
+    return comm.bcast(pairs if comm.rank == 0 else None, root=0)

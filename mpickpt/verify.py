@@ -19,17 +19,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, Self, cast
+from typing import Self, cast
 
 import numpy as np
 
+from .collective import broadcast_prepared, deal_by_size, fail
 from .dtypes import dtype_itemsize
 from .errors import MpickptError
 from .formats import SourceIndex, TensorEntry, open_index
@@ -137,7 +137,7 @@ def verify_records(dst_dir: str, comm: Comm) -> Verdict:
 def run(prepare: Callable[[], Job], comm: Comm) -> Verdict:
     """Rank 0 prepares the job; every process checks its share; rank 0 gathers; all return the verdict."""
     started = time.monotonic()
-    job = _broadcast_job(prepare, comm)
+    job = broadcast_prepared(prepare, comm)
     try:
         params, problems = 0, []
         with _checker(job) as checker:
@@ -148,26 +148,9 @@ def run(prepare: Callable[[], Job], comm: Comm) -> Verdict:
         comm.send((params, problems), 0)
         verdict = _gather(job, comm, started) if comm.rank == 0 else None
     except BaseException as exc:
-        _fail(comm, exc)
+        fail(comm, exc, f"verify: process {comm.rank}")
     comm.flush()
     return cast(Verdict, comm.bcast(verdict, root=0))  # rank 0 always has one here
-
-
-def _broadcast_job(prepare: Callable[[], Job], comm: Comm) -> Job:
-    """Rank 0's job on every rank, or rank 0's error raised on every rank."""
-    job, error = None, None
-    if comm.rank == 0:
-        try:
-            job = prepare()
-        except Exception as exc:
-            if comm.size == 1:
-                raise
-            error = exc if isinstance(exc, MpickptError) else MpickptError(f"{type(exc).__name__}: {exc}")
-            error = type(error)(str(error))
-    job, error = comm.bcast((job, error), root=0)
-    if error is not None:
-        raise error
-    return cast(Job, job)  # rank 0 prepared it, or raised
 
 
 def _gather(job: Job, comm: Comm, started: float) -> Verdict:
@@ -184,24 +167,9 @@ def _gather(job: Job, comm: Comm, started: float) -> Verdict:
                    comm.size)
 
 
-def _fail(comm: Comm, exc: BaseException) -> NoReturn:
-    """Raise in a one-process world; otherwise print the failure and abort every process."""
-    if comm.size == 1:
-        raise exc
-    text = str(exc) if isinstance(exc, MpickptError) else f"{type(exc).__name__}: {exc}"
-    print(f"mpickpt: verify: process {comm.rank}: {text}", file=sys.stderr, flush=True)
-    comm.abort(1)
-
-
 def deal(checks: Sequence[Check], processes: int) -> list[list[Check]]:
     """Checks per process: largest file first onto the process with the fewest bytes so far."""
-    loads = [(0, p) for p in range(processes)]
-    shares: list[list[Check]] = [[] for _ in range(processes)]
-    for check in sorted(checks, key=lambda c: (-c.size, c.path)):
-        load, process = min(loads)
-        loads[process] = (load + check.size, process)
-        shares[process].append(check)
-    return shares
+    return deal_by_size(sorted(checks, key=lambda c: c.path), lambda c: c.size, processes)
 
 
 def _checker(job: Job) -> AbstractContextManager[Callable[[Check], tuple[int, list[Problem]]]]:

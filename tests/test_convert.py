@@ -221,3 +221,23 @@ def test_two_sources_with_one_output_are_refused(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "rank_0" / "a.safetensors.ckpt", params(1))
     with pytest.raises(DestinationError, match="both"):
         ckpt_to_safetensors(tmp_path, tmp_path / "out")
+
+
+def test_cli_convert_round_trip_under_mpi_keeps_every_tensor(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from fixture_cases import assert_same_content
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_llama" / "src"
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    launcher = [str(mpiexec), "-n", "2"] if mpiexec.exists() else []
+    there, back = tmp_path / "st", tmp_path / "back"
+    for src, dst, to in ((example, there, "safetensors"), (there, back, "ckpt")):
+        done = subprocess.run([*launcher, sys.executable, "-m", "mpickpt", "convert", str(src), str(dst), "--to", to,
+                               "--no-sync"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "converted 8 file(s)" in done.stderr
+    assert sorted(p.name for p in there.glob("rank_*/*")) == sorted(f"checkpoint_{r}.safetensors" for r in range(8))
+    for original in sorted(example.glob("rank_*/*.ckpt")):
+        assert_same_content(back / original.relative_to(example), original)

@@ -1,0 +1,56 @@
+"""Patterns every parallel command shares (transform, verify, convert, unify), over the `Comm` of
+mpickpt/mpi.py: the coordinator prepares and every process gets the result or the coordinator's error;
+work is dealt by size; a failing process ends the whole run with its message."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TextIO, TypeVar
+
+from .errors import MpickptError
+from .mpi import Comm
+
+T = TypeVar("T")
+
+
+def broadcast_prepared(prepare: Callable[[], T], comm: Comm) -> T:
+    """Rank 0 runs `prepare`; every rank returns its result, or raises rank 0's error (as a plain
+    MpickptError of the same type, so it always pickles)."""
+    result: T | None = None
+    error: MpickptError | None = None
+    if comm.rank == 0:
+        try:
+            result = prepare()
+        except Exception as exc:
+            if comm.size == 1:
+                raise
+            error = exc if isinstance(exc, MpickptError) else MpickptError(f"{type(exc).__name__}: {exc}")
+            error = type(error)(str(error))
+    result, error = comm.bcast((result, error), root=0)
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]  # rank 0 prepared it, or raised
+
+
+def deal_by_size(items: Sequence[T], size: Callable[[T], int], processes: int) -> list[list[T]]:
+    """Items per process: largest first onto the process with the fewest bytes so far (ties: fewer items,
+    lower process). Deterministic; extra processes get nothing."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    loads = [(0, 0, p) for p in range(processes)]
+    shares: list[list[T]] = [[] for _ in range(processes)]
+    for item in sorted(items, key=lambda i: -size(i)):
+        load, count, process = min(loads)
+        loads[process] = (load + size(item), count + 1, process)
+        shares[process].append(item)
+    return shares
+
+
+def fail(comm: Comm, exc: BaseException, where: str, stream: TextIO = sys.stderr) -> NoReturn:
+    """Raise in a one-process world; otherwise print `mpickpt: <where>: <message>` and abort every process."""
+    if comm.size == 1:
+        raise exc
+    text = str(exc) if isinstance(exc, MpickptError) else f"{type(exc).__name__}: {exc}"
+    print(f"\nmpickpt: {where}: {text}", file=stream, flush=True)
+    comm.abort(1)
