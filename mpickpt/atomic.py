@@ -42,9 +42,35 @@ def stray_temporaries(path: str | os.PathLike[str]) -> list[Path]:
 def remove_dead_temporaries(path: str | os.PathLike[str]) -> None:
     """Remove the temporaries of ``path`` left by processes of this host that no longer run."""
     for tmp in stray_temporaries(path):
-        host, pid = tmp.name[len(Path(path).name) + 2:].split(".")[:2]
-        if host == _host() and pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+        _remove_if_dead(tmp)
+
+
+def remove_dead_temporaries_in(folders: Iterable[str | os.PathLike[str]]) -> None:
+    """Remove every temporary in ``folders`` (not below) left by a process of this host that no longer runs."""
+    for folder in folders:
+        for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+            _remove_if_dead(tmp)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of this module's temporary names."""
+    return _writer_of(name) is not None
+
+
+def _writer_of(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the writer of a temporary named ``.<name>.<host>.<pid>.<token>.tmp``, else None."""
+    if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+        return None
+    parts = name[1:-len(TMP_SUFFIX)].rsplit(".", 3)
+    if len(parts) != 4 or not parts[2].isdigit() or not parts[0]:
+        return None
+    return parts[1], int(parts[2])
+
+
+def _remove_if_dead(tmp: Path) -> None:
+    writer = _writer_of(tmp.name)
+    if writer is not None and writer[0] == _host() and not _alive(writer[1]) and tmp.is_file():
+        tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
