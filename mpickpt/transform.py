@@ -16,7 +16,7 @@ from .errors import MpickptError, SourceMissingError
 from .execute import SourceFiles, write_target
 from .layout import Layouts
 from .plan import Planner, TargetPlan, TensorInfo, catalog_from_headers, needed_header_ranks
-from .destination import check_destination, check_prefix, source_folders
+from .destination import refuse_destination_inside
 from .sources import find_rank_files
 from .strategy import Strategy, load_strategy, merge_strategy_folder, save_strategy
 
@@ -91,11 +91,10 @@ class TransformJob:
         src_dir = Path(options.src_dir)
         if not src_dir.is_dir():
             raise SourceMissingError(f"src_checkpoints_dir {src_dir} is not a directory")
-        read_dirs = source_folders(options)
+        read_dirs = [str(src_dir)] + [d for d in (options.src_strategy_dir, options.dst_strategy_dir) if d]
         keep_in = options.dst_dir if write_merged else None
-        check_prefix(options.prefix)
         if keep_in is not None:
-            check_destination(options.dst_dir, read_dirs)
+            refuse_destination_inside(options.dst_dir, read_dirs)
         src = _strategy(options.src_strategy, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY)
         dst = _strategy(options.dst_strategy, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY)
         rank_files = find_rank_files(src_dir)
