@@ -3,7 +3,8 @@ then fsync, rename into place and fsync the folder (the fsyncs skipped with ``sy
 
 Temporary names carry the host, the process id and a random token (``.<name>.<host>.<pid>.<token>.tmp``),
 so two writers never share one, even two runs into the same folder; a reader never sees a partial file
-under a final name. A writer removes the temporaries of its target left by dead processes of its host.
+under a final name. A writer removes the temporaries of its target left by dead processes of its host, and
+the driver sweeps its output folders the same way at the end of a run.
 """
 
 from __future__ import annotations
@@ -50,11 +51,6 @@ def remove_dead_temporaries_in(folders: Iterable[str | os.PathLike[str]]) -> Non
     for folder in folders:
         for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
             _remove_if_dead(tmp)
-
-
-def is_temporary(name: str) -> bool:
-    """Whether a file name is one of this module's temporary names."""
-    return _writer_of(name) is not None
 
 
 def _writer_of(name: str) -> tuple[str, int] | None:

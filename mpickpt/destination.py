@@ -26,9 +26,12 @@ Identity = tuple[int, int]
 class _Options(Protocol):
     """The TransformOptions fields that name folders read from."""
 
-    src_dir: str
-    src_strategy_dir: str | None
-    dst_strategy_dir: str | None
+    @property
+    def src_dir(self) -> str: ...
+    @property
+    def src_strategy_dir(self) -> str | None: ...
+    @property
+    def dst_strategy_dir(self) -> str | None: ...
 
 
 def source_folders(options: _Options) -> list[str]:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NoReturn, Protocol, TextIO, cast
 
 from . import __version__
@@ -38,7 +38,7 @@ from .destination import DestinationLock, check_destination, check_prefix, sourc
 from .errors import MpickptError
 from .formats import open_index
 from .manifest import (CompletionRecord, SourceStamp, check_record, checksum, options_record, record_path,
-                       remove_record, stamp_sources, strategy_hashes, write_manifest, write_record)
+                       remove_manifest, remove_record, stamp_sources, strategy_hashes, write_manifest, write_record)
 from .mpi import Comm
 from .transform import OutputTask, TransformJob, TransformOptions
 
@@ -190,6 +190,8 @@ def _broadcast_job(options: TransformOptions, comm: Comm, stream: TextIO) -> tup
     try:
         job, error = comm.bcast((job, error), root=0)
     except Exception as exc:  # e.g. a job that does not pickle: the others would wait forever
+        if lock is not None:
+            lock.release()
         _fail(comm, exc, None, stream)
     if error is not None:
         raise error
@@ -209,7 +211,7 @@ def lock_destination(options: TransformOptions, stream: TextIO) -> DestinationLo
 
 def utc_now() -> str:
     """The current time, ISO 8601 in UTC (seconds)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def run_job(job: Job, comm: Comm, *, sync: bool = True, overwrite: bool = False, quiet: bool = False,
@@ -219,6 +221,8 @@ def run_job(job: Job, comm: Comm, *, sync: bool = True, overwrite: bool = False,
     `started_at` the same moment as utc_now()."""
     started = time.monotonic() if started is None else started
     started_at = utc_now() if started_at is None else started_at
+    if comm.rank == 0:
+        remove_manifest(job.dst_dir)  # written again only once every output of this run is complete
     view = _ProgressView(job.tasks, comm.size, stream, quiet) if comm.rank == 0 else None
     collector = _Collector(comm, view)
     tracker = _Tracker(comm, collector, _fault_from_env(os.environ))

@@ -193,6 +193,11 @@ def strategy_hashes(options: object) -> dict[str, str | None]:
     return hashes
 
 
+def remove_manifest(dst_dir: str) -> None:
+    """Forget that dst_dir was complete (at the start of a run, which may change what it holds)."""
+    (Path(dst_dir) / MANIFEST_NAME).unlink(missing_ok=True)
+
+
 def write_manifest(dst_dir: str, manifest: dict[str, Any], *, sync: bool) -> Path:
     """Write `dst_dir/manifest.json` atomically; return its path."""
     path = Path(dst_dir) / MANIFEST_NAME

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from mpickpt.atomic import write_bytes_atomic
-from mpickpt.destination import (LOCK_NAME, DestinationLock, check_destination, check_prefix,
-                                 refuse_destination_inside)
+from mpickpt.destination import LOCK_NAME, DestinationLock, check_destination, check_prefix, refuse_destination_inside
 from mpickpt.errors import DestinationError, MpickptError
 
 
@@ -43,11 +42,12 @@ def bind_mount(source: Path, target: Path, *, read_only: bool = False) -> None:
     target.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("bind mounts need root and mount(8)")
-    done = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
     if read_only:
-        done = subprocess.run(["mount", "-o", "remount,ro,bind", str(target)], capture_output=True, text=True)
+        done = subprocess.run(["mount", "-o", "remount,ro,bind", str(target)], capture_output=True, text=True,
+                              check=False)
         if done.returncode != 0:
             unmount(target)
             pytest.skip(f"cannot remount read-only here: {done.stderr.strip()}")
@@ -171,7 +171,7 @@ def test_immutable_folder_is_refused(tmp_path: Path) -> None:
     folder.mkdir()
     if shutil.which("chattr") is None:
         pytest.skip("chattr is not installed")
-    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot make a folder immutable here: {done.stderr.strip()}")
     try:

@@ -13,6 +13,8 @@ import json
 import os
 import pickle
 import queue
+import socket
+import subprocess
 import threading
 import zlib
 from collections.abc import Callable
@@ -29,8 +31,16 @@ from mpickpt import driver
 from mpickpt.ckpt_writer import CheckpointWriter
 from mpickpt.driver import deal, run_job, run_transform
 from mpickpt.errors import DestinationError, MpickptError
-from mpickpt.manifest import (CompletionRecord, SourceStamp, check_record, checksum, read_record, record_path,
-                              stamp_sources, write_json_atomic)
+from mpickpt.manifest import (
+    CompletionRecord,
+    SourceStamp,
+    check_record,
+    checksum,
+    read_record,
+    record_path,
+    stamp_sources,
+    write_json_atomic,
+)
 from mpickpt.mpi import SerialComm, launched, launched_size, world
 from mpickpt.transform import OutputTask, TransformOptions
 
@@ -285,6 +295,34 @@ def test_many_redone_outputs_are_summed_up_in_one_line(tmp_path: Path, monkeypat
     assert sum("redone:" in line for line in lines) == 2
     assert f"mpickpt: ... and 3 more redone (see {summary.manifest})" in lines
     assert lines[-1] == summary.line()
+
+
+def test_temporaries_of_dead_writers_are_removed_and_others_listed(tmp_path: Path) -> None:
+    job = FakeJob(tmp_path, 2)
+    run_job(job, SerialComm(), quiet=True)
+    dead = subprocess.Popen(["true"])  # a pid that has ended
+    dead.wait()
+    host = socket.gethostname().split(".")[0]
+    dst = Path(job.dst_dir)
+    removed = [dst / "rank_0" / f".out_0.ckpt.{host}.{dead.pid}.0badc0de.tmp",  # a skipped output's
+               dst / "rank_1" / f".out_1.ckpt.done.json.{host}.{dead.pid}.0badc0de.tmp",  # a record's
+               dst / "rank_1" / f".old_1.ckpt.{host}.{dead.pid}.0badc0de.tmp",  # another job's
+               dst / f".manifest.json.{host}.{dead.pid}.0badc0de.tmp"]
+    kept = [dst / "rank_0" / f".out_0.ckpt.{host}.{os.getpid()}.0badc0de.tmp",  # a live writer's
+            dst / "rank_0" / f".out_0.ckpt.otherhost.{dead.pid}.0badc0de.tmp"]  # another host's: unknown
+    for path in removed + kept:
+        path.write_bytes(b"partial")
+    summary = run_job(job, SerialComm(), quiet=True)
+    assert summary.skipped == 2
+    assert not any(p.exists() for p in removed) and all(p.exists() for p in kept)
+    assert summary.stale == tuple(sorted(str(p.relative_to(dst)) for p in kept))
+
+
+def test_a_rerun_removes_the_old_manifest_until_it_is_complete(tmp_path: Path) -> None:
+    run_job(FakeJob(tmp_path, 2), SerialComm(), quiet=True)
+    with pytest.raises(MpickptError, match="broken"):
+        run_job(FakeJob(tmp_path, 2, job_key="key-2", fail_target=1), SerialComm(), quiet=True)
+    assert not (tmp_path / "dst" / "manifest.json").exists()
 
 
 def test_manifest_records_options_strategies_times_and_notes(tmp_path: Path) -> None:

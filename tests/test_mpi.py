@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from fixture_cases import CASES, Case, case_params, requires_fixtures
+
 from mpickpt.destination import LOCK_NAME
 
 pytestmark = requires_fixtures  # not pytest.mark.mpi: pytest-mpi skips those without --with-mpi

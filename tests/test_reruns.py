@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fixture_cases import CASES, Case, requires_fixtures
+
 from mpickpt.destination import LOCK_NAME
 from mpickpt.driver import Summary, run_transform
 from mpickpt.errors import DestinationError
@@ -57,7 +57,7 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "SLURM_", "MPICKPT_TEST"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "mpickpt", "transform", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
 def test_changed_target_strategy_redoes_outputs_as_a_fresh_run_and_lists_the_rest(tmp_path: Path) -> None:
@@ -158,7 +158,7 @@ def test_killed_serial_run_leaves_no_partial_output_and_the_rerun_cleans_up(tmp_
     env_fail = {"MPICKPT_TEST_FAIL": "process=0,after_bytes=5000000,action=kill"}
     killed = subprocess.run([sys.executable, "-m", "mpickpt", "transform", *args], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(REPO), **env_fail}, capture_output=True, text=True,
-                            timeout=TIMEOUT)
+                            timeout=TIMEOUT, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     temporaries = [p for p in dst.rglob(".*.tmp")]
     assert temporaries, "the killed writer should have left its temporary"
