@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .ckpt import index_checkpoint, numpy_dtype
+from .dtypes import numpy_dtype
 from .errors import SourceMissingError
+from .formats import open_index
 from .plan import rank_list_for_transform as _rank_list
 from .strategy import load_strategy
 from .strategy import merge_pipeline_strategys as _merge_pipeline_strategys
@@ -119,7 +120,7 @@ def merge_pipeline_strategys(src_strategy_dirs: str, dst_strategy_file: str) -> 
 
 
 def load_segmented_checkpoints(ckpt_file_dir: str) -> dict[str, np.ndarray]:
-    """Load every `.ckpt` of a folder and merge them: parameter name -> numpy array (a copy).
+    """Load every `.ckpt` and `.safetensors` file of a folder and merge them: parameter name -> numpy array (a copy).
 
     Files are read in name order; a parameter stored in several files (global_step in every pipeline
     part) takes the value of the last one, as MindSpore's dict update does. BFloat16 tensors come back as their raw 2-byte values (see `mpickpt.ckpt.numpy_dtype`).
@@ -127,12 +128,12 @@ def load_segmented_checkpoints(ckpt_file_dir: str) -> dict[str, np.ndarray]:
     folder = Path(ckpt_file_dir)
     if not folder.is_dir():
         raise SourceMissingError(f"checkpoint folder {ckpt_file_dir} is not a directory")
-    files = sorted(folder.glob("*.ckpt"))
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".ckpt", ".safetensors") and p.is_file())
     if not files:
-        raise SourceMissingError(f"checkpoint folder {ckpt_file_dir} holds no .ckpt file")
+        raise SourceMissingError(f"checkpoint folder {ckpt_file_dir} holds no .ckpt or .safetensors file")
     merged: dict[str, np.ndarray] = {}
     for path in files:
-        with index_checkpoint(path) as index:
+        with open_index(path) as index:
             for name, entry in index.entries.items():
                 merged[name] = np.array(index.array(name), dtype=numpy_dtype(entry.dtype), copy=True)
     return merged

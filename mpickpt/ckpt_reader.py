@@ -7,6 +7,13 @@ integer. :func:`index_checkpoint` walks that wire format once with ``pread``, re
 headers and skipping over tensor content, so its cost grows with the number of entries, not the
 bytes. Consecutive entries with the same tag (tensors over 512 MiB) are pieces of one parameter
 whose contents concatenate in order.
+
+Everything that can be wrong is refused while indexing, with a ``CheckpointFormatError`` naming
+the file and the parameter, so that :meth:`CheckpointIndex.array` and friends cannot fail later:
+broken wire format, lengths past the end, dims numpy cannot shape (over 64 of them, or a product
+too large even beside a 0), content size disagreeing with dims and dtype, ``str`` values numpy
+cannot hold (read at index time: they are small), malformed MapTensors, and pieces that are
+scattered or disagree.
 """
 
 from __future__ import annotations
@@ -34,6 +41,16 @@ _CIPHER_MAGIC = {0x7F3A5ED8: "AES-GCM", 0x7F3A5ED9: "AES-CBC", 0x7F3A5EDA: "SM4-
 _WINDOW = 64 * 1024  # header bytes fetched per pread
 _MAX_TEXT = 1 << 20  # longest parameter name or dtype string accepted
 _CRC_CHUNK = 16 << 20
+_MAX_DIMS = 64  # numpy 2's NPY_MAXDIMS: an ndarray has at most 64 dimensions
+_MAX_NBYTES = (1 << 63) - 1  # numpy's limit on size * itemsize (NPY_MAX_INTP), zero dims left out
+_MAX_STR_CHARS = ((1 << 31) - 1) // 4  # longest numpy "<U{n}" dtype (its itemsize is a C int)
+_MAX_CODE_POINT = 0x10FFFF  # numpy refuses larger UTF-32 values when making a Python str
+_MAP_DTYPES = {
+    name: np.dtype(name).itemsize
+    for name in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+    + ("float16", "float32", "float64")
+} | {"bfloat16": 2}
+"""``str(numpy dtype)`` names a MapTensor's tensors may carry (MindSpore writes ``str(array.dtype)``)."""
 
 
 @dataclass(frozen=True)
@@ -108,10 +125,27 @@ def _span(pos: int, length: int, limit: int) -> int:
     return pos + length
 
 
-def _dim(value: int) -> int:
+def _add_dim(dims: list[int], value: int) -> None:
+    """Append one decoded dim, refusing negative ones and more than numpy allows."""
     if value >= 1 << 63:
         raise _Malformed("negative dimension")
-    return value
+    if len(dims) == _MAX_DIMS:
+        raise _Malformed(f"more than {_MAX_DIMS} dims (numpy's limit)")
+    dims.append(value)
+
+
+def _shape_problem(dims: tuple[int, ...], itemsize: int) -> str | None:
+    """Why numpy cannot shape an array of ``dims`` (items of ``itemsize`` bytes), or None when it can.
+
+    numpy multiplies the non-zero dims and the itemsize and refuses a product over ``_MAX_NBYTES``,
+    even when another dim is 0 and the array holds nothing.
+    """
+    nbytes = itemsize
+    for dim in dims:
+        nbytes *= dim or 1
+        if nbytes > _MAX_NBYTES:
+            return f"dims {list(dims)} are too large for numpy"
+    return None
 
 
 def _parse_tensor(cur: _Cursor, pos: int, end: int) -> tuple[tuple[int, ...], str, tuple[int, int]]:
@@ -123,13 +157,13 @@ def _parse_tensor(cur: _Cursor, pos: int, end: int) -> tuple[tuple[int, ...], st
         key, pos = cur.varint(pos, end)
         if key == 0x08:  # dims, unpacked (as MindSpore writes)
             value, pos = cur.varint(pos, end)
-            dims.append(_dim(value))
+            _add_dim(dims, value)
         elif key == 0x0A:  # dims, packed
             length, pos = cur.varint(pos, end)
             stop = _span(pos, length, end)
             while pos < stop:
                 value, pos = cur.varint(pos, stop)
-                dims.append(_dim(value))
+                _add_dim(dims, value)
         elif key == 0x12 and dtype is None:
             length, pos = cur.varint(pos, end)
             dtype = cur.text(pos, length, end, "dtype string")
@@ -145,20 +179,44 @@ def _parse_tensor(cur: _Cursor, pos: int, end: int) -> tuple[tuple[int, ...], st
     return tuple(dims), dtype, content
 
 
-def _check_maptensor(cur: _Cursor, pos: int, end: int) -> None:
-    """Validate a ``MapTensorProto`` in [pos, end) (a list of tensors)."""
+_Signature = tuple[tuple[str, tuple[int, ...]], ...]
+"""What consecutive pieces of one MapTensor must share: each tensor's dtype and dims after the first."""
+
+
+def _check_map_tensor(dims: tuple[int, ...], dtype: str, length: int) -> None:
+    """Refuse one tensor of a MapTensor whose dtype, dims and content length do not agree."""
+    itemsize = _MAP_DTYPES.get(dtype)
+    if itemsize is None:
+        raise _Malformed(f"unknown dtype {dtype!r} in a MapTensor")
+    if not dims:
+        raise _Malformed("a MapTensor holds a 0-d tensor (MindSpore needs a first dim)")
+    problem = _shape_problem(dims, itemsize)
+    if problem is not None:
+        raise _Malformed(f"{problem} (in a MapTensor)")
+    if math.prod(dims) * itemsize != length:
+        raise _Malformed(f"a MapTensor tensor ({dtype} {list(dims)}) holds {length} bytes")
+
+
+def _check_maptensor(cur: _Cursor, pos: int, end: int) -> _Signature:
+    """Validate a ``MapTensorProto`` in [pos, end) (a non-empty list of tensors); return its signature."""
+    signature: list[tuple[str, tuple[int, ...]]] = []
     while pos < end:
         key, pos = cur.varint(pos, end)
         if key != 0x0A:
             raise _Malformed(f"unexpected field {key >> 3} (wire type {key & 7}) in a MapTensor")
         length, pos = cur.varint(pos, end)
         stop = _span(pos, length, end)
-        _parse_tensor(cur, pos, stop)
+        dims, dtype, (_, size) = _parse_tensor(cur, pos, stop)
+        _check_map_tensor(dims, dtype, size)
+        signature.append((dtype, dims[1:]))
         pos = stop
+    if not signature:
+        raise _Malformed("a MapTensor without tensors")
+    return tuple(signature)
 
 
-def _parse_value(cur: _Cursor, pos: int, end: int) -> TensorEntry:
-    """Parse one ``Checkpoint.Value`` in [pos, end) into a one-piece entry."""
+def _parse_value(cur: _Cursor, pos: int, end: int) -> tuple[TensorEntry, _Signature]:
+    """Parse one ``Checkpoint.Value`` in [pos, end) into a one-piece entry and its piece signature."""
     name: str | None = None
     body: tuple[int, int, int] | None = None
     while pos < end:
@@ -177,17 +235,20 @@ def _parse_value(cur: _Cursor, pos: int, end: int) -> TensorEntry:
     if name is None or body is None:
         raise _Malformed("entry without a parameter name or without a value")
     key, start, stop = body
-    if key == 0x1A:
-        _check_maptensor(cur, start, stop)
-        return TensorEntry(name, MAPTENSOR_DTYPE, (), ((start, stop - start),), "maptensor")
-    dims, dtype, content = _parse_tensor(cur, start, stop)
-    return TensorEntry(name, dtype, dims, (content,))
+    try:
+        if key == 0x1A:
+            signature = _check_maptensor(cur, start, stop)
+            return TensorEntry(name, MAPTENSOR_DTYPE, (), ((start, stop - start),), "maptensor"), signature
+        dims, dtype, content = _parse_tensor(cur, start, stop)
+    except _Malformed as err:
+        raise _Malformed(f"parameter {name!r}: {err}") from None
+    return TensorEntry(name, dtype, dims, (content,)), ()
 
 
-def _walk(fd: int, data_end: int) -> list[TensorEntry]:
-    """Every ``Value`` in [0, data_end) in file order, one piece each."""
+def _walk(fd: int, data_end: int) -> list[tuple[TensorEntry, _Signature]]:
+    """Every ``Value`` in [0, data_end) in file order, one piece each, with its piece signature."""
     cur = _Cursor(fd)
-    found: list[TensorEntry] = []
+    found: list[tuple[TensorEntry, _Signature]] = []
     pos = 0
     while pos < data_end:
         try:
@@ -198,42 +259,54 @@ def _walk(fd: int, data_end: int) -> list[TensorEntry]:
             stop = _span(body, length, data_end)
             found.append(_parse_value(cur, body, stop))
         except _Malformed as err:
-            after = f" after parameter {found[-1].name!r}" if found else ""
+            after = f" after parameter {found[-1][0].name!r}" if found else ""
             raise _Malformed(f"{err} (entry #{len(found)} at byte {pos}{after})") from None
         pos = stop
     return found
 
 
-def _group(path: Path, found: list[TensorEntry]) -> dict[str, TensorEntry]:
+def _describe(entry: TensorEntry, signature: _Signature) -> str:
+    """Dtype and dims of one piece, for messages (a MapTensor's first dims vary: ``*``)."""
+    if entry.kind == "maptensor":
+        return "MapTensor of " + ", ".join(f"{dtype} {['*', *rest]}" for dtype, rest in signature)
+    return f"{entry.dtype} {list(entry.dims)}"
+
+
+def _group(path: Path, found: list[tuple[TensorEntry, _Signature]]) -> dict[str, TensorEntry]:
     """Join consecutive pieces of one parameter; refuse inconsistent or scattered repeats."""
-    entries: dict[str, TensorEntry] = {}
-    previous: TensorEntry | None = None
-    for entry in found:
-        if previous is not None and previous.name == entry.name:
-            if (entry.kind, entry.dtype, entry.dims) != (previous.kind, previous.dtype, previous.dims):
-                raise CheckpointFormatError(
-                    f"{path}: parameter {entry.name!r} is split into pieces of different dtype or dims "
-                    f"({previous.dtype} {list(previous.dims)} then {entry.dtype} {list(entry.dims)})"
-                )
-            previous = TensorEntry(entry.name, entry.dtype, entry.dims, previous.pieces + entry.pieces, entry.kind)
-        elif entry.name in entries:
+    runs: dict[str, tuple[TensorEntry, _Signature, list[tuple[int, int]]]] = {}
+    last = ""
+    for entry, signature in found:
+        run = runs.get(entry.name)
+        if run is None:
+            runs[entry.name] = (entry, signature, list(entry.pieces))
+        elif entry.name != last:
             raise CheckpointFormatError(f"{path}: parameter {entry.name!r} appears twice, not in consecutive entries")
+        elif (entry.kind, entry.dtype, entry.dims, signature) != (run[0].kind, run[0].dtype, run[0].dims, run[1]):
+            raise CheckpointFormatError(
+                f"{path}: parameter {entry.name!r} is split into pieces of different dtype or dims "
+                f"({_describe(run[0], run[1])} then {_describe(entry, signature)})"
+            )
         else:
-            previous = entry
-        entries[entry.name] = previous
-    for entry in entries.values():
-        _check_size(path, entry)
-    return entries
+            run[2].extend(entry.pieces)
+        last = entry.name
+    return {
+        name: TensorEntry(name, first.dtype, first.dims, tuple(pieces), first.kind)
+        for name, (first, _, pieces) in runs.items()
+    }
 
 
-def _check_size(path: Path, entry: TensorEntry) -> None:
+def _check_entry(path: Path, fd: int, entry: TensorEntry) -> None:
+    """Refuse an entry numpy could not turn into an array, so ``array()`` never fails later."""
     if entry.kind == "maptensor":
         return
     if entry.dtype not in DTYPES:
         raise CheckpointFormatError(f"{path}: parameter {entry.name!r} has unknown dtype {entry.dtype!r}")
+    problem = _shape_problem(entry.dims, dtype_itemsize(entry.dtype))
+    if problem is not None:
+        raise CheckpointFormatError(f"{path}: parameter {entry.name!r}: {problem}")
     if entry.dtype == "str":
-        if entry.nbytes % 4:
-            raise CheckpointFormatError(f"{path}: str value {entry.name!r} is not UTF-32 ({entry.nbytes} bytes)")
+        _check_text(path, fd, entry)
         return
     expected = math.prod(entry.dims) * dtype_itemsize(entry.dtype)
     if entry.nbytes != expected:
@@ -241,6 +314,28 @@ def _check_size(path: Path, entry: TensorEntry) -> None:
             f"{path}: parameter {entry.name!r} ({entry.dtype} {list(entry.dims)}) should hold {expected} bytes, "
             f"holds {entry.nbytes}"
         )
+
+
+def _check_text(path: Path, fd: int, entry: TensorEntry) -> None:
+    """Refuse a ``str`` value numpy cannot hold: not whole UTF-32 units, too long, or past U+10FFFF.
+
+    Lone surrogates pass: numpy (and so MindSpore, which writes ``np.array(text).tobytes()``) keeps them.
+    """
+    if entry.nbytes % 4:
+        raise CheckpointFormatError(f"{path}: str value {entry.name!r} is not UTF-32 ({entry.nbytes} bytes)")
+    if entry.nbytes // 4 > _MAX_STR_CHARS:
+        raise CheckpointFormatError(f"{path}: str value {entry.name!r} is longer than numpy allows")
+    carry = b""
+    for offset, length in entry.pieces:
+        for start in range(offset, offset + length, _CRC_CHUNK):
+            data = carry + os.pread(fd, min(_CRC_CHUNK, offset + length - start), start)
+            whole = len(data) // 4
+            codes = np.frombuffer(data, "<u4", count=whole)
+            if whole and int(codes.max()) > _MAX_CODE_POINT:
+                raise CheckpointFormatError(
+                    f"{path}: str value {entry.name!r} is not UTF-32 (code point {int(codes.max()):#x})"
+                )
+            carry = data[whole * 4 :]
 
 
 def _refuse_foreign(path: Path, fd: int, data_end: int) -> None:
@@ -345,6 +440,8 @@ class CheckpointIndex:
             dtype, shape = np.dtype(f"<U{entry.nbytes // 4}"), ()
         if len(entry.pieces) == 1:
             return np.ndarray(shape, dtype, buffer=self._buffer(), offset=entry.pieces[0][0])
+        if entry.nbytes == 0:  # np.empty would widen an empty str to "<U1"
+            return np.ndarray(shape, dtype, buffer=b"")
         out = np.empty(shape, dtype)
         self.read_into(name, 0, out.reshape(-1).view(np.uint8).data)
         return out
@@ -419,6 +516,8 @@ def index_checkpoint(path: str | os.PathLike[str], verify_crc: bool = False) -> 
         except _Malformed as err:
             raise CheckpointFormatError(f"{path}: {err}") from None
         entries = _group(path, found)
+        for entry in entries.values():
+            _check_entry(path, fd, entry)
         if verify_crc and crc is not None and _crc32(path, fd, data_end) != crc:
             raise CheckpointFormatError(f"{path}: CRC check failed; the file is damaged")
         return CheckpointIndex(path, fd, size, entries, crc)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .ckpt import CheckpointIndex, CheckpointWriter, TensorEntry, dtype_itemsize, index_checkpoint
+from .dtypes import dtype_itemsize
 from .errors import CheckpointFormatError, PlanError
+from .formats import SourceIndex, TensorEntry, TensorSpec, TensorWriter, open_index, open_writer
 from .layout import Box
 from .plan import Copy, ParamPlan, TargetPlan
 
@@ -30,7 +31,7 @@ class SourceFiles:
 
     def __init__(self, paths: Mapping[int, str]) -> None:
         self._paths = dict(paths)
-        self._open: dict[int, CheckpointIndex] = {}
+        self._open: dict[int, SourceIndex] = {}
         self._stack = ExitStack()
 
     def __enter__(self) -> SourceFiles:
@@ -47,10 +48,10 @@ class SourceFiles:
         except KeyError:
             raise PlanError(f"the checkpoint file of source rank {rank} is needed but was not given") from None
 
-    def index(self, rank: int) -> CheckpointIndex:
+    def index(self, rank: int) -> SourceIndex:
         """The index of one source rank's file, opened on first use."""
         if rank not in self._open:
-            self._open[rank] = self._stack.enter_context(index_checkpoint(self.path(rank)))
+            self._open[rank] = self._stack.enter_context(open_index(self.path(rank)))
         return self._open[rank]
 
     def entry(self, rank: int, name: str) -> TensorEntry:
@@ -84,27 +85,43 @@ def write_target(
     sources: SourceFiles,
     out_path: str | os.PathLike[str],
     *,
+    fmt: str = "ckpt",
+    crc: bool = False,
     sync: bool = True,
     forbidden_dirs: Iterable[str | os.PathLike[str]] = (),
     progress: Progress | None = None,
 ) -> int:
-    """Write one target rank's checkpoint atomically; returns the bytes of tensor content written."""
+    """Write one target rank's file in format `fmt` atomically; returns the bytes of tensor content written."""
+    order = output_order(plan, sources)
+    specs = [_spec(param, sources) for param in order]
     written = 0
-    with CheckpointWriter(Path(out_path), sync=sync, forbidden_dirs=forbidden_dirs) as writer:
-        for param in output_order(plan, sources):
+    with open_writer(Path(out_path), fmt, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs) as writer:
+        writer.declare(specs)
+        for param in order:
             written += _write_param(writer, param, sources)
             if progress is not None:
                 progress(written)
     return written
 
 
-def _write_param(writer: CheckpointWriter, param: ParamPlan, sources: SourceFiles) -> int:
+def _spec(param: ParamPlan, sources: SourceFiles) -> TensorSpec:
+    """What the writer is told in advance about one parameter (checked against the sources)."""
+    if not param.in_strategy:
+        entry = sources.entry(param.copies[0].src_rank, param.name)
+        return TensorSpec(param.name, entry.dtype, tuple(entry.dims), entry.nbytes, entry.kind)
+    _check_copies(param, sources)
+    return TensorSpec(param.name, param.dtype, tuple(param.dims), param.nbytes)
+
+
+def _write_param(writer: TensorWriter, param: ParamPlan, sources: SourceFiles) -> int:
     """Write one parameter, by the cheapest route its plan allows."""
     if not param.in_strategy:
         rank = param.copies[0].src_rank
         source = sources.entry(rank, param.name)
+        if source.kind == "maptensor":
+            writer.write_maptensor(param.name, sources.index(rank).raw(param.name))
+            return source.nbytes
         return _copy_whole(writer, source, sources.index(rank), source.dtype, source.dims)
-    _check_copies(param, sources)
     if _is_whole_source(param, sources):
         rank = param.copies[0].src_rank
         return _copy_whole(writer, sources.entry(rank, param.name), sources.index(rank), param.dtype, param.dims)
@@ -118,7 +135,7 @@ def _write_param(writer: CheckpointWriter, param: ParamPlan, sources: SourceFile
 
 
 def _copy_whole(
-    writer: CheckpointWriter, source: TensorEntry, index: CheckpointIndex, dtype: str, dims: Sequence[int]
+    writer: TensorWriter, source: TensorEntry, index: SourceIndex, dtype: str, dims: Sequence[int]
 ) -> int:
     """Copy one stored tensor unchanged (file to file where it is one piece)."""
     if len(source.pieces) == 1:
@@ -130,7 +147,8 @@ def _copy_whole(
 
 
 def _check_copies(param: ParamPlan, sources: SourceFiles) -> None:
-    """Every copy must read inside its source slice as stored on disk."""
+    """Every copy must read inside its source slice as stored on disk (the catalog checked every
+    file's shapes before planning; this guards files changed since)."""
     for copy in param.copies:
         entry = sources.entry(copy.src_rank, param.name)
         if entry.dtype != param.dtype:
@@ -204,7 +222,7 @@ def _assemble(param: ParamPlan, sources: SourceFiles) -> np.ndarray:
 
 
 def _row_blocks(
-    index: CheckpointIndex, entry: TensorEntry, copy: Copy, itemsize: int
+    index: SourceIndex, entry: TensorEntry, copy: Copy, itemsize: int
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Views of the source slice covering the copy's rows: one zero-copy view when the tensor is one
     piece, else bounded blocks of rows copied across piece boundaries."""

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .dtypes import dtype_itemsize
-from .errors import LayoutError, MpickptError, PlanError
+from .errors import MpickptError, PlanError
 from .layout import Box, Layouts, ParamLayout
 from .strategy import Strategy
 
@@ -145,6 +145,10 @@ class _Holders:
         return self.order[self.starts[box_id]:self.starts[box_id + 1]]
 
 
+# One slice to read: a layout pair, a source piece, and the ranks whose files hold the parameter (None: all).
+_Element = tuple[_Pair, tuple[int, ...], frozenset[int] | None]
+
+
 @dataclass(frozen=True)
 class _Choice:
     """The layout-only decisions for one target rank."""
@@ -153,7 +157,7 @@ class _Choice:
     source_local: int  # MindSpore's stage-local source rank for copied-through values: local_rank % source devices
     pairs: Mapping[str, _Pair]
     ranges: Mapping[_Pair, tuple[tuple[int, int], ...]]  # per dim: inclusive range of source piece numbers
-    assignment: Mapping[tuple[_Pair, tuple[int, ...]], int]  # (pair, source piece) -> source rank
+    assignment: Mapping[_Element, int]  # (pair, source piece, holders) -> source rank
     through: Mapping[str, int]  # source-only parameters -> source rank of the slice copied through
     mindspore_stages: tuple[int, ...]  # source stages MindSpore reads for this target
     ranks: frozenset[int]
@@ -162,8 +166,9 @@ class _Choice:
 class _Chooser:
     """Chooses source replicas for target ranks; caches per-layout tables across targets."""
 
-    def __init__(self, src: Layouts, dst: Layouts) -> None:
+    def __init__(self, src: Layouts, dst: Layouts, holders: Mapping[str, frozenset[int]] | None = None) -> None:
         self.src, self.dst = src, dst
+        self.holders = dict(holders or {})  # parameters whose files only some ranks have: those ranks
         big, small = sorted((src.stage_device_num, dst.stage_device_num), reverse=True)
         self.mindspore_can_convert = not src.unsharded and big % small == 0
         self._holders: dict[ParamLayout, _Holders] = {}
@@ -179,14 +184,19 @@ class _Chooser:
         preferred = (target if self.dst.stage_device_num == 1 else local) % self.src.stage_device_num
         pairs, only_src, ms_stages = self._for_stage(stage)
         ranges = {pair: self._ranges(pair, local) for pair in dict.fromkeys(pairs.values())}
-        elements: dict[tuple[_Pair, tuple[int, ...]], np.ndarray] = {}
+        elements: dict[_Element, np.ndarray] = {}
         allowed = self._mindspore_ranks(ranges, preferred, ms_stages) if self.mindspore_can_convert else None
-        for pair, dims in ranges.items():
-            for piece in itertools.product(*(range(lo, hi + 1) for lo, hi in dims)):
+        for name, pair in pairs.items():
+            held = self.holders.get(name)
+            for piece in itertools.product(*(range(lo, hi + 1) for lo, hi in ranges[pair])):
+                if (pair, piece, held) in elements:
+                    continue
                 holders = self._global_holders(pair, pair.src.box_id(piece))
+                if held is not None:
+                    holders = self._held(name, holders, held)
                 if allowed is not None and allowed[holders].any():
                     holders = holders[allowed[holders]]
-                elements[(pair, piece)] = holders
+                elements[(pair, piece, held)] = holders
         assignment = dict(zip(elements, _cover(list(elements.values()), self._preference(preferred))))
         ranks = set(assignment.values())
         through = {name: self._through_rank(name, source_local, ranks) for name in only_src}
@@ -240,6 +250,15 @@ class _Chooser:
     def _global_holders(self, pair: _Pair, box_id: int) -> np.ndarray:
         return self._table(pair.src).of(box_id) + pair.src_stage * self.src.stage_device_num
 
+    @staticmethod
+    def _held(name: str, holders: np.ndarray, held: frozenset[int]) -> np.ndarray:
+        """The replicas of one slice whose files hold `name` (PlanError when none does)."""
+        kept = holders[np.isin(holders, np.fromiter(held, dtype=np.int64, count=len(held)))]
+        if not len(kept):
+            raise PlanError(f"parameter {name!r}: no source file holds the slice of source ranks "
+                            f"{sorted(int(r) for r in holders)}")
+        return kept
+
     def _mindspore_ranks(self, ranges: Mapping[_Pair, tuple[tuple[int, int], ...]], preferred: int,
                          stages: Sequence[int]) -> np.ndarray:
         """Mask of the source ranks MindSpore lists for this target: per parameter, the holders of each
@@ -270,7 +289,13 @@ class _Chooser:
         per_stage = self.src.stage_device_num
         mindspore = stage * per_stage + source_local
         local = self._table(layout).of(layout.box_id(layout.chunk(source_local)))
-        read = [int(stage * per_stage + r) for r in local if stage * per_stage + r in reading]
+        replicas = [int(stage * per_stage + r) for r in local]
+        held = self.holders.get(name)
+        if held is not None:
+            replicas = [int(r) for r in self._held(name, np.array(replicas), held)]
+            if mindspore not in replicas:
+                mindspore = replicas[0]
+        read = [r for r in replicas if r in reading]
         return mindspore if mindspore in reading or not read else min(read)
 
 
@@ -305,12 +330,13 @@ class Planner:
     source strategy is the unmerged file of that stage, whose ranks are `stage * devices + local`)."""
 
     def __init__(self, src: Strategy | None, dst: Strategy | None, catalog: Mapping[str, TensorInfo], *,
-                 src_stage: int | None = None) -> None:
+                 src_stage: int | None = None, holders: Mapping[str, frozenset[int]] | None = None) -> None:
         self.src = Layouts.from_strategy(src, stage=src_stage)
         self.dst = Layouts.from_strategy(dst)
         self.catalog = dict(catalog)
+        self.holders = dict(holders or {})
         self.target_ranks = range(self.dst.device_count)
-        self._chooser = _Chooser(self.src, self.dst)
+        self._chooser = _Chooser(self.src, self.dst, self.holders)
 
     def rank_list(self, target_rank: int) -> list[int]:
         """The source ranks `plan(target_rank)` reads, descending."""
@@ -322,7 +348,8 @@ class Planner:
         both_missing = self.src.unsharded and self.dst.unsharded
         params: list[ParamPlan] = []
         pending: list[tuple[str, TensorInfo]] = []
-        shared: dict[tuple[_Pair, tuple[int, ...]], tuple[tuple[int, ...], tuple[Copy, ...]]] = {}
+        shared: dict[tuple[_Pair, tuple[int, ...], frozenset[int] | None],
+                     tuple[tuple[int, ...], tuple[Copy, ...]]] = {}
         for name, info in self.catalog.items():
             pair = choice.pairs.get(name)
             if both_missing:
@@ -345,18 +372,21 @@ class Planner:
         return TargetPlan(target_rank, tuple(params), tuple(ranks))
 
     def _laid_out(self, name: str, info: TensorInfo, pair: _Pair, choice: _Choice,
-                  cache: dict[tuple[_Pair, tuple[int, ...]], tuple[tuple[int, ...], tuple[Copy, ...]]]) -> ParamPlan:
-        """A parameter in both strategies; parameters with the same layouts and shape share one result."""
-        key = (pair, info.shape)
+                  cache: dict[tuple[_Pair, tuple[int, ...], frozenset[int] | None],
+                              tuple[tuple[int, ...], tuple[Copy, ...]]]) -> ParamPlan:
+        """A parameter in both strategies; parameters with the same layouts, shape and holders share one result."""
+        held = self.holders.get(name)
+        key = (pair, info.shape, held)
         if key not in cache:
             self.src.check(name, pair.src, info.shape)
             self.dst.check(name, pair.dst, info.shape)
-            cache[key] = self._copies(pair, info.shape, choice)
+            cache[key] = self._copies(pair, info.shape, held, choice)
         dims, copies = cache[key]
         return ParamPlan(name, info.dtype, dims, copies, True)
 
     @staticmethod
-    def _copies(pair: _Pair, shape: tuple[int, ...], choice: _Choice) -> tuple[tuple[int, ...], tuple[Copy, ...]]:
+    def _copies(pair: _Pair, shape: tuple[int, ...], held: frozenset[int] | None,
+                choice: _Choice) -> tuple[tuple[int, ...], tuple[Copy, ...]]:
         """Target slice dims and the copies filling it: per dimension, each overlapping source piece's
         (offset in the source piece, offset in the target piece, length); then their products."""
         target = pair.dst.box(shape, choice.local_rank)
@@ -372,7 +402,7 @@ class Planner:
             src = tuple(p[1] for p in parts)
             dst = tuple(p[2] for p in parts)
             size = tuple(p[3] for p in parts)
-            copies.append(Copy(choice.assignment[(pair, piece)],
+            copies.append(Copy(choice.assignment[(pair, piece, held)],
                                Box(src, tuple(a + n for a, n in zip(src, size))),
                                Box(dst, tuple(a + n for a, n in zip(dst, size)))))
         return target.shape, tuple(copies)
@@ -401,10 +431,17 @@ class Planner:
                             f"which the source strategy does not have")
         ms_stages = [s for s in choice.mindspore_stages if s in stages] or stages
         mindspore = ms_stages[0] * per_stage + choice.source_local
-        candidates = [r for r in reading if r // per_stage in stages]
-        if mindspore in reading or not candidates:
+        held = self.holders.get(name)
+
+        def holds(rank: int) -> bool:
+            return held is None or rank in held
+
+        candidates = [r for r in reading if r // per_stage in stages and holds(r)]
+        if holds(mindspore) and (mindspore in reading or not candidates):
             return mindspore
-        return min(candidates, key=lambda r: (r % per_stage != choice.source_local, r))
+        if candidates:
+            return min(candidates, key=lambda r: (r % per_stage != choice.source_local, r))
+        return min(held or (), key=lambda r: (r // per_stage not in ms_stages, r % per_stage != choice.source_local, r))
 
 
 def rank_list_for_transform(rank_id: int, src: Strategy | None, dst: Strategy | None) -> list[int]:
@@ -414,63 +451,3 @@ def rank_list_for_transform(rank_id: int, src: Strategy | None, dst: Strategy | 
         return [0]
     choice = _Chooser(Layouts.from_strategy(src), Layouts.from_strategy(dst)).choose(rank_id)
     return sorted(choice.ranks, reverse=True)
-
-
-def needed_header_ranks(src: Strategy | None) -> list[int]:
-    """One source rank per pipeline stage: enough headers for `catalog_from_headers` (stage-local
-    numbering for an unmerged per-stage strategy: add `stage * devices`)."""
-    layouts = Layouts.from_strategy(src)
-    return [s * layouts.stage_device_num for s in layouts.stages]
-
-
-def catalog_from_headers(
-    src: Strategy | None,
-    headers: Mapping[int, Sequence[tuple[str, str, tuple[int, ...]]]],
-    path_of: Callable[[int], str] | None = None,
-) -> dict[str, TensorInfo]:
-    """Full shapes and dtypes of every source parameter from the stored (name, dtype, dims) of a few
-    source ranks covering every source stage (an unmerged one-stage strategy applies to any rank, as in
-    the pipeline subnetwork transform). Order: first seen over the ranks in descending order (MindSpore's
-    output order). PlanError when ranks disagree or a stage is missing; LayoutError when dims do not fit."""
-    layouts = Layouts.from_strategy(src)
-    where = path_of or (lambda r: f"source rank {r}")
-
-    def stage_of(rank: int) -> int:
-        return 0 if layouts.stage_count == 1 else layouts.stage_of(rank)
-
-    missing = sorted(set(layouts.stages) - {stage_of(r) for r in headers})
-    if missing:
-        raise PlanError(f"headers of source pipeline stage(s) {missing} are needed (got ranks {sorted(headers)})")
-    catalog: dict[str, TensorInfo] = {}
-    found_in: dict[str, int] = {}
-    absent: dict[str, set[int]] = {}
-    for rank in sorted(headers, reverse=True):
-        stage = stage_of(rank)
-        for name, dtype, dims in headers[rank]:
-            if layouts.unsharded or name not in layouts.names:
-                shape = tuple(dims)
-                absent.setdefault(name, set()).add(stage)
-            else:
-                shape = _full_shape(layouts, name, tuple(dims), stage, where(rank))
-            info = TensorInfo(dtype, shape)
-            known = catalog.get(name)
-            if known is None:
-                catalog[name], found_in[name] = info, rank
-            elif known != info:
-                raise PlanError(
-                    f"parameter {name!r}: {where(rank)} holds {dtype} {list(dims)} (full shape {list(shape)}), "
-                    f"but {where(found_in[name])} holds {known.dtype} with full shape {list(known.shape)}")
-    if layouts.stage_count > 1:
-        for name, stages in absent.items():
-            catalog[name] = TensorInfo(catalog[name].dtype, catalog[name].shape, tuple(sorted(stages)))
-    return catalog
-
-
-def _full_shape(layouts: Layouts, name: str, dims: tuple[int, ...], stage: int, where: str) -> tuple[int, ...]:
-    if stage not in layouts.stages_of(name):
-        raise PlanError(f"{where}: parameter {name!r} is stored here (pipeline stage {stage}), but the source "
-                        f"strategy puts it in stage(s) {list(layouts.stages_of(name))} only")
-    try:
-        return layouts.layout(name, stage).full_shape(name, dims)
-    except LayoutError as error:
-        raise LayoutError(f"{where}: {error}") from None

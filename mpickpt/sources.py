@@ -1,4 +1,5 @@
-"""Where source checkpoints are, and where outputs may not go."""
+"""Where source checkpoints are: `src_dir/rank_<r>/` holding `.ckpt` or `.safetensors` files, picked as
+MindSpore 2.10 picks them."""
 
 from __future__ import annotations
 
@@ -6,25 +7,54 @@ import os
 import re
 from pathlib import Path
 
-from .errors import SourceMissingError
+from .errors import MpickptError, SourceMissingError
+from .formats import FORMATS, suffix_of
 
 _RANK_DIR = re.compile(r"rank_(\d+)")
+_NUMBER = re.compile(r"\d+")
 
 
-def find_rank_files(src_dir: str | os.PathLike[str], suffix: str = ".ckpt") -> dict[int, str]:
-    """Map source rank -> its checkpoint file: `src_dir/rank_<r>/`, the last `*.ckpt` in lexicographic
-    order when a folder holds several (as MindSpore does)."""
-    root = Path(src_dir)
+def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = None) -> dict[int, str]:
+    """Map source rank -> its checkpoint file (absolute path), from `src_dir/rank_<r>/`.
+
+    With several files in one rank folder, MindSpore takes the lexicographically last `.ckpt`, and the
+    `.safetensors` whose last two numbers are largest (compared as numbers: `x-10_1875` over `x-9_1875`).
+    A folder holding both formats is an error unless `src_format` picks one.
+    """
+    root = Path(src_dir).absolute()
     if not root.is_dir():
         raise SourceMissingError(f"source checkpoint folder {root} is not a directory")
+    if src_format is not None:
+        suffix_of(src_format)  # rejects unknown names
     files: dict[int, str] = {}
     for folder in root.iterdir():
         match = _RANK_DIR.fullmatch(folder.name)
-        if not match or not folder.is_dir():
-            continue
-        candidates = sorted(str(p) for p in folder.glob(f"*{suffix}") if p.is_file())
-        if candidates:
-            files[int(match.group(1))] = candidates[-1]
+        if match and folder.is_dir():
+            chosen = _pick(folder, src_format)
+            if chosen is not None:
+                files[int(match.group(1))] = str(chosen)
     if not files:
-        raise SourceMissingError(f"{root} holds no rank_<r>/*{suffix} checkpoint files")
+        looked = " or ".join(f"rank_<r>/*{suffix_of(f)}" for f in ([src_format] if src_format else FORMATS))
+        raise SourceMissingError(f"{root} holds no {looked} checkpoint files")
     return dict(sorted(files.items()))
+
+
+def _pick(folder: Path, src_format: str | None) -> Path | None:
+    """The checkpoint file MindSpore would take from one rank folder."""
+    found = {fmt: [p for p in folder.glob(f"*{suffix_of(fmt)}") if p.is_file()] for fmt in FORMATS}
+    present = [fmt for fmt in FORMATS if found[fmt]]
+    if src_format is None and len(present) > 1:
+        raise MpickptError(f"{folder} holds both {' and '.join(present)} checkpoints; choose one with "
+                           f"--src-format ({'|'.join(FORMATS)})")
+    fmt = src_format or (present[0] if present else None)
+    if fmt is None or not found[fmt]:
+        return None
+    if fmt == "safetensors":
+        return max(found[fmt], key=_last_two_numbers)
+    return max(found[fmt], key=lambda p: p.name)
+
+
+def _last_two_numbers(path: Path) -> tuple[int, int, str]:
+    numbers = [int(n) for n in _NUMBER.findall(path.stem)][-2:]
+    numbers = [0] * (2 - len(numbers)) + numbers
+    return numbers[0], numbers[1], path.name

@@ -6,19 +6,25 @@ returns is plain picklable data that every process can use to run its own tasks.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .ckpt import index_checkpoint
-from .errors import MpickptError, SourceMissingError
+from . import __version__
+from .catalog import SourceCatalog, build_catalog
+from .destination import check_destination, check_prefix
+from .errors import MpickptError, PlanError, SourceMissingError
 from .execute import SourceFiles, write_target
+from .formats import open_index, suffix_of
+from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
-from .plan import Planner, TargetPlan, TensorInfo, catalog_from_headers, needed_header_ranks
-from .destination import refuse_destination_inside
+from .plan import Planner, TargetPlan, TensorInfo
 from .sources import find_rank_files
-from .strategy import Strategy, load_strategy, merge_strategy_folder, save_strategy
+from .strategy import PROTOBUF, Strategy, load_strategy, merge_strategy_folder, save_strategy, strategy_to_bytes
 
 # Parameter-name prefixes MindSpore ignores when deciding on the pipeline subnetwork transform.
 _OPTIMIZER_PREFIXES = ("accu_grads", "adam_v", "adam_m")
@@ -69,37 +75,59 @@ class TransformJob:
     dst_dir: str
     forbidden_dirs: tuple[str, ...]
     src_stage: int | None = None
+    holders: dict[str, frozenset[int]] = field(default_factory=dict)  # partly held parameters: who holds them
+    output_format: str = "ckpt"
+    crc: bool = False
+    verify_crc: bool = False
+    options: TransformOptions | None = None
+    notes: tuple[str, ...] = ()  # for the summary: modes taken, folders ignored
     _planner: Planner | None = field(default=None, repr=False, compare=False)
     # Plans made while preparing, used once by run_task in the same process (not sent to others).
     _plans: dict[int, TargetPlan] = field(default_factory=dict, repr=False, compare=False)
+    _verified: set[str] = field(default_factory=set, repr=False, compare=False)  # sources whose CRC passed here
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state["_planner"] = None
         state["_plans"] = {}
+        state["_verified"] = set()
         return state
 
     @classmethod
     def prepare(cls, options: TransformOptions, *, write_merged: bool = True) -> TransformJob:
-        """Coordinator only: validate paths, merge pipeline strategy folders (kept in dst_dir when
-        write_merged), index headers, plan tasks."""
-        if options.output_format != "ckpt":
-            raise MpickptError(
-                f"output_format {options.output_format!r} is not supported yet (only 'ckpt'); "
-                "safetensors output arrives with the safetensors format"
-            )
+        """Coordinator only: validate the whole job (paths, both strategies, the headers of every source
+        file) and plan every target; merged pipeline strategy folders are kept in dst_dir when write_merged."""
+        check_prefix(options.prefix)
+        suffix_of(options.output_format)
         src_dir = Path(options.src_dir)
         if not src_dir.is_dir():
             raise SourceMissingError(f"src_checkpoints_dir {src_dir} is not a directory")
         read_dirs = [str(src_dir)] + [d for d in (options.src_strategy_dir, options.dst_strategy_dir) if d]
         keep_in = options.dst_dir if write_merged else None
         if keep_in is not None:
-            refuse_destination_inside(options.dst_dir, read_dirs)
-        src = _strategy(options.src_strategy, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY)
-        dst = _strategy(options.dst_strategy, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY)
-        rank_files = find_rank_files(src_dir)
-        src_stage = src.stage if src is not None and _is_stage_subnetwork(src, dst) else None
-        return cls.plan(src, dst, rank_files, options.dst_dir, options.prefix, read_dirs, src_stage)
+            check_destination(options.dst_dir, read_dirs)
+        rank_files = find_rank_files(src_dir, options.src_format)
+        src = _strategy(options.src_strategy, options.src_strategy_dir)
+        dst = _strategy(options.dst_strategy, options.dst_strategy_dir)
+        headers = read_headers(rank_files)
+        src_stage = _subnetwork_stage(src, dst, headers)
+        notes: list[str] = []
+        if src_stage is not None:
+            notes.append(f"pipeline subnetwork transform: the source strategy is stage {src_stage} only, whose "
+                         f"parameters are a strict subset of the target's; outputs are <prefix><rank>_part"
+                         f"{src_stage}{suffix_of(options.output_format)}")
+        rank_files = _ranks_of_strategy(src, src_stage, rank_files, src_dir)
+        headers = {r: headers[r] for r in rank_files}
+        src = _kept(src, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY)
+        dst = _kept(dst, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY)
+        catalog = build_catalog(src, {r: h.rows for r, h in headers.items()}, lambda r: rank_files[r],
+                                src_stage=src_stage)
+        _check_output_format(catalog.params, headers, options.output_format)
+        if catalog.holders:
+            notes.append(f"redundancy-removed sources: {len(catalog.holders)} parameter(s) are held by only some "
+                         f"rank files; each slice is read from a file that holds it")
+        return cls.plan(src, dst, rank_files, options.dst_dir, options.prefix, read_dirs, src_stage,
+                        catalog=catalog, options=options, notes=tuple(notes))
 
     @classmethod
     def plan(
@@ -112,11 +140,22 @@ class TransformJob:
         forbidden_dirs: Iterable[str],
         src_stage: int | None = None,
         output_paths: Mapping[int, str] | None = None,
+        *,
+        catalog: SourceCatalog | None = None,
+        options: TransformOptions | None = None,
+        notes: tuple[str, ...] = (),
     ) -> TransformJob:
-        """Plan every target of a conversion whose source files are known."""
-        catalog = _catalog(src, rank_files, src_stage)
-        job = cls(src, dst, catalog, dict(rank_files), (), str(dst_dir), tuple(map(str, forbidden_dirs)), src_stage)
+        """Plan every target of a conversion whose source files are known (their headers are read here
+        unless a catalog of them is given)."""
+        if catalog is None:
+            catalog = build_catalog(src, {r: h.rows for r, h in read_headers(rank_files).items()},
+                                    lambda r: rank_files[r], src_stage=src_stage)
+        output_format = options.output_format if options else "ckpt"
+        job = cls(src, dst, catalog.params, dict(rank_files), (), str(dst_dir), tuple(map(str, forbidden_dirs)),
+                  src_stage, dict(catalog.holders), output_format, bool(options and options.crc),
+                  bool(options and options.verify_crc), options, notes)
         planner = job.planner()
+        strategies = {"src": strategy_digest(src), "dst": strategy_digest(dst)}
         tasks = []
         targets = planner.target_ranks if output_paths is None else sorted(output_paths)
         for target in targets:
@@ -125,22 +164,24 @@ class TransformJob:
             if missing:
                 raise SourceMissingError(
                     f"the checkpoint files of source ranks {sorted(missing)} are needed for target rank {target} "
-                    f"but are missing (looked for rank_<r>/*.ckpt)"
+                    f"but are missing (looked for rank_<r>/*.ckpt or *.safetensors)"
                 )
+            suffix = suffix_of(output_format)
             if output_paths is not None:
                 path = output_paths[target]
             elif src_stage is not None:
-                path = os.path.join(dst_dir, f"rank_{target}", f"{prefix}{target}_part{src_stage}.ckpt")
+                path = os.path.join(dst_dir, f"rank_{target}", f"{prefix}{target}_part{src_stage}{suffix}")
             else:
-                path = os.path.join(dst_dir, f"rank_{target}", f"{prefix}{target}.ckpt")
+                path = os.path.join(dst_dir, f"rank_{target}", f"{prefix}{target}{suffix}")
             tasks.append(
                 OutputTask(
                     target_rank=target,
-                    path=path,
+                    path=os.path.abspath(path),
                     source_ranks=plan.source_ranks,
-                    source_files=tuple(rank_files[r] for r in plan.source_ranks),
+                    source_files=tuple(os.path.abspath(rank_files[r]) for r in plan.source_ranks),
                     read_bytes=plan.bytes_read(),
                     write_bytes=plan.bytes_written(),
+                    job_key=_job_key(strategies, prefix, output_format, job.crc, src_stage, plan),
                 )
             )
         job.tasks = tuple(tasks)
@@ -149,56 +190,130 @@ class TransformJob:
     def planner(self) -> Planner:
         """The planner of this job (built once per process)."""
         if self._planner is None:
-            self._planner = Planner(self.src, self.dst, self.catalog, src_stage=self.src_stage)
+            self._planner = Planner(self.src, self.dst, self.catalog, src_stage=self.src_stage, holders=self.holders)
         return self._planner
 
     def run_task(self, task: OutputTask, *, sync: bool = True, progress: Callable[[int], None] | None = None) -> None:
         """Write one output atomically; progress(bytes) is called as bytes are written."""
         plan = self._plans.pop(task.target_rank, None) or self.planner().plan(task.target_rank)
-        with SourceFiles({r: self.rank_files[r] for r in plan.source_ranks}) as sources:
-            try:
-                write_target(
-                    plan, sources, task.path, sync=sync, forbidden_dirs=self.forbidden_dirs, progress=progress
-                )
-            except MpickptError as error:
-                raise type(error)(f"target rank {task.target_rank} ({task.path}): {error}") from error
+        paths = {r: self.rank_files[r] for r in plan.source_ranks}
+        try:
+            if self.verify_crc:
+                self._verify_sources(paths.values())
+            with SourceFiles(paths) as sources:
+                write_target(plan, sources, task.path, fmt=self.output_format, crc=self.crc, sync=sync,
+                             forbidden_dirs=self.forbidden_dirs, progress=progress)
+        except MpickptError as error:
+            raise type(error)(f"target rank {task.target_rank} ({task.path}): {error}") from error
+
+    def _verify_sources(self, paths: Iterable[str]) -> None:
+        """Check the stored checksum of each source file once per process (a warning where it has none)."""
+        for path in paths:
+            if path not in self._verified:
+                with open_index(path, verify_crc=True) as index:
+                    if index.crc is None:
+                        warnings.warn(f"{path}: no stored checksum to verify", stacklevel=2)
+                self._verified.add(path)
 
 
-def _strategy(file: str | None, folder: str | None, keep_in: str | None, merged_name: str) -> Strategy | None:
-    """Load a strategy file, or merge a folder of per-stage files (kept as a file in `keep_in` if given)."""
+def _strategy(file: str | None, folder: str | None) -> Strategy | None:
+    """Load a strategy file, or merge a folder of per-stage files."""
     if file and folder:
         raise MpickptError(f"give either a strategy file ({file}) or a strategy folder ({folder}), not both")
     if folder:
-        merged = merge_strategy_folder(folder)
-        if keep_in is None:
-            return merged
-        target = Path(keep_in) / merged_name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        save_strategy(merged, target)
-        return replace(merged, path=str(target))
+        return merge_strategy_folder(folder)
     return load_strategy(file) if file else None
 
 
-def _is_stage_subnetwork(src: Strategy | None, dst: Strategy | None) -> bool:
-    """MindSpore's switch to the pipeline subnetwork transform: neither strategy pipelined and the source
-    parameters (ignoring optimizer states) a strict subset of the target's."""
+def _kept(strategy: Strategy | None, folder: str | None, keep_in: str | None, merged_name: str) -> Strategy | None:
+    """A strategy merged from a folder, saved in `keep_in` (when given) as `merged_name`."""
+    if strategy is None or not folder or keep_in is None:
+        return strategy
+    target = Path(keep_in) / merged_name
+    save_strategy(strategy, target)
+    return replace(strategy, path=str(target))
+
+
+def strategy_digest(strategy: Strategy | None) -> str:
+    """A content hash of a strategy (its protobuf form), "none" for a missing one."""
+    if strategy is None:
+        return "none"
+    return hashlib.sha256(strategy_to_bytes(strategy, PROTOBUF)).hexdigest()
+
+
+def _job_key(strategies: Mapping[str, str], prefix: str, output_format: str, crc: bool, src_stage: int | None,
+             plan: TargetPlan) -> str:
+    """Digest of everything but the source files that decides one output's content."""
+    content = {"version": __version__, "strategies": dict(strategies), "prefix": prefix, "format": output_format,
+               "crc": crc, "src_stage": src_stage, "target": plan.target_rank,
+               "params": [[p.name, p.dtype, list(p.dims)] for p in plan.params]}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _ranks_of_strategy(src: Strategy | None, src_stage: int | None, rank_files: dict[int, str],
+                       src_dir: Path) -> dict[int, str]:
+    """The rank files the source strategy covers (those of `src_stage` only in the pipeline subnetwork
+    transform). Missing ranks are an error; so are extra rank folders, since a strategy for fewer devices
+    than the checkpoint has would otherwise convert part of the data without a word."""
+    if src is None:
+        if len(rank_files) > 1:
+            raise MpickptError(f"{src_dir} holds {len(rank_files)} rank folders but no source strategy was given: "
+                               f"a source strategy file (--src-strategy) or folder (--src-strategy-dir) is needed "
+                               f"to know how they split the parameters")
+        if 0 not in rank_files:
+            raise SourceMissingError(f"{src_dir}: without a source strategy the source is rank_0, which is missing "
+                                     f"(found rank_{next(iter(rank_files))})")
+        return rank_files
+    per_stage = Layouts.from_strategy(src).stage_device_num
+    first = 0 if src_stage is None else src_stage * per_stage
+    wanted = range(first, first + Layouts.from_strategy(src).device_count)
+    missing = [r for r in wanted if r not in rank_files]
+    if missing:
+        raise SourceMissingError(f"{src_dir}: the source strategy ({src.path}) covers ranks {wanted.start}.."
+                                 f"{wanted.stop - 1}, but the checkpoint files of ranks {missing} are missing "
+                                 f"(looked for rank_<r>/*.ckpt or *.safetensors)")
+    extra = sorted(r for r in rank_files if r not in wanted)
+    if extra and src_stage is None:
+        raise PlanError(f"{src_dir} has rank folders {extra} beyond the {len(wanted)} ranks of the source strategy "
+                        f"({src.path}): is it the strategy of this checkpoint? Move those folders away to convert "
+                        f"ranks {wanted.start}..{wanted.stop - 1} only")
+    return {r: f for r, f in rank_files.items() if r in wanted}
+
+
+def _subnetwork_stage(src: Strategy | None, dst: Strategy | None,
+                      headers: Mapping[int, SourceHeaders]) -> int | None:
+    """The source stage when MindSpore would take the pipeline subnetwork transform: neither strategy
+    pipelined and the source parameters (ignoring optimizer states) a strict subset of the target's.
+    Taken only when the source files agree: a file holding a target-strategy parameter that the source
+    strategy lacks means the source strategy is incomplete, which is an error."""
     if src is None or dst is None or src.stage_count > 1 or dst.stage_count > 1:
-        return False
-    src_keys = {n for n in src.layouts_by_param() if not n.startswith(_OPTIMIZER_PREFIXES)}
-    dst_keys = {n for n in dst.layouts_by_param() if not n.startswith(_OPTIMIZER_PREFIXES)}
-    return src_keys < dst_keys
+        return None
+    src_names = set(src.layouts_by_param())
+    dst_names = set(dst.layouts_by_param())
+    src_keys = {n for n in src_names if not n.startswith(_OPTIMIZER_PREFIXES)}
+    dst_keys = {n for n in dst_names if not n.startswith(_OPTIMIZER_PREFIXES)}
+    if not src_keys < dst_keys:
+        return None
+    per_stage = Layouts.from_strategy(src).stage_device_num
+    for rank, found in sorted(headers.items()):
+        if rank // per_stage != src.stage:
+            continue  # files of other pipeline stages are not read
+        stray = [name for name, _, _ in found.rows if name in dst_names and name not in src_names]
+        if stray:
+            raise PlanError(f"{found.path}: parameter {stray[0]!r} is in the target strategy and in this "
+                            f"source file but not in the source strategy ({src.path}): the source strategy is "
+                            f"incomplete (a per-stage strategy file of a pipeline run? give the folder of all "
+                            f"stages with --src-strategy-dir)")
+    return src.stage
 
 
-def _catalog(src: Strategy | None, rank_files: Mapping[int, str], src_stage: int | None) -> dict[str, TensorInfo]:
-    """Full shapes and dtypes of every source parameter, from the headers of a few source files."""
-    wanted = needed_header_ranks(src)
-    if src_stage is not None and src is not None:
-        wanted = [src_stage * Layouts.from_strategy(src).stage_device_num + r for r in wanted]
-    if not all(rank in rank_files for rank in wanted):
-        wanted = list(rank_files)  # given only some files (transform_checkpoint_by_rank): read all their headers
-    headers = {}
-    for rank in wanted:
-        with index_checkpoint(rank_files[rank]) as index:
-            headers[rank] = [(e.name, e.dtype, tuple(e.dims)) for e in index.entries.values()]
-    return catalog_from_headers(src, headers, path_of=lambda r: rank_files.get(r, f"rank {r}"))
-
+def _check_output_format(params: Mapping[str, TensorInfo], headers: Mapping[int, SourceHeaders],
+                         output_format: str) -> None:
+    """Values the output format cannot hold are an error naming them, before anything is written."""
+    if output_format != "safetensors":
+        return
+    for rank, found in headers.items():
+        for name, kind in found.kinds.items():
+            if kind != "tensor" or params[name].dtype == "str":
+                raise MpickptError(f"{found.path}: parameter {name!r} is a {params[name].dtype} value, which "
+                                   f"safetensors cannot hold; convert to ckpt, or leave it out of the source")

@@ -312,3 +312,88 @@ def test_release_keeps_views_valid(tmp_path: Path) -> None:
         index.release("a")
         index.release("b")
         assert np.array_equal(view, data) and np.array_equal(index.array("b"), data[::-1])
+
+
+def _raw_entry(tag: bytes, tensor: bytes, content: int = 0) -> bytes:
+    """Header of one ``Checkpoint`` message around hand-encoded ``TensorProto`` bytes, the last
+    ``content`` bytes of that tensor left to follow in the file."""
+    value = b"\x0a" + _varint(len(tag)) + tag + b"\x12" + _varint(len(tensor) + content) + tensor
+    return b"\x0a" + _varint(len(value) + content) + value
+
+
+MAP_OK = [("int32", (2,), b"\0" * 8), ("float32", (2, 1), b"\0" * 8)]
+
+
+@pytest.mark.parametrize(
+    ("blob", "message"),
+    [
+        (pb_entry("p", "Float32", (0, 1 << 61), b""), r"'p': dims \[0, 2305843009213693952\] are too large for numpy"),
+        (pb_entry("p", "Int8", (1 << 62, 0, 2), b""), r"'p': dims .* too large for numpy"),
+        (pb_entry("p", "Int8", (1,) * 65, b"\0"), "'p': more than 64 dims"),
+        (pb_entry("p", "Int8", (-1,), b""), "'p': negative dimension"),
+        (pb_entry("s", "str", (0,), (0x110000).to_bytes(4, "little")), r"'s' is not UTF-32 \(code point 0x110000\)"),
+        (pb_entry("s", "str", (0,), b"a\0\0\0\0\0") + pb_entry("s", "str", (0,), b"\x11\0"), "code point 0x110000"),
+        (_raw_entry(b"p", b"\x08\x01\x12\x04Int8\x1a" + _varint(1 << 62) + b"\0"), "'p': a length-delimited field runs"),
+        (pb_maptensor_entry("m", [("complex64", (1,), b"\0" * 8)]), "'m': unknown dtype 'complex64' in a MapTensor"),
+        (pb_maptensor_entry("m", [("int32", (2,), b"\0" * 7)]), r"'m': a MapTensor tensor \(int32 \[2\]\) holds 7"),
+        (pb_maptensor_entry("m", [("int32", (), b"\0" * 4)]), "'m': a MapTensor holds a 0-d tensor"),
+        (pb_maptensor_entry("m", [("int8", (0, 1 << 63 - 1, 2), b"")]), "'m': dims .* too large for numpy"),
+        (b"\x0a\x05\x0a\x01m\x1a\x00", "'m': a MapTensor without tensors"),
+        (pb_maptensor_entry("m", MAP_OK) + pb_maptensor_entry("m", [("int32", (1,), b"\0" * 4), ("float32", (1, 2), b"\0" * 8)]),
+         r"'m' is split into pieces .*float32 \['\*', 1\] then .*float32 \['\*', 2\]"),
+        (pb_maptensor_entry("m", MAP_OK) + pb_entry("m", "Int32", (2,), b"\0" * 8), "'m' is split into pieces"),
+        (pb_entry("m", "Int32", (2,), b"\0" * 8) + pb_maptensor_entry("m", MAP_OK), "'m' is split into pieces"),
+    ],
+    ids=[
+        "zero-beside-huge", "product-too-big", "65-dims", "negative-dim", "str-code-point", "str-code-point-split",
+        "length-past-end", "map-dtype", "map-size", "map-0d", "map-too-big", "map-empty", "map-pieces-differ",
+        "map-then-tensor", "tensor-then-map",
+    ],
+)
+def test_entries_numpy_cannot_map_are_refused_at_index_time(tmp_path: Path, blob: bytes, message: str) -> None:
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(blob)
+    with pytest.raises(CheckpointFormatError, match=message) as err:
+        index_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+def test_str_longer_than_numpy_allows_is_refused_without_reading_it(tmp_path: Path) -> None:
+    """A 2 GiB str value (sparse file) exceeds numpy's largest "<U" dtype; refused from its header."""
+    size = 1 << 31
+    header = _raw_entry(b"s", b"\x08\x00\x12\x03str\x1a" + _varint(size), size)
+    path = tmp_path / "long.ckpt"
+    with path.open("wb") as f:
+        f.write(header)
+        f.truncate(len(header) + size)
+    with pytest.raises(CheckpointFormatError, match="str value 's' is longer than numpy allows"):
+        index_checkpoint(path)
+
+
+def test_numpy_limits_are_met_exactly(tmp_path: Path) -> None:
+    """64 dims, a dim of 2**62 beside a 0 for 1-byte items, and lone surrogates are what numpy accepts."""
+    path = tmp_path / "edge.ckpt"
+    path.write_bytes(
+        pb_entry("d64", "Int8", (1,) * 64, b"\7")
+        + pb_entry("wide", "Int8", (0, 1 << 62), b"")
+        + pb_entry("sur", "str", (0,), (0xD800).to_bytes(4, "little") + (0x10FFFF).to_bytes(4, "little"))
+    )
+    with index_checkpoint(path) as index:
+        assert index.array("d64").shape == (1,) * 64 and int(index.array("d64").reshape(-1)[0]) == 7
+        assert index.array("wide").shape == (0, 1 << 62)
+        assert index.array("sur").item() == "\ud800\U0010ffff"
+
+
+def test_multi_piece_str_values(tmp_path: Path) -> None:
+    """Pieces of a str value may cut a character; an empty value in two pieces reads as ''."""
+    path = tmp_path / "strs.ckpt"
+    path.write_bytes(
+        pb_entry("a", "str", (0,), b"a\0") + pb_entry("a", "str", (0,), b"\0\0b\0\0\0")
+        + pb_entry("e", "str", (0,), b"") + pb_entry("e", "str", (0,), b"")
+        + pb_entry("z", "Int8", (0,), b"") + pb_entry("z", "Int8", (0,), b"")
+    )
+    with index_checkpoint(path) as index:
+        assert index.array("a").item() == "ab"
+        empty = index.array("e")
+        assert empty.item() == "" and empty.tobytes() == b""
+        assert index.array("z").shape == (0,)

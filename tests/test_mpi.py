@@ -207,7 +207,7 @@ def test_exception_in_one_process_names_it_and_ends_every_process(flavor: str, t
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_corrupt_source_names_process_target_file_and_parameter(flavor: str, tmp_path: Path) -> None:
+def test_corrupt_source_is_refused_before_any_output_naming_file_and_parameter(flavor: str, tmp_path: Path) -> None:
     src = tmp_path / "src"
     shutil.copytree(KILL_CASE.src_dir, src)
     victim = next((src / "rank_3").glob("*.ckpt"))
@@ -217,9 +217,11 @@ def test_corrupt_source_names_process_target_file_and_parameter(flavor: str, tmp
     done = mpickpt(transform_args(KILL_CASE, tmp_path / "dst", src), launcher(flavor) + ["-n", "2"])
     assert done.returncode != 0
     assert done.seconds < ENDS_WITHIN
-    line = next(line for line in done.output.splitlines() if line.startswith("mpickpt: process "))
-    assert line.count("target rank ") == 1 and str(victim) in line, line  # named once
-    assert "parameter '" in line, line
+    errors = {line for line in done.output.splitlines() if line.startswith("mpickpt: error:")}
+    assert len(errors) == 1 and done.output.count("mpickpt: error:") == 2, done.output  # rank 0's, on both ranks
+    line = errors.pop()
+    assert str(victim) in line and "parameter '" in line, line
+    assert not list((tmp_path / "dst").rglob("*.ckpt"))  # the whole job is validated before writing
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)

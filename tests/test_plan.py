@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 
 from fixture_cases import FIXTURES, Case, case_params, requires_fixtures
+from mpickpt.catalog import build_catalog
 from mpickpt.ckpt import index_checkpoint
 from mpickpt.errors import LayoutError, PlanError
-from mpickpt.layout import Box
+from mpickpt.layout import Box, Layouts
 from mpickpt.plan import (
     Copy,
     Planner,
     TensorInfo,
-    catalog_from_headers,
-    needed_header_ranks,
     rank_list_for_transform,
 )
 from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, load_strategy
@@ -231,37 +230,6 @@ def test_stage_subnetwork_transform_numbers_sources_from_the_stage() -> None:
     assert plan.source_ranks == (3,)
 
 
-# --- catalog -----------------------------------------------------------------------------------------
-
-
-def test_catalog_from_headers_derives_full_shapes_in_mindspore_order() -> None:
-    src = strategy(item("0-w", (2,), (0, -1), size=0), item("1-v", (2,), (-1, 0), size=0), stages=2)
-    assert needed_header_ranks(src) == [0, 2] and needed_header_ranks(None) == [0]
-    headers = {0: [("w", F32, (2, 3)), ("global_step", "Int32", (1,))],
-               2: [("v", F32, (5, 2)), ("global_step", "Int32", (1,)), ("tail", F32, ())]}
-    catalog = catalog_from_headers(src, headers)
-    assert list(catalog) == ["v", "global_step", "tail", "w"]
-    assert catalog["w"] == TensorInfo(F32, (4, 3)) and catalog["v"] == TensorInfo(F32, (5, 4))
-    assert catalog["global_step"].stages == (0, 1) and catalog["tail"].stages == (1,)
-    assert catalog_from_headers(None, {0: [("w", F32, (4, 3))]}) == {"w": TensorInfo(F32, (4, 3))}
-
-
-def test_catalog_errors_name_the_file_and_parameter() -> None:
-    src = strategy(item("w", (2,), (0, -1)))
-    path = {0: "/ckpt/rank_0/a.ckpt", 1: "/ckpt/rank_1/a.ckpt"}.get
-    with pytest.raises(PlanError, match=r"'w': /ckpt/rank_0/a.ckpt holds Float32 \[3, 3\].*/ckpt/rank_1/a.ckpt"):
-        catalog_from_headers(src, {0: [("w", F32, (3, 3))], 1: [("w", F32, (2, 3))]}, path_of=path)
-    with pytest.raises(PlanError, match="'global_step'.*Int64"):
-        catalog_from_headers(src, {0: [("global_step", "Int32", (1,))], 1: [("global_step", "Int64", (1,))]})
-    with pytest.raises(LayoutError, match=r"/ckpt/rank_0/a.ckpt: .*'w': a stored slice has 1 dimensions"):
-        catalog_from_headers(src, {0: [("w", F32, (3,))]}, path_of=path)
-    piped = strategy(item("0-w", (2,), (0,)), item("1-v", (2,), (0,)), stages=2)
-    with pytest.raises(PlanError, match=r"stage\(s\) \[1\] are needed"):
-        catalog_from_headers(piped, {0: [("w", F32, (3,))]})
-    with pytest.raises(PlanError, match=r"rank 2: parameter 'w' is stored here \(pipeline stage 1\)"):
-        catalog_from_headers(piped, {0: [("w", F32, (3,))], 2: [("w", F32, (3,))]})
-
-
 # --- errors ------------------------------------------------------------------------------------------
 
 
@@ -310,9 +278,13 @@ def _rank_file(case: Case, rank: int) -> Path:
     return next((case.src_dir / f"rank_{rank}").glob("*.ckpt"))
 
 
-def _catalog(case: Case, src: Strategy | None, ranks: list[int]) -> dict[str, TensorInfo]:
+def _catalog(case: Case, src: Strategy | None, ranks: range, src_stage: int | None = None) -> dict[str, TensorInfo]:
     headers = {r: [(n, d, a.shape) for n, (d, a) in _arrays(_rank_file(case, r)).items()] for r in ranks}
-    return catalog_from_headers(src, headers, path_of=lambda r: str(_rank_file(case, r)))
+    return build_catalog(src, headers, path_of=lambda r: str(_rank_file(case, r)), src_stage=src_stage).params
+
+
+def _all_ranks(src: Strategy | None) -> range:
+    return range(Layouts.from_strategy(src).device_count)
 
 
 def _check_against(case: Case, planner: Planner, expected: dict[int, Path]) -> None:
@@ -338,7 +310,7 @@ def _check_against(case: Case, planner: Planner, expected: dict[int, Path]) -> N
 def test_rank_lists_never_exceed_mindspores(case: Case) -> None:
     src, dst = _strategy(case, "src"), _strategy(case, "dst")
     theirs = case.meta.get("ms_rank_list_for_transform") or {str(t): [0] for t in range(case.meta["dst_ranks"])}
-    planner = Planner(src, dst, _catalog(case, src, needed_header_ranks(src)))
+    planner = Planner(src, dst, _catalog(case, src, _all_ranks(src)))
     for target, listed in theirs.items():
         ours = rank_list_for_transform(int(target), src, dst)
         assert set(ours) <= set(listed) and len(ours) <= len(listed), \
@@ -350,7 +322,7 @@ def test_rank_lists_never_exceed_mindspores(case: Case) -> None:
 @case_params
 def test_plans_rebuild_what_mindspore_wrote(case: Case) -> None:
     src, dst = _strategy(case, "src"), _strategy(case, "dst")
-    planner = Planner(src, dst, _catalog(case, src, needed_header_ranks(src)))
+    planner = Planner(src, dst, _catalog(case, src, _all_ranks(src)))
     _check_against(case, planner, case.expected_files())
 
 
@@ -359,6 +331,6 @@ def test_plans_rebuild_what_mindspore_wrote(case: Case) -> None:
 def test_stage_subnetwork_plans_rebuild_what_mindspore_wrote(stage: int) -> None:
     case = Case(FIXTURES / "pipeline_2x4_to_4", json.loads((FIXTURES / "pipeline_2x4_to_4" / "case.json").read_text()))
     src = load_strategy(case.root / "src_pipeline_strategys" / f"src_strategy_{4 * stage}.ckpt")
-    planner = Planner(src, _strategy(case, "dst"), _catalog(case, src, [4 * stage]), src_stage=stage)
+    planner = Planner(src, _strategy(case, "dst"), _catalog(case, src, range(4 * stage, 4 * stage + 4), stage), src_stage=stage)
     expected = {t: case.root / "expected_by_stage" / f"rank_{t}" / f"checkpoint_{t}_part{stage}.ckpt" for t in range(4)}
     _check_against(case, planner, expected)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpickpt.layout import Box, Layouts
-from mpickpt.plan import Planner, TargetPlan, TensorInfo, catalog_from_headers, rank_list_for_transform
+from mpickpt.catalog import build_catalog
+from mpickpt.plan import Planner, TargetPlan, TensorInfo, rank_list_for_transform
 from mpickpt.testing.strategies import Conversion, conversions
 
 GLOBAL_STEP = np.array([7], dtype=np.int64)
@@ -77,19 +79,46 @@ def _expected(case: Conversion, full: dict[str, np.ndarray], target: int) -> dic
 
 
 def _catalog(case: Conversion, slices: dict[int, dict[str, np.ndarray]]) -> dict[str, TensorInfo]:
+    return _source_catalog(case, slices).params
+
+
+def _source_catalog(case: Conversion, slices: dict[int, dict[str, np.ndarray]]):  # type: ignore[no-untyped-def]
     headers = {r: [(n, "Int64", a.shape) for n, a in params.items()] for r, params in slices.items()}
-    return catalog_from_headers(case.src, headers)
+    return build_catalog(case.src, headers)
 
 
-def check_conversion(case: Conversion) -> None:
+def _remove_redundancy(case: Conversion, slices: dict[int, dict[str, np.ndarray]], keep: st.DataObject) -> None:
+    """Drop parameters from rank files as a redundancy-removed save does: of the ranks of one pipeline stage
+    whose slices are byte-equal (replicas, found from the data, not from the layouts), only a random
+    non-empty subset keeps it."""
+    per_stage = Layouts.from_strategy(case.src).stage_device_num
+    names = {n for params in slices.values() for n in params}
+    for name in sorted(names):
+        groups: dict[tuple[int, bytes], list[int]] = {}
+        for rank, params in sorted(slices.items()):
+            if name in params:
+                content = params[name].tobytes() + repr(params[name].shape).encode()
+                groups.setdefault((rank // per_stage, content), []).append(rank)
+        for ranks in groups.values():
+            kept = keep.draw(st.sets(st.sampled_from(ranks), min_size=1))
+            for rank in ranks:
+                if rank not in kept:
+                    del slices[rank][name]
+
+
+def check_conversion(case: Conversion, redundancy: st.DataObject | None = None) -> None:
     """Plan every target of `case` and check it against the full tensors split by the target layout;
-    the layout-only rank list must be the plan's files (global_step never opens one of its own)."""
+    the layout-only rank list must be the plan's files (global_step never opens one of its own). With
+    `redundancy`, rank files hold only random shares of the replicated data; plans read only what files hold."""
     full = _full_tensors(case)
     slices = _source_slices(case, full)
-    catalog = _catalog(case, slices)
+    if redundancy is not None:
+        _remove_redundancy(case, slices, redundancy)
+    source = _source_catalog(case, slices)
+    catalog = source.params
     assert {n: i.shape for n, i in catalog.items() if n in full} == {n: a.shape for n, a in full.items()
                                                                      if n in catalog}
-    planner = Planner(case.src, case.dst, catalog)
+    planner = Planner(case.src, case.dst, catalog, holders=source.holders)
     assert len(planner.target_ranks) == Layouts.from_strategy(case.dst).device_count
     for target in planner.target_ranks:
         plan = planner.plan(target)
@@ -99,6 +128,8 @@ def check_conversion(case: Conversion) -> None:
         for name, array in expected.items():
             np.testing.assert_array_equal(got[name], array, err_msg=f"target {target} {name}")
         assert list(plan.source_ranks) == sorted(plan.source_ranks, reverse=True)
+        if redundancy is not None:
+            continue  # the layout-only rank list knows nothing of what files hold
         listed = rank_list_for_transform(target, case.src, case.dst)
         strategy_ranks = {c.src_rank for p in plan.params if p.name != "global_step" for c in p.copies}
         assert set(listed) == (strategy_ranks if case.src is not None else {0})
@@ -110,6 +141,12 @@ def check_conversion(case: Conversion) -> None:
 @given(conversions())
 def test_plans_rebuild_the_target_split(case: Conversion) -> None:
     check_conversion(case)
+
+
+@settings(max_examples=100, deadline=None)
+@given(conversions(), st.data())
+def test_redundancy_removed_sources_rebuild_the_target_split(case: Conversion, data: st.DataObject) -> None:
+    check_conversion(case, data)
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,0 +1,173 @@
+"""The bad-input matrix, end to end on the shipped example: every case either fails with a typed error
+naming the file and parameter before any output is written, or converts to exactly the clean result.
+Sources are never modified."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fixture_cases import checkpoint_content
+from mpickpt.ckpt import index_checkpoint, save_checkpoint
+from mpickpt.errors import CheckpointFormatError, LayoutError, MpickptError, PlanError, SourceMissingError
+from mpickpt.strategy import load_strategy, save_strategy
+from mpickpt.transform import TransformJob, TransformOptions
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_llama"
+SRC_STRATEGY = EXAMPLE / "src_strategy.ckpt"
+DST_STRATEGY = EXAMPLE / "dst_strategy_4.ckpt"
+
+
+def _convert(src: Path, dst: Path, **options: object) -> None:
+    job = TransformJob.prepare(TransformOptions(str(src), str(dst), src_strategy=str(options.pop("src_strategy",
+                                                SRC_STRATEGY)), dst_strategy=str(DST_STRATEGY), **options))
+    for task in job.tasks:
+        job.run_task(task, sync=False)
+
+
+def _content(folder: Path) -> dict[str, list[tuple[str, str, tuple[int, ...], bytes]]]:
+    return {str(p.relative_to(folder)): sorted(checkpoint_content(p)) for p in sorted(folder.glob("rank_*/*.ckpt"))}
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[str, str, tuple[int, ...], bytes]]]:
+    out = tmp_path_factory.mktemp("clean")
+    _convert(EXAMPLE / "src", out)
+    return _content(out)
+
+
+def _rewrite(path: Path, keep: Callable[[str], bool], change: Callable[[str, np.ndarray], np.ndarray] | None = None
+             ) -> None:
+    """Rewrite one source file keeping only some parameters (optionally changing their arrays)."""
+    with index_checkpoint(path) as index:
+        params = [(n, e.dtype, e.dims, np.array(index.array(n))) for n, e in index.entries.items() if keep(n)]
+    if change is not None:
+        params = [(n, d, b.shape, b) for n, d, _, a in params for b in [change(n, a)]]
+    path.unlink()
+    save_checkpoint(path, [(n, d, dims, np.ascontiguousarray(a)) for n, d, dims, a in params])
+
+
+def _copy_src(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(EXAMPLE / "src", src)
+    for p in src.rglob("*.ckpt"):
+        p.chmod(0o600)
+    return src
+
+
+def _rank0(src: Path) -> Path:
+    return next((src / "rank_0").glob("*.ckpt"))
+
+
+BAD = {
+    "empty rank_0 file": (lambda src: _rank0(src).write_bytes(b""), PlanError, r"no source file holds the slice"),
+    "rank_0 cut at an entry boundary": (lambda src: _rewrite(_rank0(src), lambda n: not n.startswith("adam")),
+                                        PlanError, r"no source file holds the slice"),
+    "rank_0 truncated mid-entry": (lambda src: _rank0(src).write_bytes(_rank0(src).read_bytes()[:5000]),
+                                   CheckpointFormatError, r"rank_0/checkpoint_0.ckpt"),
+    "a shard stored larger than its slice": (
+        lambda src: _rewrite(_rank0(src), lambda n: True,
+                             lambda n, a: np.concatenate([a, a]) if n == "model.norm_out.weight" else a),
+        LayoutError, r"rank_0/checkpoint_0.ckpt: parameter 'model.norm_out.weight' is stored as"),
+    "a dtype that disagrees": (
+        lambda src: _rewrite(_rank0(src), lambda n: True,
+                             lambda n, a: a.view(np.int16) if a.dtype == np.uint16 else a),
+        None, None),  # BFloat16 stays BFloat16 in the header: same bytes, converts cleanly
+    "a missing rank folder": (lambda src: shutil.rmtree(src / "rank_5"), SourceMissingError,
+                              r"checkpoint files of ranks \[5\] are missing"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_sources_fail_before_writing_or_convert_cleanly(kind: str, tmp_path: Path, clean: dict) -> None:
+    src = _copy_src(tmp_path)
+    damage, error, message = BAD[kind]
+    damage(src)
+    before = _digest(src)
+    dst = tmp_path / "dst"
+    if error is None:
+        _convert(src, dst)
+        assert _content(dst) == clean
+    else:
+        with pytest.raises(error, match=message):
+            _convert(src, dst)
+        assert not list(dst.rglob("*.ckpt"))
+    assert _digest(src) == before
+
+
+def test_a_rank_file_lacking_a_replicated_parameter_reads_it_from_a_replica(tmp_path: Path, clean: dict) -> None:
+    src = _copy_src(tmp_path)
+    _rewrite(_rank0(src), lambda n: n != "model.norm_out.weight")  # replicated: rank 1.. hold the same data
+    dst = tmp_path / "dst"
+    _convert(src, dst)
+    assert _content(dst) == clean
+
+
+def test_extra_rank_folders_are_refused(tmp_path: Path) -> None:
+    src = _copy_src(tmp_path)
+    shutil.copytree(src / "rank_7", src / "rank_8")
+    with pytest.raises(PlanError, match=r"rank folders \[8\] beyond the 8 ranks of the source strategy"):
+        _convert(src, tmp_path / "dst")
+
+
+def test_several_rank_folders_without_a_source_strategy_ask_for_one(tmp_path: Path) -> None:
+    with pytest.raises(MpickptError, match="no source strategy was given: a source strategy file"):
+        TransformJob.prepare(TransformOptions(str(EXAMPLE / "src"), str(tmp_path / "dst"),
+                                              dst_strategy=str(DST_STRATEGY)))
+
+
+def test_a_source_strategy_for_fewer_devices_is_refused(tmp_path: Path) -> None:
+    # the target strategy of 4 ranks given as the source strategy of the 8-rank sources
+    with pytest.raises(PlanError, match=r"rank folders \[4, 5, 6, 7\] beyond the 4 ranks"):
+        _convert(EXAMPLE / "src", tmp_path / "dst", src_strategy=DST_STRATEGY)
+
+
+def test_an_incomplete_source_strategy_is_an_error_not_a_mode_switch(tmp_path: Path) -> None:
+    strategy = load_strategy(SRC_STRATEGY)
+    dropped = strategy.layout_items[0].name
+    incomplete = tmp_path / "incomplete.ckpt"
+    save_strategy(type(strategy)(strategy.current_stage, strategy.strategy_items, strategy.layout_items[1:]),
+                  incomplete)
+    with pytest.raises(PlanError, match=rf"parameter '{dropped}' is in the target strategy and in this source file "
+                                        r"but not in the source strategy"):
+        _convert(EXAMPLE / "src", tmp_path / "dst", src_strategy=incomplete)
+    assert not (tmp_path / "dst").exists() or not list((tmp_path / "dst").rglob("*.ckpt"))
+
+
+def test_verify_crc_catches_a_flipped_tensor_byte(tmp_path: Path, clean: dict) -> None:
+    src = _copy_src(tmp_path)
+    path = _rank0(src)
+    _rewrite(path, lambda n: True)
+    with index_checkpoint(path) as index:
+        params = [(n, e.dtype, e.dims, np.array(index.array(n))) for n, e in index.entries.items()]
+    path.unlink()
+    save_checkpoint(path, params, crc=True)
+    _convert(src, tmp_path / "ok", verify_crc=True)
+    assert _content(tmp_path / "ok") == clean
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.chmod(0o600)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointFormatError, match=r"rank_0/checkpoint_0.ckpt: CRC check failed"):
+        _convert(src, tmp_path / "bad", verify_crc=True)
+
+
+def test_crc_outputs_carry_mindspores_trailer(tmp_path: Path, clean: dict) -> None:
+    _convert(EXAMPLE / "src", tmp_path / "dst", crc=True)
+    assert _content(tmp_path / "dst") == clean
+    for path in (tmp_path / "dst").glob("rank_*/*.ckpt"):
+        with index_checkpoint(path, verify_crc=True) as index:
+            assert index.crc is not None
