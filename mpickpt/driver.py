@@ -57,7 +57,7 @@ class Job(Protocol):
 
     tasks: tuple[OutputTask, ...]
     dst_dir: str
-    options: TransformOptions  # recorded in manifest.json
+    options: TransformOptions | None  # recorded in manifest.json
     notes: tuple[str, ...]  # lines for the summary and manifest.json
 
     def run_task(self, task: OutputTask, *, sync: bool = True,
@@ -383,12 +383,11 @@ class _Collector:
         reports = [self.reports[p] for p in range(self.comm.size)]
         remove_dead_temporaries_in(_output_folders(job))
         stale = stale_entries(job)
-        notes = tuple(getattr(job, "notes", ()))  # until every Job carries notes and options
-        options = getattr(job, "options", None)
-        run = {"started": started_at, "finished": utc_now(), "options": options, "notes": notes, "stale": stale}
+        run = {"started": started_at, "finished": utc_now(), "options": job.options, "notes": job.notes,
+               "stale": stale}
         wall = time.monotonic() - started
         path = write_manifest(job.dst_dir, manifest(reports, wall, run), sync=sync)
-        summary = summarize(reports, wall, str(path), stale=stale, notes=notes)
+        summary = summarize(reports, wall, str(path), stale=stale, notes=job.notes)
         if self.view is not None:
             self.view.close(summary)
         return summary

@@ -23,7 +23,7 @@ from mpickpt.driver import Summary, run_transform
 from mpickpt.errors import DestinationError
 from mpickpt.manifest import JOB_CHANGED, SOURCES_CHANGED
 from mpickpt.mpi import SerialComm
-from mpickpt.transform import TransformJob, TransformOptions
+from mpickpt.transform import TransformOptions
 
 pytestmark = requires_fixtures
 
@@ -78,8 +78,6 @@ def test_changed_target_strategy_redoes_outputs_as_a_fresh_run_and_lists_the_res
 
 def test_changed_target_strategy_with_the_same_source_files_is_redone(tmp_path: Path) -> None:
     case = CASE["dp_to_tp_8to4"]
-    if not TransformJob.prepare(options(case, tmp_path / "probe"), write_merged=False).tasks[0].job_key:
-        pytest.skip("OutputTask.job_key is not filled in by TransformJob yet (the lead's transform.py)")
     dst = tmp_path / "dst"
     run(options(case, dst))  # 4-way tensor parallel
     summary = run(options(case, dst, dst_strategy=None))  # one full checkpoint, rank_0 again
@@ -122,8 +120,7 @@ def test_same_job_from_another_working_folder_redoes_nothing(tmp_path: Path) -> 
     assert "redone" not in second.stderr
     assert all(f["skipped"] for f in manifest(dst)["files"])
     assert {p: p.read_bytes() for p in dst.rglob("*.done.json")} == records
-    recorded = manifest(dst)["options"]  # None until TransformJob carries its options (the lead's transform.py)
-    assert recorded is None or (recorded["dst_dir"], recorded["src_dir"]) == (str(dst), str(case.src_dir))
+    assert (manifest(dst)["options"]["dst_dir"], manifest(dst)["source_folder"]) == (str(dst), str(case.src_dir))
 
 
 def test_second_run_into_a_locked_destination_fails_naming_the_holder(tmp_path: Path) -> None:
