@@ -63,6 +63,21 @@ def refuse_destination_inside(dst: str | os.PathLike[str], read_dirs: Iterable[s
     _refuse_inside(dst, read_dirs, depth=0)
 
 
+def refuse_outputs_beside_sources(outputs: Iterable[str], sources: Iterable[str]) -> None:
+    """Refuse an output that would go into the folder of a source file (compared by device and inode:
+    e.g. a source rank folder that is a symlink into the destination), where it could replace a source."""
+    folders: dict[Identity, str] = {}
+    for source in sources:
+        identity = _identity(os.path.dirname(os.path.abspath(source)))
+        if identity is not None:
+            folders.setdefault(identity, source)
+    for output in outputs:
+        source = folders.get(_identity(os.path.dirname(os.path.abspath(output))) or (-1, -1))
+        if source is not None:
+            raise DestinationError(f"{output}: refusing to write into the folder of source file {source}: "
+                                   "mpickpt never writes into its sources")
+
+
 def _refuse_inside(dst: str | os.PathLike[str], read_dirs: Iterable[str | os.PathLike[str]], depth: int) -> None:
     containing = _containing_identities(dst)
     for folder in read_dirs:

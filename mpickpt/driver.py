@@ -34,7 +34,8 @@ from typing import Any, NoReturn, Protocol, TextIO, cast
 
 from . import __version__
 from .atomic import remove_dead_temporaries, remove_dead_temporaries_in
-from .destination import DestinationLock, check_destination, check_prefix, source_folders
+from .destination import (DestinationLock, check_destination, check_prefix, refuse_outputs_beside_sources,
+                          source_folders)
 from .errors import MpickptError
 from .formats import open_index
 from .manifest import (CompletionRecord, SourceStamp, check_record, checksum, options_record, record_path,
@@ -180,6 +181,7 @@ def _broadcast_job(options: TransformOptions, comm: Comm, stream: TextIO) -> tup
         try:
             lock = lock_destination(options, stream)
             job = TransformJob.prepare(options)
+            refuse_outputs_beside_sources([t.path for t in job.tasks], {f for t in job.tasks for f in t.source_files})
         except Exception as exc:
             if lock is not None:
                 lock.release()

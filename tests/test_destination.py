@@ -6,6 +6,9 @@ with the reason otherwise. Every test checks that the source folder is left byte
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import io
 import os
 import shutil
 import socket
@@ -18,7 +21,9 @@ import pytest
 
 from mpickpt.atomic import write_bytes_atomic
 from mpickpt.destination import LOCK_NAME, DestinationLock, check_destination, check_prefix, refuse_destination_inside
+from mpickpt.driver import lock_destination
 from mpickpt.errors import DestinationError, MpickptError
+from mpickpt.transform import TransformOptions
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -225,4 +230,17 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path: Path) -> None:
     assert f"pid={holder.pid}" in (dst / LOCK_NAME).read_text()  # the file stays, the lock does not
     lock = DestinationLock.acquire(str(dst))
     assert (dst / LOCK_NAME).read_text() == f"host={socket.gethostname()} pid={os.getpid()}\n"
+    lock.release()
+
+
+def test_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    stream = io.StringIO()
+    lock = lock_destination(TransformOptions(src_dir=str(tmp_path / "src"), dst_dir=str(tmp_path / "dst")), stream)
+    assert not lock.held
+    assert stream.getvalue() == (f"mpickpt: warning: {tmp_path / 'dst'}: the filesystem does not support locks; "
+                                 "a concurrent run into the same folder would not be noticed\n")
     lock.release()

@@ -168,3 +168,17 @@ def test_killed_serial_run_leaves_no_partial_output_and_the_rerun_cleans_up(tmp_
     assert rerun.returncode == 0, rerun.stderr
     assert outputs(dst) == outputs(fresh)
     assert not [p for p in dst.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_source_rank_folder_linked_into_the_destination_is_refused(tmp_path: Path) -> None:
+    case = CASE["full_to_8"]
+    dst = tmp_path / "dst"
+    shutil.copytree(case.src_dir / "rank_0", dst / "rank_0")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "rank_0").symlink_to(dst / "rank_0")
+    source = dst / "rank_0" / "checkpoint_0.ckpt"
+    before = (source.read_bytes(), source.stat().st_mtime_ns, source.stat().st_ino)
+    with pytest.raises(DestinationError, match="refusing to write into the folder of source file"):
+        run(options(case, dst, src_dir=tmp_path / "src"))
+    assert (source.read_bytes(), source.stat().st_mtime_ns, source.stat().st_ino) == before
+    assert sorted(p.name for p in (dst / "rank_0").iterdir()) == ["checkpoint_0.ckpt"]
