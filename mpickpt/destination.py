@@ -72,9 +72,9 @@ def refuse_outputs_beside_sources(outputs: Iterable[str], sources: Iterable[str]
         if identity is not None:
             folders.setdefault(identity, source)
     for output in outputs:
-        source = folders.get(_identity(os.path.dirname(os.path.abspath(output))) or (-1, -1))
-        if source is not None:
-            raise DestinationError(f"{output}: refusing to write into the folder of source file {source}: "
+        beside = folders.get(_identity(os.path.dirname(os.path.abspath(output))) or (-1, -1))
+        if beside is not None:
+            raise DestinationError(f"{output}: refusing to write into the folder of source file {beside}: "
                                    "mpickpt never writes into its sources")
 
 

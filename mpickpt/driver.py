@@ -34,8 +34,7 @@ from typing import Any, NoReturn, Protocol, TextIO, cast
 
 from . import __version__
 from .atomic import remove_dead_temporaries, remove_dead_temporaries_in
-from .destination import (DestinationLock, check_destination, check_prefix, refuse_outputs_beside_sources,
-                          source_folders)
+from .destination import DestinationLock, check_destination, check_prefix, refuse_outputs_beside_sources, source_folders
 from .errors import MpickptError
 from .formats import open_index
 from .manifest import (CompletionRecord, SourceStamp, check_record, checksum, options_record, record_path,
@@ -129,6 +128,17 @@ class Summary:
             lines.append(f"mpickpt: {len(self.stale)} entries of the destination are not from this job and were "
                          f"left as they are: {', '.join(self.stale[:MAX_LISTED])}{more}")
         return lines + [self.line()]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What manifest.json says about the run besides its files and processes."""
+
+    started: str  # ISO 8601, UTC
+    finished: str
+    options: TransformOptions | None
+    notes: tuple[str, ...]
+    stale: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -385,8 +395,7 @@ class _Collector:
         reports = [self.reports[p] for p in range(self.comm.size)]
         remove_dead_temporaries_in(_output_folders(job))
         stale = stale_entries(job)
-        run = {"started": started_at, "finished": utc_now(), "options": job.options, "notes": job.notes,
-               "stale": stale}
+        run = RunInfo(started_at, utc_now(), job.options, tuple(job.notes), stale)
         wall = time.monotonic() - started
         path = write_manifest(job.dst_dir, manifest(reports, wall, run), sync=sync)
         summary = summarize(reports, wall, str(path), stale=stale, notes=job.notes)
@@ -423,28 +432,28 @@ def _entries(folder: str) -> list[os.DirEntry[str]]:
         return []
 
 
-def manifest(reports: Sequence[ProcessReport], wall_seconds: float, run: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON content of manifest.json; `run` gives started, finished, options, notes and stale."""
+def manifest(reports: Sequence[ProcessReport], wall_seconds: float, run: RunInfo) -> dict[str, Any]:
+    """The JSON content of manifest.json."""
     outcomes = sorted((o for r in reports for o in r.outcomes), key=lambda o: o.record.target_rank)
-    options = run["options"]
+    options = run.options
     return {
         "version": 2,
         "tool": f"mpickpt {__version__}",
         "mpickpt_version": __version__,
-        "started": run["started"],
-        "finished": run["finished"],
+        "started": run.started,
+        "finished": run.finished,
         "world_size": len(reports),
         "wall_seconds": round(wall_seconds, 6),
         "options": options_record(options) if options is not None else None,
         "source_folder": os.path.abspath(options.src_dir) if options is not None else None,
         "strategies": strategy_hashes(options) if options is not None else None,
-        "notes": list(run["notes"]),
+        "notes": list(run.notes),
         "files": [{"file": o.file, "target_rank": o.record.target_rank, "size": o.record.size,
                    "checksum": o.record.checksum, "params": o.record.params,
                    "source_ranks": list(o.record.source_ranks), "seconds": round(o.record.seconds, 6),
                    "process": o.process, "skipped": o.skipped, "redone": o.reason or None}
                   for o in outcomes],
-        "stale": list(run["stale"]),
+        "stale": list(run.stale),
         "processes": [{"process": r.process, "targets": [o.record.target_rank for o in r.outcomes],
                        "written": sum(not o.skipped for o in r.outcomes),
                        "skipped": sum(o.skipped for o in r.outcomes),
