@@ -4,27 +4,45 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import MpickptError
-from .inspect import describe_file, format_description
-from .transform import TransformJob, TransformOptions
+
+if TYPE_CHECKING:
+    from .transform import TransformOptions
+
+# The commands import their modules when they run, so that a Ctrl-C while numpy and the rest load still
+# ends in main's handler.
+
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
+BROKEN_PIPE = 141  # 128 + SIGPIPE, as shells report a command whose reader went away
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mpickpt` command; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        args = build_parser().parse_args(argv)
+        status = int(args.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except KeyboardInterrupt:
+        print("mpickpt: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:
+        # The reader (e.g. `head`) is gone: point stdout at devnull so the flush at exit is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
     except (MpickptError, OSError) as error:
         print(f"mpickpt: error: {error}", file=sys.stderr)
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand and option."""
     parser = argparse.ArgumentParser(
         prog="mpickpt",
         description="Convert MindSpore distributed checkpoints between sharding strategies.",
@@ -35,51 +53,66 @@ def _parser() -> argparse.ArgumentParser:
     transform = commands.add_parser(
         "transform", help="convert src_dir/rank_x/*.ckpt to dst_dir/rank_y/<prefix>y.ckpt (parallel under mpirun)"
     )
-    _add_job_flags(transform, need_dst=True)
+    _add_job_flags(transform, need_src=True, need_dst=True)
     transform.add_argument("--no-sync", action="store_true", help="do not fsync outputs (scratch filesystems)")
     transform.add_argument("--overwrite", action="store_true", help="redo outputs that a previous run completed")
     transform.add_argument("--quiet", action="store_true", help="no progress or summary")
     transform.set_defaults(run=_run_transform)
 
     plan = commands.add_parser("plan", help="dry run: what each target rank reads and writes")
-    _add_job_flags(plan, need_dst=False)
+    _add_job_flags(plan, need_src=True, need_dst=False)
     plan.add_argument("--target", type=int, action="append", help="only these target ranks (repeatable)")
     plan.add_argument("--copies", action="store_true", help="also list every planned copy")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(run=_run_plan)
 
     rank_list = commands.add_parser("rank-list", help="source ranks one target rank needs")
-    rank_list.add_argument("rank", type=int)
+    rank_list.add_argument("rank", type=int, help="the target rank")
     rank_list.add_argument("--src-strategy", help="source strategy file (omit: one unsharded source)")
     rank_list.add_argument("--dst-strategy", help="target strategy file (omit: one full target)")
-    rank_list.add_argument("--json", action="store_true")
+    rank_list.add_argument("--json", action="store_true", help="print a JSON list")
     rank_list.set_defaults(run=_run_rank_list)
 
     merge = commands.add_parser("merge-strategies", help="merge per-stage pipeline strategy files into one")
-    merge.add_argument("src_strategy_dir")
-    merge.add_argument("dst_strategy_file")
+    merge.add_argument("src_strategy_dir", help="folder of the per-stage strategy files (*.ckpt or *.json)")
+    merge.add_argument("dst_strategy_file", help="merged strategy file to write (.json: JSON, else protobuf)")
     merge.set_defaults(run=_run_merge)
 
     inspect = commands.add_parser("inspect", help="describe a checkpoint or strategy file")
-    inspect.add_argument("file")
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("file", help="a checkpoint (.ckpt) or strategy file (.ckpt protobuf or .json)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--verify-crc", action="store_true", help="check a checkpoint's CRC trailer")
     inspect.set_defaults(run=_run_inspect)
+
+    verify = commands.add_parser(
+        "verify", help="prove the outputs of a conversion right (parallel under mpirun)",
+        description="With the sources and strategies of the conversion: re-derive every parameter slice of "
+                    "every output from the sources and compare. With --dst-dir alone: compare every output "
+                    "with its completion record and manifest.json. Exit status: 0 when every output matches, "
+                    "1 when one does not, 2 when the check cannot run.")
+    _add_job_flags(verify, need_src=False, need_dst=True)
+    verify.set_defaults(run=_run_verify)
     return parser
 
 
-def _add_job_flags(parser: argparse.ArgumentParser, *, need_dst: bool) -> None:
-    parser.add_argument("--src-dir", required=True, help="folder of rank_<r>/*.ckpt source checkpoints")
+def _add_job_flags(parser: argparse.ArgumentParser, *, need_src: bool, need_dst: bool) -> None:
+    omit = "" if need_src else " (omit: compare the outputs with their completion records and manifest.json only)"
+    parser.add_argument("--src-dir", required=need_src, help=f"folder of rank_<r>/*.ckpt source checkpoints{omit}")
     parser.add_argument("--dst-dir", required=need_dst, help="output folder")
     parser.add_argument("--prefix", default="checkpoint_", help="output name prefix (default: checkpoint_)")
-    parser.add_argument("--src-strategy", help="source strategy file (.ckpt protobuf or .json)")
-    parser.add_argument("--dst-strategy", help="target strategy file (.ckpt protobuf or .json)")
+    parser.add_argument("--src-strategy", help="source strategy file, .ckpt protobuf or .json (omit, with no "
+                                               "--src-strategy-dir: one unsharded source)")
+    parser.add_argument("--dst-strategy", help="target strategy file, .ckpt protobuf or .json (omit, with no "
+                                               "--dst-strategy-dir: one full target)")
     parser.add_argument("--src-strategy-dir", help="folder of per-stage source strategy files to merge")
     parser.add_argument("--dst-strategy-dir", help="folder of per-stage target strategy files to merge")
-    parser.add_argument("--output-format", default="ckpt", choices=["ckpt", "safetensors"])
+    parser.add_argument("--output-format", default="ckpt", choices=["ckpt", "safetensors"],
+                        help="format of the outputs (default: ckpt)")
 
 
 def _options(args: argparse.Namespace) -> TransformOptions:
+    from .transform import TransformOptions
+
     return TransformOptions(
         src_dir=args.src_dir,
         dst_dir=args.dst_dir or "",
@@ -100,8 +133,33 @@ def _run_transform(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_verify(args: argparse.Namespace) -> int:
+    from .mpi import world
+    from .verify import verify_outputs, verify_records
+
+    comm = world()
+    if args.src_dir:
+        verdict = verify_outputs(_options(args), comm)
+    else:
+        given = [flag for flag in ("src_strategy", "dst_strategy", "src_strategy_dir", "dst_strategy_dir")
+                 if getattr(args, flag)]
+        if given:
+            raise MpickptError(f"--{given[0].replace('_', '-')} needs --src-dir (without sources, verify only "
+                               "compares the outputs with their completion records and manifest.json)")
+        verdict = verify_records(args.dst_dir, comm)
+    if comm.rank == 0:
+        print("\n".join(verdict.lines()))
+    return 0 if verdict.ok else 1
+
+
 def _run_plan(args: argparse.Namespace) -> int:
+    from .transform import TransformJob
+
     job = TransformJob.prepare(_options(args), write_merged=False)
+    targets = sorted(t.target_rank for t in job.tasks)
+    outside = [t for t in args.target or () if t not in targets]
+    if outside:
+        raise MpickptError(f"--target {outside[0]}: the target ranks are {targets[0]}..{targets[-1]}")
     tasks = [t for t in job.tasks if not args.target or t.target_rank in args.target]
     if args.json:
         rows = []
@@ -144,12 +202,20 @@ def _run_rank_list(args: argparse.Namespace) -> int:
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .api import merge_pipeline_strategys
+    from .strategy import load_strategy
 
     merge_pipeline_strategys(args.src_strategy_dir, args.dst_strategy_file)
+    merged = load_strategy(args.dst_strategy_file)
+    print(f"mpickpt: wrote {args.dst_strategy_file}: {merged.stage_count} pipeline stage(s), "
+          f"{len(merged.layouts_by_param())} parameters ({len(merged.layout_items)} layouts)")
     return 0
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from .inspect import describe_file, format_description
+
+    if not os.path.exists(args.file):
+        raise MpickptError(f"{args.file} does not exist")
     description = describe_file(args.file, verify_crc=args.verify_crc)
     if args.json:
         json.dump(description, sys.stdout, indent=1)

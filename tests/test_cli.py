@@ -2,25 +2,42 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 from fixture_cases import CASES, FIXTURES, assert_same_content, requires_fixtures
 
-pytestmark = requires_fixtures
+from mpickpt.ckpt import save_checkpoint
+from mpickpt.cli import BROKEN_PIPE, INTERRUPTED, build_parser
+from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, save_strategy
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "tiny_llama"
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without launcher variables, with this repository first on the path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "SLURM_", "HYDRA_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
 
 
 def mpickpt(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "SLURM_", "HYDRA_"))}
-    result = subprocess.run([sys.executable, "-m", "mpickpt", *args], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-m", "mpickpt", *args], capture_output=True, text=True,
+                            env=clean_env(), check=False)
     if check:
         assert result.returncode == 0, result.stderr
     return result
 
 
+@requires_fixtures
 def test_inspect_checkpoint_table_and_json() -> None:
     path = FIXTURES / "format_samples" / "all_dtypes.ckpt"
     table = mpickpt("inspect", str(path)).stdout
@@ -30,6 +47,7 @@ def test_inspect_checkpoint_table_and_json() -> None:
     assert data["total_bytes"] == sum(p["bytes"] for p in data["parameters"])
 
 
+@requires_fixtures
 def test_inspect_strategy() -> None:
     path = FIXTURES / "seed_8to4" / "dst_strategy.ckpt"
     data = json.loads(mpickpt("inspect", "--json", str(path)).stdout)
@@ -39,6 +57,7 @@ def test_inspect_strategy() -> None:
     assert "layer1.weight" in mpickpt("inspect", str(path)).stdout
 
 
+@requires_fixtures
 def test_inspect_garbage_fails_naming_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\xff" * 100)
@@ -46,6 +65,7 @@ def test_inspect_garbage_fails_naming_the_file(tmp_path: Path) -> None:
     assert result.returncode != 0 and "bad.ckpt" in result.stderr
 
 
+@requires_fixtures
 def test_transform_serial_matches_mindspore(tmp_path: Path) -> None:
     case = next(c for c in CASES if c.name == "seed_8to4")
     out = tmp_path / "out"
@@ -57,6 +77,7 @@ def test_transform_serial_matches_mindspore(tmp_path: Path) -> None:
         assert_same_content(out / f"rank_{rank}" / theirs.name, theirs)
 
 
+@requires_fixtures
 def test_transform_with_pipeline_strategy_folder(tmp_path: Path) -> None:
     case = next(c for c in CASES if c.name == "pipeline_2x4_to_4")
     out = tmp_path / "out"
@@ -70,6 +91,7 @@ def test_transform_with_pipeline_strategy_folder(tmp_path: Path) -> None:
         assert_same_content(out / f"rank_{rank}" / theirs.name, theirs)
 
 
+@requires_fixtures
 def test_plan_json_lists_sources_and_bytes() -> None:
     case = next(c for c in CASES if c.name == "seed_8to4")
     data = json.loads(
@@ -85,6 +107,7 @@ def test_plan_json_lists_sources_and_bytes() -> None:
         assert target["bytes_written"] > 0 and target["bytes_read"] >= target["bytes_written"] // 2
 
 
+@requires_fixtures
 def test_rank_list_and_merge(tmp_path: Path) -> None:
     case = next(c for c in CASES if c.name == "seed_8to4")
     ranks = mpickpt("rank-list", "0", "--src-strategy", case.strategy("src"), "--dst-strategy", case.strategy("dst"))
@@ -94,6 +117,7 @@ def test_rank_list_and_merge(tmp_path: Path) -> None:
     assert merged.is_file()
 
 
+@requires_fixtures
 def test_transform_refuses_destination_inside_source(tmp_path: Path) -> None:
     case = next(c for c in CASES if c.name == "seed_8to4")
     result = mpickpt(
@@ -102,3 +126,86 @@ def test_transform_refuses_destination_inside_source(tmp_path: Path) -> None:
     )
     assert result.returncode != 0 and "inside source folder" in result.stderr
     assert not (case.src_dir / "out").exists()
+
+
+# --- as a new user tries it (no fixtures needed) ------------------------------------------------------------
+
+
+def test_every_command_option_and_positional_has_help() -> None:
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert all(choice.help for choice in commands._choices_actions)
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert action.help and action.help != argparse.SUPPRESS, f"mpickpt {name} {action.dest} has no help"
+
+
+def test_output_format_offers_ckpt_and_safetensors() -> None:
+    for command in ("transform", "plan", "verify"):
+        assert "{ckpt,safetensors}" in mpickpt(command, "--help").stdout
+    result = mpickpt("transform", "--src-dir", "s", "--dst-dir", "d", "--output-format", "npz", check=False)
+    assert result.returncode == 2 and "invalid choice: 'npz'" in result.stderr
+
+
+def test_plan_target_outside_the_target_ranks_names_the_range() -> None:
+    result = mpickpt("plan", "--src-dir", str(EXAMPLE / "src"), "--src-strategy", str(EXAMPLE / "src_strategy.ckpt"),
+                     "--dst-strategy", str(EXAMPLE / "dst_strategy_4.ckpt"), "--target", "1", "--target", "4",
+                     check=False)
+    assert result.returncode == 2 and result.stderr == "mpickpt: error: --target 4: the target ranks are 0..3\n"
+
+
+def test_merge_strategies_says_what_it_wrote(tmp_path: Path) -> None:
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    for stage, names in enumerate([["embed", "layer0.w"], ["layer1.w", "head"]]):
+        items = tuple(LayoutItem(name=n, dev_matrix=(2,), tensor_map=((0, -1),), param_split_shape=((),))
+                      for n in names)
+        save_strategy(Strategy(0, (StrategyItem(f"MatMul-op{stage}", stage, ((2, 1),)),), items),
+                      stages / f"src_strategy_{2 * stage}.ckpt")
+    merged = tmp_path / "merged.ckpt"
+    assert mpickpt("merge-strategies", str(stages), str(merged)).stdout == (
+        f"mpickpt: wrote {merged}: 2 pipeline stage(s), 4 parameters (4 layouts)\n")
+
+
+def test_inspect_of_a_missing_path_says_it_does_not_exist(tmp_path: Path) -> None:
+    result = mpickpt("inspect", str(tmp_path / "nothing.ckpt"), check=False)
+    assert result.returncode == 2 and result.stderr == f"mpickpt: error: {tmp_path / 'nothing.ckpt'} does not exist\n"
+
+
+def test_verify_strategies_without_sources_is_an_error(tmp_path: Path) -> None:
+    result = mpickpt("verify", "--dst-dir", str(tmp_path), "--dst-strategy", "x.ckpt", check=False)
+    assert result.returncode == 2 and "--dst-strategy needs --src-dir" in result.stderr
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130() -> None:
+    code = (
+        "import sys, time\n"
+        "import mpickpt.cli as cli, mpickpt.inspect as inspect\n"
+        "def slow(*args, **kwargs):\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(60)\n"
+        "inspect.describe_file = slow\n"
+        f"sys.exit(cli.main(['inspect', {str(EXAMPLE / 'src_strategy.ckpt')!r}]))\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=clean_env()) as process:
+        assert process.stdout is not None and process.stdout.readline() == "started\n"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    assert (process.returncode, err) == (INTERRUPTED, "mpickpt: interrupted\n")
+
+
+def test_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    path = tmp_path / "many.ckpt"
+    save_checkpoint(path, [(f"layer{i}.weight", "Float32", (2,), np.zeros(2, np.float32)) for i in range(3000)])
+    with subprocess.Popen([sys.executable, "-m", "mpickpt", "inspect", str(path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=clean_env()) as process:
+        assert process.stdout is not None and process.stdout.readline().startswith("name")
+        process.stdout.close()  # as `| head -1` does
+        err = process.stderr.read() if process.stderr else ""
+        process.wait(timeout=30)
+    assert err == "" and process.returncode in (0, BROKEN_PIPE)
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version(flag: str) -> None:
+    assert "mpickpt" in mpickpt(flag).stdout
