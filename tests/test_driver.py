@@ -30,6 +30,7 @@ from fixture_cases import checkpoint_content
 from mpickpt import driver
 from mpickpt.ckpt_writer import CheckpointWriter
 from mpickpt.driver import deal, run_job, run_transform
+from mpickpt.destination import DestinationLock
 from mpickpt.errors import DestinationError, MpickptError
 from mpickpt.manifest import (
     CompletionRecord,
@@ -456,13 +457,14 @@ def test_job_that_cannot_be_broadcast_aborts_instead_of_hanging(tmp_path: Path,
 
     def body(comm: ThreadComm) -> None:
         try:
-            run_transform(TransformOptions("src", "dst"), AbortingComm(comm.shared, comm.rank, aborted), stream=stream)
+            run_transform(job.options, AbortingComm(comm.shared, comm.rank, aborted), stream=stream)
         except (SystemExit, threading.BrokenBarrierError):
             pass
 
     run_threads(2, body)
     assert aborted[0] == 0  # rank 0 first (the others only see the broken barrier afterwards)
     assert "mpickpt: process 0: " in stream.getvalue() and "pickle" in stream.getvalue().lower()
+    DestinationLock.acquire(job.dst_dir).release()  # rank 0 let go of the destination
 
 
 def test_progress_lines_count_every_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
