@@ -1,11 +1,55 @@
-"""Test-wide settings: hypothesis profiles (CI caps examples so the suite stays fast)."""
+"""Test-wide settings (hypothesis profiles: CI caps examples so the suite stays fast) and the session's
+test data: MindSpore-made cases (generated once, skipped with the reason when MindSpore is missing) and
+cases written by mpickpt itself (always available)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import settings
+
+from fixture_cases import Case
+from mindspore_cases import make_mindspore_cases
+from written_cases import write_written_cases
 
 settings.register_profile("ci", max_examples=100, deadline=None)
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(scope="session")
+def mindspore_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
+    """The MindSpore-made conversion cases by name (their folder's parent also holds ``format_samples``)."""
+    return make_mindspore_cases(tmp_path_factory.mktemp("mindspore_cases"))
+
+
+@pytest.fixture(scope="session")
+def mindspore_root(mindspore_cases: dict[str, Case]) -> Path:
+    """The folder of the MindSpore-made cases and format samples."""
+    return next(iter(mindspore_cases.values())).root.parent
+
+
+@pytest.fixture(scope="session")
+def format_samples(mindspore_root: Path) -> Path:
+    """MindSpore-made ``crc.ckpt``, ``append_info.ckpt`` and ``all_dtypes.ckpt``."""
+    return mindspore_root / "format_samples"
+
+
+@pytest.fixture()
+def case(request: pytest.FixtureRequest, mindspore_cases: dict[str, Case]) -> Case:
+    """The MindSpore-made case named by the test's parameter (``fixture_cases.case_params``)."""
+    return mindspore_cases[request.param]
+
+
+@pytest.fixture(scope="session")
+def written_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
+    """Conversion cases written by mpickpt (no MindSpore needed), by name."""
+    return write_written_cases(tmp_path_factory.mktemp("written_cases"))
+
+
+@pytest.fixture(scope="session")
+def written_root(written_cases: dict[str, Case]) -> Path:
+    """The folder of the written cases."""
+    return next(iter(written_cases.values())).root.parent

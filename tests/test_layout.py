@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fixture_cases import CASES, Case, case_params, requires_fixtures
+from fixture_cases import Case, case_params
 from mpickpt.ckpt import index_checkpoint
 from mpickpt.errors import LayoutError, StrategyFormatError
 from mpickpt.layout import Box, Layouts, ParamLayout
@@ -221,7 +221,6 @@ def _layouts(case: Case, which: str) -> Layouts:
     return Layouts.from_strategy(None if path is None else load_strategy(path))
 
 
-@requires_fixtures
 @case_params
 def test_full_model_sliced_by_source_layout_is_the_source_checkpoints(case: Case) -> None:
     full = _arrays(case.root / case.meta["full_checkpoint"])
@@ -234,7 +233,6 @@ def test_full_model_sliced_by_source_layout_is_the_source_checkpoints(case: Case
             np.testing.assert_array_equal(_cut(full[name], box), data, err_msg=f"rank {rank} {name}")
 
 
-@requires_fixtures
 @case_params
 def test_full_model_sliced_by_target_layout_is_what_mindspore_wrote(case: Case) -> None:
     full = _arrays(case.root / case.meta["full_checkpoint"])
@@ -243,9 +241,3 @@ def test_full_model_sliced_by_target_layout_is_what_mindspore_wrote(case: Case) 
         for name, data in _arrays(path).items():
             box = layouts.slice_box(name, full[name].shape, rank) if layouts.holds(name) else Box.full(data.shape)
             np.testing.assert_array_equal(_cut(full[name], box), data, err_msg=f"rank {rank} {name}")
-
-
-def test_fixture_cases_were_found() -> None:
-    if not CASES:
-        pytest.skip("no fixtures")
-    assert {"seed_8to4", "pipeline_2x4_to_4", "8_to_full", "full_to_8"} <= {c.name for c in CASES}
