@@ -11,7 +11,7 @@ import pytest
 from hypothesis import settings
 
 from fixture_cases import Case
-from mindspore_cases import make_mindspore_cases
+from mindspore_cases import make_mindspore_cases, make_redundancy_removed
 from written_cases import write_written_cases
 
 settings.register_profile("ci", max_examples=100, deadline=None)
@@ -53,3 +53,14 @@ def written_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
 def written_root(written_cases: dict[str, Case]) -> Path:
     """The folder of the written cases."""
     return next(iter(written_cases.values())).root.parent
+
+
+@pytest.fixture(scope="session")
+def redundancy_removed_case(mindspore_cases: dict[str, Case],
+                            tmp_path_factory: pytest.TempPathFactory) -> tuple[Case, Path]:
+    """``seed_8to4`` (full redundancy) and a folder of its source checkpoints as MindSpore saves them with
+    ``CheckpointConfig(remove_redundancy=True)``: ``rank_<r>/checkpoint_<r>.ckpt`` holding only rank r's share."""
+    case = mindspore_cases["seed_8to4"]
+    reduced = tmp_path_factory.mktemp("redundancy_removed") / "src_checkpoints"
+    make_redundancy_removed(case, reduced)
+    return case, reduced

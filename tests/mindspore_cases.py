@@ -277,3 +277,54 @@ def make_mindspore_cases(root: Path) -> dict[str, Case]:
         (root / name / "case.json").write_text(json.dumps(meta, indent=1))
         cases[name] = Case(root / name, meta)
     return cases
+
+
+REDUNDANCY_SCRIPT = r"""
+import json, os
+import mindspore as ms
+from mindspore.train._utils import get_parameter_redundancy, remove_param_redundancy
+
+job = json.load(open("redundancy.json"))
+in_strategy, kept = set(), {}
+for path, initial_rank in job["strategies"]:  # one file per pipeline stage, with the stage's first rank
+    redundancy = get_parameter_redundancy(path, initial_rank)
+    in_strategy.update(redundancy)
+    for rank, names in remove_param_redundancy(redundancy).items():
+        kept.setdefault(int(rank), set()).update(names)
+for rank, source in job["sources"].items():
+    mine = kept.get(int(rank), set())
+    target = os.path.join(job["out"], f"rank_{rank}", os.path.basename(source))
+    os.makedirs(os.path.dirname(target))
+    ms.save_checkpoint(ms.load_checkpoint(source), target, remove_redundancy=True,
+                       choice_func=lambda name: name not in in_strategy or name in mine)
+json.dump({rank: sorted(names) for rank, names in kept.items()}, open("kept.json", "w"))
+"""
+
+
+def _stage_strategies(case: Case) -> list[tuple[str, int]]:
+    """(source strategy file, first rank) per pipeline stage, as MindSpore's ranks see their own layouts."""
+    from mpickpt.strategy import load_strategy
+
+    stage_dir = case.meta.get("src_pipeline_strategy_dir")
+    if not stage_dir:
+        return [(str(case.strategy("src")), 0)]
+    stage_files = {}
+    for path in sorted((case.root / stage_dir).glob("*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1])):
+        strategy = load_strategy(path)
+        stage_files.setdefault(strategy.current_stage, (str(path), strategy.current_stage
+                                                        * strategy.stage_device_count))
+    return list(stage_files.values())
+
+
+def make_redundancy_removed(case: Case, out: Path) -> dict[int, list[str]]:
+    """Write ``out/rank_<r>/<file>``: each source rank's checkpoint holding only the parameters MindSpore's
+    ``CheckpointConfig(remove_redundancy=True)`` saves on that rank (``remove_param_redundancy`` of
+    ``get_parameter_redundancy`` of the source strategy; parameters outside the strategy on every rank).
+    Returns the strategy parameters MindSpore assigned to each rank."""
+    sources = {rank: str(next((case.src_dir / f"rank_{rank}").glob("*.ckpt"))) for rank in range(case.meta["src_ranks"])}
+    work = out.parent / f"{out.name}_job"
+    work.mkdir(parents=True)
+    job = {"strategies": _stage_strategies(case), "sources": sources, "out": str(out)}
+    (work / "redundancy.json").write_text(json.dumps(job))
+    run_mindspore(REDUNDANCY_SCRIPT, work)
+    return {int(rank): names for rank, names in json.loads((work / "kept.json").read_text()).items()}
