@@ -321,7 +321,8 @@ def make_redundancy_removed(case: Case, out: Path) -> dict[int, list[str]]:
     ``CheckpointConfig(remove_redundancy=True)`` saves on that rank (``remove_param_redundancy`` of
     ``get_parameter_redundancy`` of the source strategy; parameters outside the strategy on every rank).
     Returns the strategy parameters MindSpore assigned to each rank."""
-    sources = {rank: str(next((case.src_dir / f"rank_{rank}").glob("*.ckpt"))) for rank in range(case.meta["src_ranks"])}
+    sources = {rank: str(next((case.src_dir / f"rank_{rank}").glob("*.ckpt")))
+               for rank in range(case.meta["src_ranks"])}
     work = out.parent / f"{out.name}_job"
     work.mkdir(parents=True)
     job = {"strategies": _stage_strategies(case), "sources": sources, "out": str(out)}

@@ -289,7 +289,8 @@ def test_plans_are_json_and_count_bytes() -> None:
     assert data["source_ranks"] == [1, 0] and data["bytes_written"] == 16
     assert data["params"][0]["copies"][1] == {"src_rank": 1, "src_box": {"start": [0], "stop": [3]},
                                               "dst_box": {"start": [3], "stop": [6]}}
-    assert json.dumps(TensorInfo(F32, (2,), (0,)).to_dict())
+    info = TensorInfo(F32, (2,), (0,)).to_dict()
+    assert json.loads(json.dumps(info)) == info == {"dtype": "Float32", "shape": [2], "stages": [0]}
 
 
 # --- MindSpore fixtures ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """launch/slurm_transform.sbatch on a real single-host Slurm (tools/slurm_local.py starts and stops it).
 
 Needs root (slurmd) and Debian's slurm-wlm + munge, which the fixture installs with apt-get when missing.
-Each job converts a case written by mpickpt (``tests/written_cases.py``, 8 -> 4 ranks) with 4 tasks; the outputs must equal the serial run's and the manifest
-must show ONE MPI world of 4 processes (not four one-process worlds).
+Each job converts a case written by mpickpt (``tests/written_cases.py``, 8 -> 4 ranks) with 4 tasks; the
+outputs must equal the serial run's (whose content is the expected one) and the manifest must show ONE MPI
+world of 4 processes (not four one-process worlds).
 """
 
 from __future__ import annotations
