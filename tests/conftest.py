@@ -19,6 +19,13 @@ settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests using MindSpore-made data are MindSpore comparisons: ``-m "not mindspore"`` leaves them out."""
+    for item in items:
+        if {"mindspore_cases", "redundancy_removed_case"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.mindspore)
+
+
 @pytest.fixture(scope="session")
 def mindspore_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     """The MindSpore-made conversion cases by name (their folder's parent also holds ``format_samples``)."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from fixture_cases import CASE_NAMES, Case
 from mindspore_helpers import run_mindspore
+from mpickpt.strategy import load_strategy
 
 PREFIX = "checkpoint_"
 MLP_NODE = "Default/network-WithLossCell/_backbone-Network/layer{0}-Dense/MatMul-op{1}"
@@ -303,16 +304,14 @@ json.dump({rank: sorted(names) for rank, names in kept.items()}, open("kept.json
 
 def _stage_strategies(case: Case) -> list[tuple[str, int]]:
     """(source strategy file, first rank) per pipeline stage, as MindSpore's ranks see their own layouts."""
-    from mpickpt.strategy import load_strategy
-
     stage_dir = case.meta.get("src_pipeline_strategy_dir")
     if not stage_dir:
         return [(str(case.strategy("src")), 0)]
-    stage_files = {}
+    stage_files: dict[int, tuple[str, int]] = {}
     for path in sorted((case.root / stage_dir).glob("*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1])):
         strategy = load_strategy(path)
-        stage_files.setdefault(strategy.current_stage, (str(path), strategy.current_stage
-                                                        * strategy.stage_device_count))
+        first_rank = strategy.current_stage * strategy.stage_device_count
+        stage_files.setdefault(strategy.current_stage, (str(path), first_rank))
     return list(stage_files.values())
 
 
