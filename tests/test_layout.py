@@ -15,6 +15,7 @@ from mpickpt.ckpt import index_checkpoint
 from mpickpt.errors import LayoutError, StrategyFormatError
 from mpickpt.layout import Box, Layouts, ParamLayout
 from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, load_strategy
+from layout_reference import BoxBounds, reference_box, reference_slice
 from random_cases import make_case
 
 
@@ -28,9 +29,6 @@ def strategy(*items: LayoutItem) -> Strategy:
     return Strategy(current_stage=0, strategy_items=(StrategyItem("MatMul-op0", 0, ((1, 1),)),), layout_items=items)
 
 
-BoxBounds = tuple[tuple[int, ...], tuple[int, ...]]
-
-
 def boxes(layouts: Layouts, name: str, shape: tuple[int, ...]) -> list[BoxBounds | None]:
     """What mpickpt says each rank holds."""
     result = []
@@ -38,43 +36,6 @@ def boxes(layouts: Layouts, name: str, shape: tuple[int, ...]) -> list[BoxBounds
         box = layouts.slice_box(name, shape, rank)
         result.append(None if box is None else (box.start, box.stop))
     return result
-
-
-# --- an independent model of FORMATS.md "Layout rules" ------------------------------------------------
-
-
-def reference_box(layout: LayoutItem, shape: tuple[int, ...], rank: int) -> BoxBounds:
-    """The box a stage-local rank holds: coordinates = row-major digits of the rank in the device matrix,
-    axis i = entry len-1-i; a dimension split over several axes has the first listed outermost; the
-    optimizer shard cuts dimension 0 into n pieces by the rank's position among its replicas."""
-    dev = layout.dev_matrix
-    digits, rest = [], rank
-    for size in reversed(dev):
-        digits.append(rest % size)  # digits[i] = coordinate on axis i
-        rest //= size
-    maps = layout.tensor_map
-    dim_axes = [() if a == -1 else (a,) for a in maps[0]] if len(maps) == 1 else \
-        [tuple(a for a in m if a != -1) for m in maps]
-    start, stop = [], []
-    for length, axes in zip(shape, dim_axes):
-        pieces, index = 1, 0
-        for axis in axes:
-            pieces *= dev[len(dev) - 1 - axis]
-            index = index * dev[len(dev) - 1 - axis] + digits[axis]
-        start.append(index * (length // pieces))
-        stop.append((index + 1) * (length // pieces))
-    if layout.opt_weight_shard_size and layout.opt_weight_shard_step:
-        used = {a for axes in dim_axes for a in axes}
-        unused = [a for a in reversed(range(len(dev))) if a not in used and dev[len(dev) - 1 - a] > 1]
-        replicas, position = 1, 0
-        for axis in unused:  # outermost first
-            replicas *= dev[len(dev) - 1 - axis]
-            position = position * dev[len(dev) - 1 - axis] + digits[axis]
-        count = replicas if layout.opt_weight_shard_size == -1 else layout.opt_weight_shard_size
-        piece = (stop[0] - start[0]) // count
-        start[0] += (position % count) * piece
-        stop[0] = start[0] + piece
-    return tuple(start), tuple(stop)
 
 
 def reference_boxes(layout: LayoutItem, shape: tuple[int, ...]) -> list[BoxBounds | None]:
@@ -266,17 +227,6 @@ def _arrays(path: object) -> dict[str, np.ndarray]:
         return {name: np.array(index.array(name)) for name in index.entries}
 
 
-def _reference_slice(strategy: Strategy | None, name: str, shape: tuple[int, ...], rank: int) -> BoxBounds | None:
-    """The reference box of ``name`` on a (global) rank; the full tensor where no strategy names it."""
-    entries = None if strategy is None else strategy.layouts_by_param().get(name)
-    if not entries:
-        return (0,) * len(shape), shape
-    per_stage = math.prod(entries[0][1].dev_matrix)
-    stage_layouts = {stage or 0: layout for stage, layout in entries}
-    layout = stage_layouts.get(rank // per_stage)
-    return None if layout is None else reference_box(layout, shape, rank % per_stage)
-
-
 def _check_sliced(case: Case, which: str, files: dict[int, Path]) -> None:
     """Each file holds exactly the parameters its rank holds, each the full tensor cut by the reference
     box, which is also mpickpt's box."""
@@ -286,7 +236,7 @@ def _check_sliced(case: Case, which: str, files: dict[int, Path]) -> None:
     layouts = Layouts.from_strategy(strategy)
     for rank, file in files.items():
         stored = _arrays(file)
-        bounds = {name: _reference_slice(strategy, name, array.shape, rank) for name, array in full.items()}
+        bounds = {name: reference_slice(strategy, name, array.shape, rank) for name, array in full.items()}
         assert sorted(stored) == sorted(name for name, box in bounds.items() if box is not None), (rank, file)
         for name, data in stored.items():
             start, stop = bounds[name]

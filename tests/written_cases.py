@@ -1,20 +1,23 @@
 """Conversion cases written by mpickpt itself (no MindSpore needed), in the folder layout of ``Case``.
 
 Each case is a random model (``tests/random_cases.py``): strategy files, source checkpoints cut from the
-full tensors by the source layout, and ``expected/``: the full tensors split by the target layout. Tests
-of MPI, Slurm, the CLI and error handling use them as data.
+full tensors by the source layout, and ``expected/``: the full tensors split by the target layout as the
+independent model ``tests/layout_reference.py`` cuts them. Tests of MPI, Slurm, the CLI and error handling
+use them as data.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from fixture_cases import Case
+from layout_reference import reference_slice
 from mpickpt.ckpt import save_checkpoint
-from random_cases import EXTRAS, RandomCase, make_case, target_slices, write_case
+from random_cases import EXTRAS, RandomCase, make_case, write_case
 
 PREFIX = "checkpoint_"
 # name -> (seed, source devices or None for one unsharded file, target devices or None for one full file)
@@ -23,15 +26,20 @@ WRITTEN = {"random_8to4": (5, 8, 4), "random_full_to_4": (6, None, 4), "random_4
 
 
 def _write_expected(case: RandomCase, root: Path) -> int:
-    """The target files (the full tensors split by the target layout); returns the target count."""
-    slices = target_slices(case)
-    for rank, tensors in enumerate(slices):
+    """The target files: the full tensors cut by the independent layout model; returns the target count."""
+    count = math.prod(case.dst.layout_items[0].dev_matrix)
+    for rank in range(count):
+        pieces = []
+        for name, (dtype, full) in case.tensors.items():
+            bounds = reference_slice(case.dst, name, full.shape, rank)
+            assert bounds is not None  # one pipeline stage: every rank holds every parameter
+            start, stop = bounds
+            piece = np.ascontiguousarray(full[tuple(slice(a, b) for a, b in zip(start, stop))])
+            pieces.append((name, dtype, piece.shape, piece))
         path = root / "expected" / f"rank_{rank}" / f"{PREFIX}{rank}.ckpt"
         path.parent.mkdir(parents=True)
-        pieces = [(name, case.tensors[name][0], piece.shape, np.ascontiguousarray(piece))
-                  for name, piece in tensors.items()]
         save_checkpoint(path, pieces + EXTRAS)
-    return len(slices)
+    return count
 
 
 def write_written_case(root: Path, name: str) -> Case:
