@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from layout_reference import reference_slice
 from mpickpt.ckpt import save_checkpoint
 from mpickpt.layout import Layouts
 from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, save_strategy
@@ -120,13 +121,14 @@ def write_case(case: RandomCase, root: Path) -> None:
 
 
 def target_slices(case: RandomCase) -> list[dict[str, np.ndarray]]:
-    """Ground truth: the full tensors split by the target layout, per target rank."""
-    layouts = Layouts.from_strategy(case.dst)
+    """Ground truth: the full tensors split by the target layout, per target rank, as the independent
+    layout model (``tests/layout_reference.py``) cuts them."""
     result = []
-    for rank in range(layouts.device_count):
+    for rank in range(math.prod(case.dst.layout_items[0].dev_matrix)):
         slices = {}
         for name, (_, full) in case.tensors.items():
-            box = layouts.slice_box(name, full.shape, rank)
-            slices[name] = full[tuple(slice(a, b) for a, b in zip(box.start, box.stop))]
+            bounds = reference_slice(case.dst, name, full.shape, rank)
+            assert bounds is not None  # one pipeline stage: every rank holds every parameter
+            slices[name] = full[tuple(slice(a, b) for a, b in zip(*bounds))]
         result.append(slices)
     return result

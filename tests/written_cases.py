@@ -9,15 +9,13 @@ use them as data.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
 from fixture_cases import Case
-from layout_reference import reference_slice
 from mpickpt.ckpt import save_checkpoint
-from random_cases import EXTRAS, RandomCase, make_case, write_case
+from random_cases import EXTRAS, RandomCase, make_case, target_slices, write_case
 
 PREFIX = "checkpoint_"
 # name -> (seed, source devices or None for one unsharded file, target devices or None for one full file)
@@ -26,20 +24,15 @@ WRITTEN = {"random_8to4": (5, 8, 4), "random_full_to_4": (6, None, 4), "random_4
 
 
 def _write_expected(case: RandomCase, root: Path) -> int:
-    """The target files: the full tensors cut by the independent layout model; returns the target count."""
-    count = math.prod(case.dst.layout_items[0].dev_matrix)
-    for rank in range(count):
-        pieces = []
-        for name, (dtype, full) in case.tensors.items():
-            bounds = reference_slice(case.dst, name, full.shape, rank)
-            assert bounds is not None  # one pipeline stage: every rank holds every parameter
-            start, stop = bounds
-            piece = np.ascontiguousarray(full[tuple(slice(a, b) for a, b in zip(start, stop))])
-            pieces.append((name, dtype, piece.shape, piece))
+    """The target files (the full tensors split by the target layout); returns the target count."""
+    slices = target_slices(case)
+    for rank, tensors in enumerate(slices):
         path = root / "expected" / f"rank_{rank}" / f"{PREFIX}{rank}.ckpt"
         path.parent.mkdir(parents=True)
+        pieces = [(name, case.tensors[name][0], piece.shape, np.ascontiguousarray(piece))
+                  for name, piece in tensors.items()]
         save_checkpoint(path, pieces + EXTRAS)
-    return count
+    return len(slices)
 
 
 def write_written_case(root: Path, name: str) -> Case:
