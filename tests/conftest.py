@@ -57,16 +57,10 @@ def written_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
 
 
 @pytest.fixture(scope="session")
-def written_root(written_cases: dict[str, Case]) -> Path:
-    """The folder of the written cases."""
-    return next(iter(written_cases.values())).root.parent
-
-
-@pytest.fixture(scope="session")
 def redundancy_removed_case(mindspore_cases: dict[str, Case],
                             tmp_path_factory: pytest.TempPathFactory) -> tuple[Case, Path]:
     """``seed_8to4`` (full redundancy) and a folder of its source checkpoints as MindSpore saves them with
-    ``CheckpointConfig(remove_redundancy=True)``: ``rank_<r>/checkpoint_<r>.ckpt`` holding only rank r's share."""
+    ``CheckpointConfig(remove_redundancy=True)``: ``rank_<r>/checkpoint_<r>.ckpt`` holding rank r's share."""
     case = mindspore_cases["seed_8to4"]
     reduced = tmp_path_factory.mktemp("redundancy_removed") / "src_checkpoints"
     make_redundancy_removed(case, reduced)

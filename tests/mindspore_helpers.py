@@ -1,5 +1,6 @@
 """Run MindSpore snippets in a subprocess of MindSpore's own environment (never in the pytest process).
 
+MindSpore and mpickpt both register ``checkpoint.proto`` in protobuf's default descriptor pool, and
 MindSpore 2.10 needs numpy < 2 (its BFloat16 paths fail with numpy 2) while mpickpt is tested with
 numpy 2, so MindSpore lives in its own virtual environment: ``.venv-mindspore`` next to ``.venv``
 (``tools/test.sh`` makes both), or the interpreter named by ``MPICKPT_MINDSPORE_PYTHON``. Usage::

@@ -6,7 +6,6 @@ import filecmp
 import stat
 from pathlib import Path
 
-
 import mpickpt
 from fixture_cases import Case, assert_same_content, case_params
 
