@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "safetensors crc_num); a file without one is named in a warning")
     transform.add_argument("--crc", action="store_true",
                            help="write checksums into the outputs (MindSpore's crc_check format)")
+    transform.add_argument("--exchange-buffer", type=int, default=256, metavar="MIB",
+                           help="MiB of source slices a process keeps in flight to processes that do not see "
+                                "the files (default 256); --src-dir/--dst-dir may hold {host} and {process}")
     transform.set_defaults(run=_run_transform)
 
     plan = commands.add_parser("plan", help="dry run: what each target rank reads and writes")
@@ -145,6 +148,7 @@ def _options(args: argparse.Namespace) -> TransformOptions:
         src_format=getattr(args, "src_format", None),
         verify_crc=getattr(args, "verify_crc", False),
         crc=getattr(args, "crc", False),
+        exchange_buffer=getattr(args, "exchange_buffer", 256) << 20,
     )
 
 

@@ -4,6 +4,7 @@ work is dealt by size; a failing process ends the whole run with its message."""
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO, TypeVar
@@ -31,6 +32,25 @@ def broadcast_prepared(prepare: Callable[[], T], comm: Comm) -> T:
     if error is not None:
         raise error
     return result  # type: ignore[return-value]  # rank 0 prepared it, or raised
+
+
+def agree(work: Callable[[], T], comm: Comm) -> list[T]:
+    """Every rank runs `work`; every rank returns all ranks' results, in rank order, or raises the error of
+    the lowest failing rank (as a plain error of the same type). Results travel pickled, so one that does
+    not pickle fails like any error instead of leaving the others waiting."""
+    mine: tuple[bytes, MpickptError | None]
+    try:
+        mine = (pickle.dumps(work()), None)
+    except Exception as exc:
+        if comm.size == 1:
+            raise
+        error = exc if isinstance(exc, MpickptError) else MpickptError(f"{type(exc).__name__}: {exc}")
+        mine = (b"", type(error)(str(error)))
+    gathered = comm.allgather(mine)
+    for _, failed in gathered:
+        if failed is not None:
+            raise failed
+    return [pickle.loads(data) for data, _ in gathered]
 
 
 def deal_by_size(items: Sequence[T], size: Callable[[T], int], processes: int) -> list[list[T]]:

@@ -38,6 +38,7 @@ from mpickpt.errors import (
     MpickptError,
     SourceMissingError,
 )
+
 if TYPE_CHECKING:
     from mpickpt.mpi import Comm
 

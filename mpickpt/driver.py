@@ -3,10 +3,13 @@
 Called on all ranks with the same arguments. The communicator is a parameter (mpickpt/mpi.py), so the same
 code runs under mpirun/srun and, with `SerialComm`, in one process with no MPI at all.
 
-Flow: rank 0 checks the destination, locks it for the whole run (dst_dir/.mpickpt.lock), prepares the job
-and broadcasts it (or its error) -> `deal` gives every process its targets -> each process skips outputs
+Flow: every process starts the job together (mpickpt/startup.py: destination checked and locked for the
+whole run, dst_dir/.mpickpt.lock; strategies from rank 0; source headers indexed in shares and gathered;
+targets planned in shares and gathered; any error raised alike everywhere) -> `deal` gives every process
+its targets -> each process skips outputs
 whose completion record still matches this job, writes the rest (record after each) and posts small
-progress messages to rank 0 -> each process posts its report to rank 0 -> rank 0 removes temporaries
+progress messages to rank 0 (slices of files a process does not see come over MPI, mpickpt/exchange.py,
+and every process serves the others until all are done) -> each process posts its report to rank 0 -> rank 0 removes temporaries
 of dead writers, lists what in dst_dir this job does not produce (never deleting it), writes
 dst_dir/manifest.json and the summary, and broadcasts the summary, which ends the run on every rank.
 
@@ -28,19 +31,37 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, NoReturn, Protocol, TextIO, cast
 
 from . import __version__
 from .atomic import remove_dead_temporaries, remove_dead_temporaries_in
-from .destination import DestinationLock, check_destination, check_prefix, refuse_outputs_beside_sources, source_folders
+from .destination import (
+    DestinationLock,
+    check_destination,
+    check_prefix,
+    source_folders,
+)
 from .errors import MpickptError
 from .formats import open_index
-from .manifest import (CompletionRecord, SourceStamp, check_record, checksum, options_record, record_path,
-                       remove_manifest, remove_record, stamp_sources, strategy_hashes, write_manifest, write_record)
+from .manifest import (
+    CompletionRecord,
+    SourceStamp,
+    check_record,
+    checksum,
+    options_record,
+    record_path,
+    remove_manifest,
+    remove_record,
+    stamp_sources,
+    strategy_hashes,
+    write_manifest,
+    write_record,
+)
 from .mpi import Comm
-from .transform import OutputTask, TransformJob, TransformOptions
+from .startup import start_job
+from .transform import OutputTask, TransformOptions
 
 PROGRESS_SEND_SECONDS = 0.5  # how often a process tells rank 0 its counters while it writes
 PROGRESS_LINE_SECONDS = 2.0  # how often rank 0 prints a progress line when stderr is not a terminal
@@ -85,6 +106,8 @@ class ProcessReport:
     process: int
     outcomes: tuple[FileOutcome, ...]
     seconds: float
+    bytes_sent: int = 0  # source slices sent to other processes
+    bytes_received: int = 0  # source slices received from other processes
 
 
 @dataclass(frozen=True)
@@ -104,6 +127,7 @@ class Summary:
     redone: tuple[tuple[str, str], ...] = ()  # (file, why) of outputs that were there but redone
     stale: tuple[str, ...] = ()  # entries of dst_dir this job does not produce, left as they are
     notes: tuple[str, ...] = ()
+    exchanged: tuple[tuple[int, int, int, int], ...] = ()  # (process, read, sent, received) when slices moved
 
     @property
     def gbps(self) -> float:
@@ -127,6 +151,8 @@ class Summary:
             more = f" and {len(self.stale) - MAX_LISTED} more" if len(self.stale) > MAX_LISTED else ""
             lines.append(f"mpickpt: {len(self.stale)} entries of the destination are not from this job and were "
                          f"left as they are: {', '.join(self.stale[:MAX_LISTED])}{more}")
+        lines += [f"mpickpt: process {p}: read {_size(read)}, sent {_size(sent)}, received {_size(received)} "
+                  f"over MPI" for p, read, sent, received in self.exchanged]
         return lines + [self.line()]
 
 
@@ -183,31 +209,13 @@ def run_transform(options: TransformOptions, comm: Comm, *, sync: bool = True, o
 
 
 def _broadcast_job(options: TransformOptions, comm: Comm, stream: TextIO) -> tuple[Job, DestinationLock | None]:
-    """Rank 0's prepared job on every rank (and rank 0's lock on rank 0), or rank 0's error raised on every rank."""
-    job: TransformJob | None = None
-    lock: DestinationLock | None = None
-    error: MpickptError | None = None
-    if comm.rank == 0:
-        try:
-            lock = lock_destination(options, stream)
-            job = TransformJob.prepare(options)
-            refuse_outputs_beside_sources([t.path for t in job.tasks], {f for t in job.tasks for f in t.source_files})
-        except Exception as exc:
-            if lock is not None:
-                lock.release()
-            if comm.size == 1:
-                raise
-            error = exc if isinstance(exc, MpickptError) else MpickptError(f"{type(exc).__name__}: {exc}")
-            error = type(error)(str(error))  # plain message only: always picklable
+    """This process's job (and its destination lock, if it holds one), or the same error on every rank."""
     try:
-        job, error = comm.bcast((job, error), root=0)
-    except Exception as exc:  # e.g. a job that does not pickle: the others would wait forever
-        if lock is not None:
-            lock.release()
+        return start_job(options, comm, lambda local: lock_destination(local, stream))
+    except MpickptError:
+        raise
+    except Exception as exc:  # a failure outside the collectives: the others would wait forever
         _fail(comm, exc, None, stream)
-    if error is not None:
-        raise error
-    return cast(Job, job), lock  # rank 0 prepared it, or raised
 
 
 def lock_destination(options: TransformOptions, stream: TextIO) -> DestinationLock:
@@ -238,8 +246,12 @@ def run_job(job: Job, comm: Comm, *, sync: bool = True, overwrite: bool = False,
     view = _ProgressView(job.tasks, comm.size, stream, quiet) if comm.rank == 0 else None
     collector = _Collector(comm, view)
     tracker = _Tracker(comm, collector, _fault_from_env(os.environ))
+    exchange = getattr(job, "exchange", None)
     try:
         report = _work(job, deal(job.tasks, comm.size)[comm.rank], comm.rank, tracker, sync, overwrite)
+        if exchange is not None:
+            exchange.finish()
+            report = replace(report, bytes_sent=exchange.bytes_sent, bytes_received=exchange.bytes_received)
         comm.send(("result", report), 0)
         summary = collector.finish(job, started, started_at, sync) if comm.rank == 0 else None
     except BaseException as exc:
@@ -265,7 +277,7 @@ def _work(job: Job, tasks: Sequence[OutputTask], process: int, tracker: _Tracker
                                            read_bytes=0))
             else:
                 remove_record(task.path)
-                sources = stamp_sources(task.source_files)  # as they were before being read
+                sources = task.source_stamps or stamp_sources(task.source_files)  # as they were before being read
                 start = time.monotonic()
                 job.run_task(task, sync=sync, progress=tracker.task_progress)
                 entries.append((task, reason, recorder.submit(_record, task, sources, time.monotonic() - start,
@@ -287,7 +299,8 @@ def _previous(task: OutputTask, overwrite: bool) -> tuple[CompletionRecord | Non
     """The record of a complete, current output of `task` (None: write it) and why an existing one is redone."""
     if overwrite:
         return None, OVERWRITTEN if os.path.lexists(task.path) else ""
-    check = check_record(task.path, task.target_rank, task.job_key, task.source_ranks, task.source_files)
+    check = check_record(task.path, task.target_rank, task.job_key, task.source_ranks, task.source_files,
+                         task.source_stamps)
     return check.record, check.reason
 
 
@@ -458,6 +471,7 @@ def manifest(reports: Sequence[ProcessReport], wall_seconds: float, run: RunInfo
                        "written": sum(not o.skipped for o in r.outcomes),
                        "skipped": sum(o.skipped for o in r.outcomes),
                        "bytes_read": sum(o.read_bytes for o in r.outcomes),
+                       "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
                        "bytes_written": sum(o.record.size for o in r.outcomes if not o.skipped),
                        "seconds": round(r.seconds, 6)} for r in reports],
     }
@@ -474,7 +488,15 @@ def summarize(reports: Sequence[ProcessReport], wall_seconds: float, manifest_pa
                    wall_seconds=wall_seconds, processes=len(reports), slowest_process=slowest.process,
                    slowest_seconds=slowest.seconds, manifest=manifest_path,
                    redone=tuple((o.file, o.reason) for o in outcomes if o.reason), stale=tuple(stale),
-                   notes=tuple(notes))
+                   notes=tuple(notes), exchanged=_exchanged(reports))
+
+
+def _exchanged(reports: Sequence[ProcessReport]) -> tuple[tuple[int, int, int, int], ...]:
+    """Per process: planned bytes read, bytes sent and received over MPI (nothing when no slice moved)."""
+    if not any(r.bytes_sent or r.bytes_received for r in reports):
+        return ()
+    return tuple((r.process, sum(o.read_bytes for o in r.outcomes), r.bytes_sent, r.bytes_received)
+                 for r in reports)
 
 
 class _ProgressView:

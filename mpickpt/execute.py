@@ -3,6 +3,8 @@
 The executor only follows a plan: it opens each source file named there once, copies every planned
 region once, and streams the output through the checkpoint writer. A parameter that is one contiguous
 run of source bytes moves file to file; anything else is assembled in one buffer of the target slice.
+Source ranks whose files another process holds come from a `Remote` (mpickpt/exchange.py), which yields
+the same regions received over MPI, in the order `remote_pieces` lists them.
 """
 
 from __future__ import annotations
@@ -10,13 +12,22 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from .dtypes import dtype_itemsize
 from .errors import CheckpointFormatError, PlanError
-from .formats import SourceIndex, TensorEntry, TensorSpec, TensorWriter, open_index, open_writer
+from .formats import (
+    SourceIndex,
+    TensorEntry,
+    TensorSpec,
+    TensorWriter,
+    open_index,
+    open_writer,
+)
 from .layout import Box
 from .plan import Copy, ParamPlan, TargetPlan
 
@@ -26,13 +37,42 @@ Progress = Callable[[int], None]
 ROW_BLOCK_BYTES = 64 << 20
 
 
-class SourceFiles:
-    """Lazily opened, cached indexes of the source files one target reads (a context manager)."""
+@dataclass(frozen=True)
+class Piece:
+    """A region one target needs from a source rank's file: a box of the stored slice, or (box None) the
+    whole stored content of a parameter copied through."""
 
-    def __init__(self, paths: Mapping[int, str]) -> None:
+    rank: int
+    name: str
+    box: Box | None
+    nbytes: int
+
+
+class Remote(Protocol):
+    """Source ranks held by other processes: their headers, and the planned pieces in planned order."""
+
+    def entries(self, rank: int) -> dict[str, TensorEntry]:
+        """The parameters of a remote rank's file, in file order (pieces are not file offsets)."""
+        ...
+
+    def fill(self, piece: Piece, out: np.ndarray) -> None:
+        """Receive the next piece (it must be `piece`) into `out` (box pieces: shape box + (itemsize,))."""
+        ...
+
+    def whole(self, piece: Piece) -> bytearray:
+        """Receive the next piece (whole content) as bytes."""
+        ...
+
+
+class SourceFiles:
+    """Lazily opened, cached indexes of the source files one target reads (a context manager); ranks
+    not among `paths` come from `remote`."""
+
+    def __init__(self, paths: Mapping[int, str], remote: Remote | None = None) -> None:
         self._paths = dict(paths)
         self._open: dict[int, SourceIndex] = {}
         self._stack = ExitStack()
+        self.remote = remote
 
     def __enter__(self) -> SourceFiles:
         return self
@@ -41,12 +81,25 @@ class SourceFiles:
         self._stack.close()
         self._open.clear()
 
+    def is_remote(self, rank: int) -> bool:
+        """Whether another process holds this rank's file."""
+        return rank not in self._paths and self.remote is not None
+
     def path(self, rank: int) -> str:
         """The file of a source rank (PlanError if the caller gave none)."""
+        if self.is_remote(rank):
+            return f"the file of source rank {rank} (on another process)"
         try:
             return self._paths[rank]
         except KeyError:
             raise PlanError(f"the checkpoint file of source rank {rank} is needed but was not given") from None
+
+    def entries(self, rank: int) -> Mapping[str, TensorEntry]:
+        """The parameters of one source rank's file, in file order."""
+        if self.is_remote(rank):
+            assert self.remote is not None
+            return self.remote.entries(rank)
+        return self.index(rank).entries
 
     def index(self, rank: int) -> SourceIndex:
         """The index of one source rank's file, opened on first use."""
@@ -56,9 +109,8 @@ class SourceFiles:
 
     def entry(self, rank: int, name: str) -> TensorEntry:
         """One parameter of one source file (CheckpointFormatError naming both if absent)."""
-        index = self.index(rank)
         try:
-            return index.entries[name]
+            return self.entries(rank)[name]
         except KeyError:
             raise CheckpointFormatError(
                 f"{self.path(rank)}: parameter {name!r} is missing (source rank {rank} should hold it)"
@@ -71,7 +123,7 @@ def output_order(plan: TargetPlan, sources: SourceFiles) -> list[ParamPlan]:
     by_name = {param.name: param for param in plan.params}
     seen: dict[str, None] = {}
     for rank in sorted(plan.source_ranks, reverse=True):
-        for name in sources.index(rank).entries:
+        for name in sources.entries(rank):
             if name in by_name:
                 seen.setdefault(name, None)
     ordered = list(seen) + [name for name in by_name if name not in seen]
@@ -113,15 +165,67 @@ def _spec(param: ParamPlan, sources: SourceFiles) -> TensorSpec:
     return TensorSpec(param.name, param.dtype, tuple(param.dims), param.nbytes)
 
 
+def remote_pieces(plan: TargetPlan, sources: SourceFiles) -> list[Piece]:
+    """The pieces `write_target` takes from remote ranks, in the order it takes them."""
+    pieces = []
+    for param in output_order(plan, sources):
+        for copy in param.copies[:1] if not param.in_strategy else param.copies:
+            if sources.is_remote(copy.src_rank):
+                pieces.append(_piece(param, copy, sources))
+    return pieces
+
+
+def _piece(param: ParamPlan, copy: Copy, sources: SourceFiles) -> Piece:
+    if not param.in_strategy:
+        return Piece(copy.src_rank, param.name, None, sources.entry(copy.src_rank, param.name).nbytes)
+    return Piece(copy.src_rank, param.name, copy.src_box, copy.src_box.size * dtype_itemsize(param.dtype))
+
+
+def read_piece_rows(index: SourceIndex, piece: Piece, lo: int, hi: int) -> np.ndarray | memoryview | bytearray:
+    """Units [lo, hi) of a piece read from its file: rows of the box (bytes for whole pieces, and for
+    boxes of no dimension); a zero-copy view where the region is one run of one stored piece."""
+    entry = index.entry(piece.name)
+    if piece.box is None or not piece.box.start:
+        if len(entry.pieces) == 1:
+            return index.raw(piece.name)[0][lo:hi]
+        content = bytearray(hi - lo)
+        index.read_into(piece.name, lo, memoryview(content))
+        return content
+    box = piece.box
+    rows = Box((box.start[0] + lo, *box.start[1:]), (box.start[0] + hi, *box.stop[1:]))
+    itemsize = dtype_itemsize(entry.dtype)
+    run = _contiguous_run(rows, entry.dims, itemsize)
+    if run is not None and len(entry.pieces) == 1:
+        return index.raw(piece.name)[0][run[0]:run[0] + run[1]]
+    out = np.empty((*rows.shape, itemsize), dtype=np.uint8)
+    copy = Copy(piece.rank, rows, Box((0,) * len(rows.shape), rows.shape))
+    for source_rows, row_start in _row_blocks(index, entry, copy, itemsize):
+        part = _shifted(copy, row_start, source_rows.shape[0])
+        out[_slices(part.dst_box)] = source_rows[_slices(part.src_box)]
+    return out
+
+
 def _write_param(writer: TensorWriter, param: ParamPlan, sources: SourceFiles) -> int:
     """Write one parameter, by the cheapest route its plan allows."""
     if not param.in_strategy:
         rank = param.copies[0].src_rank
         source = sources.entry(rank, param.name)
+        if sources.is_remote(rank):
+            assert sources.remote is not None
+            if source.kind == "maptensor":
+                raise CheckpointFormatError(f"parameter {param.name!r}: a MapTensor held only by another process "
+                                            f"(source rank {rank}) cannot be sent")
+            data = sources.remote.whole(_piece(param, param.copies[0], sources))
+            writer.write_tensor_chunks(param.name, source.dtype, source.dims, source.nbytes, [data])
+            return source.nbytes
         if source.kind == "maptensor":
             writer.write_maptensor(param.name, sources.index(rank).raw(param.name))
             return source.nbytes
         return _copy_whole(writer, source, sources.index(rank), source.dtype, source.dims)
+    if any(sources.is_remote(c.src_rank) for c in param.copies):
+        target = _assemble(param, sources)
+        writer.write_tensor(param.name, param.dtype, param.dims, target)
+        return target.nbytes
     if _is_whole_source(param, sources):
         rank = param.copies[0].src_rank
         return _copy_whole(writer, sources.entry(rank, param.name), sources.index(rank), param.dtype, param.dims)
@@ -212,6 +316,10 @@ def _assemble(param: ParamPlan, sources: SourceFiles) -> np.ndarray:
     itemsize = dtype_itemsize(param.dtype)
     target = np.empty((*param.dims, itemsize), dtype=np.uint8)
     for copy in param.copies:
+        if sources.is_remote(copy.src_rank):
+            assert sources.remote is not None
+            sources.remote.fill(_piece(param, copy, sources), target[_slices(copy.dst_box)])
+            continue
         entry = sources.entry(copy.src_rank, param.name)
         index = sources.index(copy.src_rank)
         for source_rows, row_start in _row_blocks(index, entry, copy, itemsize):

@@ -139,9 +139,10 @@ def remove_record(output: str) -> None:
 
 
 def check_record(output: str, target_rank: int, job_key: str, source_ranks: Iterable[int],
-                 source_files: Iterable[str]) -> RecordCheck:
+                 source_files: Iterable[str], stamps: tuple[SourceStamp, ...] = ()) -> RecordCheck:
     """Whether `output` is complete for this job: its record names the same output path, target rank, job
-    key and source ranks, the same unchanged source files, and matches the file on disk (size, checksum)."""
+    key and source ranks, the same unchanged source files (as `stamps` gives them, else as they are now),
+    and matches the file on disk (size, checksum)."""
     record = read_record(output)
     if record is None:
         return RecordCheck(None, NO_RECORD if os.path.lexists(output) else "")
@@ -149,7 +150,7 @@ def check_record(output: str, target_rank: int, job_key: str, source_ranks: Iter
             os.path.basename(output), os.path.abspath(output), target_rank, job_key, tuple(source_ranks)):
         return RecordCheck(None, JOB_CHANGED)
     try:
-        if record.sources != stamp_sources(source_files):
+        if record.sources != (stamps or stamp_sources(source_files)):
             return RecordCheck(None, SOURCES_CHANGED)
     except OSError:
         return RecordCheck(None, SOURCES_CHANGED)

@@ -25,6 +25,14 @@ RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMI_FD", "PMI_PORT", "PMI
 MESSAGE_TAG = 7  # the driver's point-to-point messages (progress, results)
 
 
+class Request(Protocol):
+    """A nonblocking operation in flight."""
+
+    def test(self) -> bool:
+        """True once the operation has finished (never waits)."""
+        ...
+
+
 class Comm(Protocol):
     """What the driver needs from a communicator. All methods are called by the process that owns it."""
 
@@ -35,12 +43,29 @@ class Comm(Protocol):
         """Called on all ranks: root's `obj` on every rank."""
         ...
 
-    def send(self, obj: Any, dest: int) -> None:
+    def allgather(self, obj: T) -> list[T]:
+        """Called on all ranks: every rank's `obj`, in rank order."""
+        ...
+
+    def send(self, obj: Any, dest: int, tag: int = MESSAGE_TAG) -> None:
         """Post a small message to `dest` and return at once (delivery finishes in flush())."""
         ...
 
-    def poll(self) -> list[tuple[int, Any]]:
-        """Messages that have arrived, as (source rank, object), without waiting."""
+    def poll(self, tag: int = MESSAGE_TAG) -> list[tuple[int, Any]]:
+        """Messages with `tag` that have arrived, as (source rank, object), without waiting."""
+        ...
+
+    def isend_bytes(self, data: Any, dest: int, tag: int) -> Request:
+        """Start sending a buffer to `dest` (keep it unchanged until the request has finished)."""
+        ...
+
+    def irecv_bytes(self, out: Any, source: int, tag: int) -> Request:
+        """Start receiving exactly len(out) bytes from `source` into the writable buffer `out`; receives
+        from one source with one tag match that source's sends in order."""
+        ...
+
+    def ibarrier(self) -> Request:
+        """Called on all ranks: a barrier that finishes once every rank has entered it."""
         ...
 
     def flush(self) -> None:
@@ -59,22 +84,37 @@ class SerialComm:
     size = 1
 
     def __init__(self) -> None:
-        self._inbox: list[tuple[int, Any]] = []
+        self._inbox: dict[int, list[tuple[int, Any]]] = {}
 
     def bcast(self, obj: T, root: int = 0) -> T:
         """Return `obj`."""
         return obj
 
-    def send(self, obj: Any, dest: int) -> None:
-        """Queue `obj` for this process's next poll()."""
+    def allgather(self, obj: T) -> list[T]:
+        """[obj]."""
+        return [obj]
+
+    def send(self, obj: Any, dest: int, tag: int = MESSAGE_TAG) -> None:
+        """Queue `obj` for this process's next poll(tag)."""
         if dest != 0:
             raise ValueError(f"serial world has no process {dest}")
-        self._inbox.append((0, obj))
+        self._inbox.setdefault(tag, []).append((0, obj))
 
-    def poll(self) -> list[tuple[int, Any]]:
-        """Return and clear the queued messages."""
-        messages, self._inbox = self._inbox, []
-        return messages
+    def poll(self, tag: int = MESSAGE_TAG) -> list[tuple[int, Any]]:
+        """Return and clear the queued messages of `tag`."""
+        return self._inbox.pop(tag, [])
+
+    def isend_bytes(self, data: Any, dest: int, tag: int) -> Request:
+        """A serial world has no peer to send buffers to."""
+        raise ValueError("serial world: no other process to send buffers to")
+
+    def irecv_bytes(self, out: Any, source: int, tag: int) -> Request:
+        """A serial world has no peer to receive buffers from."""
+        raise ValueError("serial world: no other process to receive buffers from")
+
+    def ibarrier(self) -> Request:
+        """Finished at once."""
+        return _Done()
 
     def flush(self) -> None:
         """Nothing is ever in flight."""
@@ -82,6 +122,29 @@ class SerialComm:
     def abort(self, code: int) -> NoReturn:
         """Exit this (only) process."""
         sys.exit(code)
+
+
+class _Done:
+    """A request that has already finished."""
+
+    def test(self) -> bool:
+        return True
+
+
+class _MpiRequest:
+    """An mpi4py request, holding on to its buffer until it finishes."""
+
+    def __init__(self, request: Any, buffer: Any = None) -> None:
+        self._request = request
+        self._buffer = buffer
+
+    def test(self) -> bool:
+        if self._request is None:
+            return True
+        if self._request.Test():
+            self._request = self._buffer = None
+            return True
+        return False
 
 
 class MpiComm:
@@ -98,20 +161,40 @@ class MpiComm:
         """Called on all ranks: root's `obj` on every rank (pickled)."""
         return self._mpi.bcast(obj, root=root)
 
-    def send(self, obj: Any, dest: int) -> None:
+    def allgather(self, obj: T) -> list[T]:
+        """Called on all ranks: every rank's `obj` (pickled), in rank order."""
+        return self._mpi.allgather(obj)
+
+    def send(self, obj: Any, dest: int, tag: int = MESSAGE_TAG) -> None:
         """Non-blocking pickled send; finished sends are pruned as new ones are posted."""
         self._pending = [req for req in self._pending if not req.Test()]
-        self._pending.append(self._mpi.isend(obj, dest=dest, tag=MESSAGE_TAG))
+        self._pending.append(self._mpi.isend(obj, dest=dest, tag=tag))
 
-    def poll(self) -> list[tuple[int, Any]]:
-        """Receive every message already matched by a probe, without waiting."""
+    def poll(self, tag: int = MESSAGE_TAG) -> list[tuple[int, Any]]:
+        """Receive every message of `tag` already matched by a probe, without waiting."""
         from mpi4py import MPI
 
         messages = []
         status = MPI.Status()
-        while (message := self._mpi.improbe(source=MPI.ANY_SOURCE, tag=MESSAGE_TAG, status=status)) is not None:
+        while (message := self._mpi.improbe(source=MPI.ANY_SOURCE, tag=tag, status=status)) is not None:
             messages.append((status.Get_source(), message.recv()))
         return messages
+
+    def isend_bytes(self, data: Any, dest: int, tag: int) -> Request:
+        """MPI_Isend of raw bytes."""
+        from mpi4py import MPI
+
+        return _MpiRequest(self._mpi.Isend([data, MPI.BYTE], dest=dest, tag=tag), data)
+
+    def irecv_bytes(self, out: Any, source: int, tag: int) -> Request:
+        """MPI_Irecv of raw bytes."""
+        from mpi4py import MPI
+
+        return _MpiRequest(self._mpi.Irecv([out, MPI.BYTE], source=source, tag=tag), out)
+
+    def ibarrier(self) -> Request:
+        """MPI_Ibarrier."""
+        return _MpiRequest(self._mpi.Ibarrier())
 
     def flush(self) -> None:
         """Wait for every posted send."""

@@ -1,7 +1,8 @@
 """A whole conversion job: from options to planned per-target output tasks, and running one task.
 
-`TransformJob.prepare` runs on the coordinator only (it may write merged strategy files); the job it
-returns is plain picklable data that every process can use to run its own tasks.
+`TransformJob.prepare` runs in one process (the API, `plan`, `verify`); under MPI, mpickpt/startup.py
+builds the same job from headers every process indexes its share of. A job is plain picklable data; an
+`Exchange` attached to it (mpickpt/exchange.py) brings slices of files this process does not see.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .catalog import SourceCatalog, build_catalog
@@ -22,9 +24,17 @@ from .execute import SourceFiles, write_target
 from .formats import open_index, suffix_of
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
+from .manifest import SourceStamp
 from .plan import Planner, TargetPlan, TensorInfo
 from .sources import find_rank_files
-from .strategy import PROTOBUF, Strategy, load_strategy, merge_strategy_folder, save_strategy, strategy_to_bytes
+from .strategy import (
+    PROTOBUF,
+    Strategy,
+    load_strategy,
+    merge_strategy_folder,
+    save_strategy,
+    strategy_to_bytes,
+)
 
 # Parameter-name prefixes MindSpore ignores when deciding on the pipeline subnetwork transform.
 _OPTIMIZER_PREFIXES = ("accu_grads", "adam_v", "adam_m")
@@ -48,6 +58,7 @@ class TransformOptions:
     src_format: str | None = None  # "ckpt" or "safetensors" when rank folders hold both; None: what is there
     verify_crc: bool = False  # check the stored checksum of every source file read
     crc: bool = False  # write the format's checksum into every output (MindSpore's crc_check)
+    exchange_buffer: int = 256 << 20  # bytes of source slices a process keeps in flight to others
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class OutputTask:
     read_bytes: int
     write_bytes: int
     job_key: str = ""  # digest of everything but the source files that decides this output's content
+    source_stamps: tuple[SourceStamp, ...] = ()  # the source files as indexed (empty: stamp them when read)
 
 
 @dataclass
@@ -81,6 +93,9 @@ class TransformJob:
     verify_crc: bool = False
     options: TransformOptions | None = None
     notes: tuple[str, ...] = ()  # for the summary: modes taken, folders ignored
+    local_files: dict[int, str] | None = None  # the rank files this process sees (None: all of rank_files)
+    remote_headers: dict[int, SourceHeaders] = field(default_factory=dict)  # of rank files it does not see
+    exchange: Any = field(default=None, repr=False, compare=False)  # an Exchange when some files are remote
     _planner: Planner | None = field(default=None, repr=False, compare=False)
     # Plans made while preparing, used once by run_task in the same process (not sent to others).
     _plans: dict[int, TargetPlan] = field(default_factory=dict, repr=False, compare=False)
@@ -89,45 +104,29 @@ class TransformJob:
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state["_planner"] = None
+        state["exchange"] = None
         state["_plans"] = {}
         state["_verified"] = set()
         return state
 
     @classmethod
     def prepare(cls, options: TransformOptions, *, write_merged: bool = True) -> TransformJob:
-        """Coordinator only: validate the whole job (paths, both strategies, the headers of every source
+        """One process: validate the whole job (paths, both strategies, the headers of every source
         file) and plan every target; merged pipeline strategy folders are kept in dst_dir when write_merged."""
         check_prefix(options.prefix)
         suffix_of(options.output_format)
         src_dir = Path(options.src_dir)
         if not src_dir.is_dir():
             raise SourceMissingError(f"src_checkpoints_dir {src_dir} is not a directory")
-        read_dirs = [str(src_dir)] + [d for d in (options.src_strategy_dir, options.dst_strategy_dir) if d]
+        read_dirs = source_dirs(options)
         keep_in = options.dst_dir if write_merged else None
         if keep_in is not None:
             check_destination(options.dst_dir, read_dirs)
         rank_files = find_rank_files(src_dir, options.src_format)
-        src = _strategy(options.src_strategy, options.src_strategy_dir)
-        dst = _strategy(options.dst_strategy, options.dst_strategy_dir)
-        headers = read_headers(rank_files)
-        src_stage = _subnetwork_stage(src, dst, headers)
-        notes: list[str] = []
-        if src_stage is not None:
-            notes.append(f"pipeline subnetwork transform: the source strategy is stage {src_stage} only, whose "
-                         f"parameters are a strict subset of the target's; outputs are <prefix><rank>_part"
-                         f"{src_stage}{suffix_of(options.output_format)}")
-        rank_files = _ranks_of_strategy(src, src_stage, rank_files, src_dir)
-        headers = {r: headers[r] for r in rank_files}
-        src = _kept(src, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY)
-        dst = _kept(dst, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY)
-        catalog = build_catalog(src, {r: h.rows for r, h in headers.items()}, lambda r: rank_files[r],
-                                src_stage=src_stage)
-        _check_output_format(catalog.params, headers, options.output_format)
-        if catalog.holders:
-            notes.append(f"redundancy-removed sources: {len(catalog.holders)} parameter(s) are held by only some "
-                         f"rank files; each slice is read from a file that holds it")
-        return cls.plan(src, dst, rank_files, options.dst_dir, options.prefix, read_dirs, src_stage,
-                        catalog=catalog, options=options, notes=tuple(notes))
+        src, dst = load_strategies(options, keep_in)
+        sources = Sources.check(src, dst, rank_files, read_headers(rank_files), options, str(src_dir))
+        return cls.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix, read_dirs, sources.src_stage,
+                        catalog=sources.catalog, options=options, notes=sources.notes)
 
     @classmethod
     def plan(
@@ -144,9 +143,11 @@ class TransformJob:
         catalog: SourceCatalog | None = None,
         options: TransformOptions | None = None,
         notes: tuple[str, ...] = (),
+        targets: Iterable[int] | None = None,
+        stamps: Mapping[int, SourceStamp] | None = None,
     ) -> TransformJob:
-        """Plan every target of a conversion whose source files are known (their headers are read here
-        unless a catalog of them is given)."""
+        """Plan the targets of a conversion whose source files are known (their headers are read here
+        unless a catalog of them is given): every target, or `targets` only."""
         if catalog is None:
             catalog = build_catalog(src, {r: h.rows for r, h in read_headers(rank_files).items()},
                                     lambda r: rank_files[r], src_stage=src_stage)
@@ -157,7 +158,8 @@ class TransformJob:
         planner = job.planner()
         strategies = {"src": strategy_digest(src), "dst": strategy_digest(dst)}
         tasks = []
-        targets = planner.target_ranks if output_paths is None else sorted(output_paths)
+        if targets is None:
+            targets = planner.target_ranks if output_paths is None else sorted(output_paths)
         for target in targets:
             plan = job._plans[target] = planner.plan(target)
             missing = [r for r in plan.source_ranks if r not in rank_files]
@@ -166,13 +168,10 @@ class TransformJob:
                     f"the checkpoint files of source ranks {sorted(missing)} are needed for target rank {target} "
                     f"but are missing (looked for rank_<r>/*.ckpt or *.safetensors)"
                 )
-            suffix = suffix_of(output_format)
             if output_paths is not None:
                 path = output_paths[target]
-            elif src_stage is not None:
-                path = os.path.join(dst_dir, f"rank_{target}", f"{prefix}{target}_part{src_stage}{suffix}")
             else:
-                path = os.path.join(dst_dir, f"rank_{target}", f"{prefix}{target}{suffix}")
+                path = output_path(dst_dir, prefix, target, src_stage, output_format)
             tasks.append(
                 OutputTask(
                     target_rank=target,
@@ -182,6 +181,7 @@ class TransformJob:
                     read_bytes=plan.bytes_read(),
                     write_bytes=plan.bytes_written(),
                     job_key=_job_key(strategies, prefix, output_format, job.crc, src_stage, plan),
+                    source_stamps=tuple(stamps[r] for r in plan.source_ranks) if stamps else (),
                 )
             )
         job.tasks = tuple(tasks)
@@ -196,11 +196,21 @@ class TransformJob:
     def run_task(self, task: OutputTask, *, sync: bool = True, progress: Callable[[int], None] | None = None) -> None:
         """Write one output atomically; progress(bytes) is called as bytes are written."""
         plan = self._plans.pop(task.target_rank, None) or self.planner().plan(task.target_rank)
-        paths = {r: self.rank_files[r] for r in plan.source_ranks}
+        seen = self.rank_files if self.local_files is None else self.local_files
+        paths = {r: seen[r] for r in plan.source_ranks if r in seen}
         try:
             if self.verify_crc:
                 self._verify_sources(paths.values())
-            with SourceFiles(paths) as sources:
+            remote = None
+            if len(paths) < len(plan.source_ranks):
+                if self.exchange is None:
+                    raise SourceMissingError(f"the files of source ranks {sorted(set(plan.source_ranks) - set(paths))}"
+                                             f" are not visible to this process")
+                remote = self.exchange.remote(plan, paths)
+                progress = _serving(self.exchange, progress)
+            elif self.exchange is not None:
+                progress = _serving(self.exchange, progress)
+            with SourceFiles(paths, remote) as sources:
                 write_target(plan, sources, task.path, fmt=self.output_format, crc=self.crc, sync=sync,
                              forbidden_dirs=self.forbidden_dirs, progress=progress)
         except MpickptError as error:
@@ -214,6 +224,65 @@ class TransformJob:
                     if index.crc is None:
                         warnings.warn(f"{path}: no stored checksum to verify", stacklevel=2)
                 self._verified.add(path)
+
+
+def _serving(exchange: Any, progress: Callable[[int], None] | None) -> Callable[[int], None]:
+    """A progress callback that also serves other processes' requests (once per parameter written)."""
+    def step(written: int) -> None:
+        exchange.serve()
+        if progress is not None:
+            progress(written)
+    return step
+
+
+def output_path(dst_dir: str, prefix: str, target: int, src_stage: int | None, output_format: str) -> str:
+    """Where one target's output goes."""
+    suffix = suffix_of(output_format)
+    part = f"_part{src_stage}" if src_stage is not None else ""
+    return os.path.abspath(os.path.join(dst_dir, f"rank_{target}", f"{prefix}{target}{part}{suffix}"))
+
+
+def source_dirs(options: TransformOptions) -> list[str]:
+    """The folders a job reads (the destination must be outside them)."""
+    return [options.src_dir] + [d for d in (options.src_strategy_dir, options.dst_strategy_dir) if d]
+
+
+def load_strategies(options: TransformOptions, keep_in: str | None) -> tuple[Strategy | None, Strategy | None]:
+    """Both strategies, per-stage folders merged (and saved in `keep_in` when given)."""
+    src = _strategy(options.src_strategy, options.src_strategy_dir)
+    dst = _strategy(options.dst_strategy, options.dst_strategy_dir)
+    return (_kept(src, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY),
+            _kept(dst, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY))
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The source files of a job, checked against the strategies and cataloged."""
+
+    rank_files: dict[int, str]
+    headers: dict[int, SourceHeaders]
+    src_stage: int | None
+    catalog: SourceCatalog
+    notes: tuple[str, ...]
+
+    @classmethod
+    def check(cls, src: Strategy | None, dst: Strategy | None, rank_files: Mapping[int, str],
+              headers: Mapping[int, SourceHeaders], options: TransformOptions, where: str) -> Sources:
+        """Validate the headers of every source file (`where` names the folders in errors about missing ranks)."""
+        src_stage = _subnetwork_stage(src, dst, headers)
+        notes: list[str] = []
+        if src_stage is not None:
+            notes.append(f"pipeline subnetwork transform: the source strategy is stage {src_stage} only, whose "
+                         f"parameters are a strict subset of the target's; outputs are <prefix><rank>_part"
+                         f"{src_stage}{suffix_of(options.output_format)}")
+        kept = _ranks_of_strategy(src, src_stage, dict(rank_files), where)
+        found = {r: headers[r] for r in kept}
+        catalog = build_catalog(src, {r: h.rows for r, h in found.items()}, lambda r: kept[r], src_stage=src_stage)
+        _check_output_format(catalog.params, found, options.output_format)
+        if catalog.holders:
+            notes.append(f"redundancy-removed sources: {len(catalog.holders)} parameter(s) are held by only some "
+                         f"rank files; each slice is read from a file that holds it")
+        return cls(kept, found, src_stage, catalog, tuple(notes))
 
 
 def _strategy(file: str | None, folder: str | None) -> Strategy | None:
@@ -251,7 +320,7 @@ def _job_key(strategies: Mapping[str, str], prefix: str, output_format: str, crc
 
 
 def _ranks_of_strategy(src: Strategy | None, src_stage: int | None, rank_files: dict[int, str],
-                       src_dir: Path) -> dict[int, str]:
+                       src_dir: str) -> dict[int, str]:
     """The rank files the source strategy covers (those of `src_stage` only in the pipeline subnetwork
     transform). Missing ranks are an error; so are extra rank folders, since a strategy for fewer devices
     than the checkpoint has would otherwise convert part of the data without a word."""

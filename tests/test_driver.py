@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fixture_cases import checkpoint_content
-from mpickpt import driver
+from mpickpt import driver, startup
 from mpickpt.ckpt_writer import CheckpointWriter
 from mpickpt.driver import deal, run_job, run_transform
 from mpickpt.destination import DestinationLock
@@ -100,9 +100,59 @@ class ThreadWorld:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.inboxes: list[queue.SimpleQueue[tuple[int, Any]]] = [queue.SimpleQueue() for _ in range(size)]
+        self.inboxes: dict[tuple[int, int], queue.SimpleQueue[tuple[int, Any]]] = {}
+        self.streams: dict[tuple[int, int, int], queue.SimpleQueue[bytes]] = {}  # (source, dest, tag) -> buffers
         self.barrier = threading.Barrier(size, timeout=20)
         self.slot: bytes = b""
+        self.slots: list[bytes] = [b""] * size
+        self.entered = 0
+        self.lock = threading.Lock()
+
+    def inbox(self, rank: int, tag: int) -> queue.SimpleQueue[tuple[int, Any]]:
+        with self.lock:
+            return self.inboxes.setdefault((rank, tag), queue.SimpleQueue())
+
+    def stream(self, source: int, dest: int, tag: int) -> queue.SimpleQueue[bytes]:
+        with self.lock:
+            return self.streams.setdefault((source, dest, tag), queue.SimpleQueue())
+
+
+class _Done:
+    def test(self) -> bool:
+        return True
+
+
+class _ThreadReceive:
+    """A posted receive: matched in posting order against one (source, tag) stream."""
+
+    def __init__(self, comm: ThreadComm, out: Any, source: int, tag: int) -> None:
+        self.comm, self.out, self.key = comm, out, (source, comm.rank, tag)
+        self.done = False
+        comm.posted.setdefault(self.key, []).append(self)
+
+    def test(self) -> bool:
+        posted = self.comm.posted[self.key]
+        stream = self.comm.shared.stream(*self.key)
+        while posted and not stream.empty():
+            head = posted.pop(0)
+            data = stream.get()
+            view = memoryview(head.out).cast("B")
+            assert len(data) == len(view), f"message of {len(data)} bytes into a buffer of {len(view)}"
+            view[:] = data
+            head.done = True
+        return self.done
+
+
+class _ThreadBarrier:
+    def __init__(self, shared: ThreadWorld) -> None:
+        self.shared = shared
+        with shared.lock:
+            shared.entered += 1
+            self.generation = (shared.entered - 1) // shared.size
+
+    def test(self) -> bool:
+        with self.shared.lock:
+            return self.shared.entered >= (self.generation + 1) * self.shared.size
 
 
 class ThreadComm:
@@ -112,6 +162,7 @@ class ThreadComm:
         self.shared = shared
         self.rank = rank
         self.size = shared.size
+        self.posted: dict[tuple[int, int, int], list[_ThreadReceive]] = {}
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         if self.rank == root:
@@ -121,15 +172,32 @@ class ThreadComm:
         self.shared.barrier.wait()
         return value
 
-    def send(self, obj: Any, dest: int) -> None:
-        self.shared.inboxes[dest].put((self.rank, pickle.loads(pickle.dumps(obj))))
+    def allgather(self, obj: Any) -> list[Any]:
+        self.shared.slots[self.rank] = pickle.dumps(obj)
+        self.shared.barrier.wait()
+        values = [pickle.loads(s) for s in self.shared.slots]
+        self.shared.barrier.wait()
+        return values
 
-    def poll(self) -> list[tuple[int, Any]]:
-        inbox = self.shared.inboxes[self.rank]
+    def send(self, obj: Any, dest: int, tag: int = 7) -> None:
+        self.shared.inbox(dest, tag).put((self.rank, pickle.loads(pickle.dumps(obj))))
+
+    def poll(self, tag: int = 7) -> list[tuple[int, Any]]:
+        inbox = self.shared.inbox(self.rank, tag)
         messages = []
         while not inbox.empty():
             messages.append(inbox.get())
         return messages
+
+    def isend_bytes(self, data: Any, dest: int, tag: int) -> _Done:
+        self.shared.stream(self.rank, dest, tag).put(bytes(memoryview(data).cast("B")))
+        return _Done()
+
+    def irecv_bytes(self, out: Any, source: int, tag: int) -> _ThreadReceive:
+        return _ThreadReceive(self, out, source, tag)
+
+    def ibarrier(self) -> _ThreadBarrier:
+        return _ThreadBarrier(self.shared)
 
     def flush(self) -> None:
         pass
@@ -447,11 +515,10 @@ def test_failure_in_a_process_prints_its_name_and_aborts(tmp_path: Path) -> None
     assert text.count("target rank 2") == 1
 
 
-def test_job_that_cannot_be_broadcast_aborts_instead_of_hanging(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_strategies_that_cannot_be_broadcast_abort_instead_of_hanging(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     job = FakeJob(tmp_path, 2)
-    job.unpicklable = lambda: None  # type: ignore[attr-defined]
-    monkeypatch.setattr(driver.TransformJob, "prepare", classmethod(lambda cls, options: job))
+    monkeypatch.setattr(startup, "load_strategies", lambda options, keep_in: (lambda: None, None))
     stream = io.StringIO()
     aborted: list[int] = []
 
@@ -465,6 +532,25 @@ def test_job_that_cannot_be_broadcast_aborts_instead_of_hanging(tmp_path: Path,
     assert aborted[0] == 0  # rank 0 first (the others only see the broken barrier afterwards)
     assert "mpickpt: process 0: " in stream.getvalue() and "pickle" in stream.getvalue().lower()
     DestinationLock.acquire(job.dst_dir).release()  # rank 0 let go of the destination
+
+
+def test_start_up_result_that_does_not_pickle_is_an_error_on_every_rank(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    job = FakeJob(tmp_path, 2)
+    (tmp_path / "src" / "rank_0").mkdir()
+    (tmp_path / "src" / "rank_0" / "c.ckpt").write_bytes(b"")
+    monkeypatch.setattr(startup, "read_headers", lambda files: {0: lambda: None})
+
+    def body(comm: ThreadComm) -> Exception | None:
+        try:
+            run_transform(job.options, comm, quiet=True)
+        except MpickptError as exc:
+            return exc
+        return None
+
+    errors = run_threads(3, body)
+    assert len({str(e) for e in errors}) == 1 and "pickle" in str(errors[0]).lower(), errors
+    DestinationLock.acquire(job.dst_dir).release()  # every rank let go of the destination
 
 
 def test_progress_lines_count_every_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,146 @@
+"""Start-up of `mpickpt transform` on every process at once, with no serial phase.
+
+1. Every process expands `{host}`/`{process}` in --src-dir and --dst-dir; the lowest process of each
+   distinct destination checks and locks it.
+2. Rank 0 loads the strategies (merging per-stage folders, kept in its destination) and broadcasts them.
+3. Every process lists the rank files it sees; the views are gathered (who holds what).
+4. Processes seeing the same folder split the reading of its headers; the headers are gathered.
+5. Every process checks and catalogs the sources (a rank held by no process is an error naming who
+   holds what) and plans its share of the targets; the tasks are gathered, so every process has them all.
+
+Every step ends in a collective that raises the lowest failing process's error on every process, so all
+processes fail alike before any output is written.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import replace
+
+from .collective import agree, broadcast_prepared
+from .destination import DestinationLock, check_prefix, refuse_outputs_beside_sources
+from .errors import SourceMissingError
+from .exchange import Exchange
+from .formats import FORMATS, open_index, suffix_of
+from .inventory import SourceHeaders, read_headers
+from .layout import Layouts
+from .mpi import Comm
+from .placement import Placement, ProcessView, expand, has_placeholders, header_share
+from .sources import find_rank_files
+from .strategy import Strategy
+from .transform import (
+    Sources,
+    TransformJob,
+    TransformOptions,
+    load_strategies,
+    output_path,
+    source_dirs,
+)
+
+HOST_VARIABLE = "MPICKPT_HOST"  # overrides the host name ({host}, and which processes count as one host)
+
+
+def host_name() -> str:
+    """This host's short name."""
+    return os.environ.get(HOST_VARIABLE) or socket.gethostname().split(".")[0]
+
+
+def start_job(options: TransformOptions, comm: Comm,
+              lock_destination: Callable[[TransformOptions], DestinationLock]) -> tuple[TransformJob,
+                                                                                        DestinationLock | None]:
+    """Called on all ranks: this process's job (its own expansions; every task of the run) and the
+    destination lock when this process holds one. `lock_destination(options)` checks and locks."""
+    host = host_name()
+    per_process = has_placeholders(options.src_dir)
+    local = replace(options, src_dir=expand(options.src_dir, host, comm.rank),
+                    dst_dir=expand(options.dst_dir, host, comm.rank))
+    lock: DestinationLock | None = None
+
+    def check_and_lock() -> str:
+        nonlocal lock
+        check_prefix(options.prefix)
+        suffix_of(options.output_format)
+        if options.src_format is not None:
+            suffix_of(options.src_format)
+        if os.path.abspath(local.dst_dir) not in dst_dirs[:comm.rank]:
+            lock = lock_destination(local)
+        return local.dst_dir
+
+    try:
+        dst_dirs = comm.allgather(os.path.abspath(local.dst_dir))
+        agree(check_and_lock, comm)
+        src, dst = broadcast_prepared(lambda: load_strategies(local, local.dst_dir), comm)
+        views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
+        placement = Placement(tuple(views))
+        found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]
+                                            for r in header_share(views, comm.rank, per_process)}), comm)
+        headers: dict[int, SourceHeaders] = {}
+        for share in found:
+            for rank, h in share.items():
+                headers.setdefault(rank, h)
+        job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return job, lock
+
+
+def _view(options: TransformOptions, process: int, host: str, per_process: bool) -> ProcessView:
+    """The rank files this process sees (with placeholders, a missing or empty folder sees none)."""
+    folder = os.path.abspath(options.src_dir)
+    if per_process and not os.path.isdir(folder):
+        return ProcessView(process, host, folder, {})
+    try:
+        files = find_rank_files(folder, options.src_format)
+    except SourceMissingError:
+        if not per_process:
+            raise
+        files = {}
+    return ProcessView(process, host, folder, files)
+
+
+def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None, placement: Placement,
+          headers: dict[int, SourceHeaders], comm: Comm, template: str, per_process: bool) -> TransformJob:
+    """Check the sources, plan this process's share of targets, gather every task."""
+    rank_files = placement.rank_files
+    if not rank_files:
+        looked = " or ".join(f"rank_<r>/*{suffix_of(f)}" for f in
+                             ([options.src_format] if options.src_format else FORMATS))
+        raise SourceMissingError(f"{template}: no process sees any {looked} checkpoint files "
+                                 f"({placement.describe()})")
+    where = f"{template} (seen as {placement.describe()})" if per_process else options.src_dir
+    sources = Sources.check(src, dst, rank_files, headers, options, where)
+    stamps = {r: h.stamp for r, h in sources.headers.items() if h.stamp is not None}
+    mine = placement.views[comm.rank].rank_files
+    read_dirs = source_dirs(options)
+
+    planned: list[TransformJob] = []
+
+    def plan_share() -> TransformJob:
+        """Plan this process's share of the targets (kept: its plans serve the targets it is dealt)."""
+        targets = range(Layouts.from_strategy(dst).device_count)[comm.rank::comm.size]
+        planned.append(TransformJob.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix, read_dirs,
+                                 sources.src_stage, catalog=sources.catalog, options=options, notes=sources.notes,
+                                 targets=targets, stamps=stamps))
+        return planned[0]
+
+    shares = agree(lambda: plan_share().tasks, comm)
+    job = planned[0]
+    tasks = sorted((t for share in shares for t in share), key=lambda t: t.target_rank)
+    job.tasks = tuple(replace(t, path=output_path(options.dst_dir, options.prefix, t.target_rank, sources.src_stage,
+                                                  options.output_format)) for t in tasks)
+    local_files = job.local_files = {r: mine[r] for r in sources.rank_files if r in mine}
+    job.remote_headers = {r: h for r, h in sources.headers.items() if r not in mine}
+    agree(lambda: refuse_outputs_beside_sources([t.path for t in job.tasks], local_files.values()), comm)
+    seen_by = placement.seen_by
+    if comm.size > 1 and any(len(seen_by.get(r, ())) < comm.size for r in sources.rank_files):
+        job.exchange = Exchange(comm, lambda r: open_index(mine[r]), seen_by, [v.host for v in placement.views],
+                                job.remote_headers | {r: sources.headers[r] for r in mine if r in sources.headers},
+                                budget=options.exchange_buffer)
+    if has_placeholders(template):
+        job.notes = job.notes + (f"sources per process: {placement.describe()}",)
+    return job
+
