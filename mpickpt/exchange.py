@@ -66,16 +66,16 @@ class Exchange:
 
     def __init__(self, comm: Comm, open_index: Callable[[int], AbstractContextManager[SourceIndex]],
                  seen_by: Mapping[int, Sequence[int]], hosts: Sequence[str], headers: Mapping[int, SourceHeaders],
-                 *, budget: int = DEFAULT_BUDGET, message_bytes: int = MESSAGE_BYTES,
-                 stall_seconds: float = STALL_SECONDS) -> None:
+                 *, budget: int = DEFAULT_BUDGET, message_bytes: int | None = None,
+                 stall_seconds: float | None = None) -> None:
         self.comm = comm
         self._open_index = open_index
         self.seen_by = {r: tuple(p) for r, p in seen_by.items()}
         self.hosts = tuple(hosts)
         self.headers = dict(headers)
         self.budget = budget
-        self.message_bytes = message_bytes
-        self.stall_seconds = stall_seconds
+        self.message_bytes = MESSAGE_BYTES if message_bytes is None else message_bytes
+        self.stall_seconds = STALL_SECONDS if stall_seconds is None else stall_seconds
         self.bytes_sent = 0
         self.bytes_received = 0
         self.bytes_read = 0  # read from disk for other processes

@@ -1,0 +1,229 @@
+"""Sources on several hosts: `{host}`/`{process}` folders, the gathered inventory and slices sent over MPI.
+
+Hosts are simulated on one machine by giving each process its own source folder (`--src-dir 'base/p{process}'`)
+holding some of the rank folders, each rank folder in exactly one process's folder, so targets need data
+that other processes hold. In-process tests run the driver on threads (ThreadComm); the others run
+`mpiexec -n K` (MPICH and Open MPI) and compare with the serial run on one shared folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixture_cases import Case
+from mpickpt import exchange as exchange_module
+from mpickpt.driver import run_transform
+from mpickpt.errors import MpickptError, SourceMissingError
+from mpickpt.exchange import Exchange, ExchangeError, blocks
+from mpickpt.execute import Piece
+from mpickpt.layout import Box
+from mpickpt.mpi import SerialComm
+from mpickpt.placement import ProcessView, choose_holder, expand, has_placeholders, header_share
+from mpickpt.transform import TransformOptions
+from test_driver import ThreadComm, run_threads
+from test_mpi import (ENDS_WITHIN, FLAVORS, REPO, Serial, launcher, mpickpt, no_stale_segments, outputs, run,  # noqa: F401
+                      serial, transform_args)
+from written_cases import WRITTEN
+
+SPLIT = "p{process}"
+
+
+def split_sources(case: Case, base: Path, processes: int) -> Path:
+    """Copy the case's rank folders into base/p<process>/, rank r into process (r + 1) % processes only
+    (a process may get none: its folder is not created). Returns base."""
+    for rank_dir in sorted(case.src_dir.glob("rank_*")):
+        rank = int(rank_dir.name.split("_")[1])
+        shutil.copytree(rank_dir, base / f"p{(rank + 1) % processes}" / rank_dir.name)
+    return base
+
+
+def options_for(case: Case, src_dir: str, dst_dir: str, **extra: object) -> TransformOptions:
+    return TransformOptions(src_dir=src_dir, dst_dir=dst_dir, prefix=case.prefix,
+                            src_strategy=case.strategy("src"), dst_strategy=case.strategy("dst"), **extra)  # type: ignore[arg-type]
+
+
+def expected_bytes(case: Case) -> dict[int, bytes]:
+    return {rank: path.read_bytes() for rank, path in case.expected_files().items()}
+
+
+# --- pure parts ---------------------------------------------------------------------------------------
+
+def test_placeholders_expand_per_process() -> None:
+    assert expand("/data/{host}/ckpt_{process}", "node7", 3) == "/data/node7/ckpt_3"
+    assert has_placeholders("a/{process}") and not has_placeholders("/plain/dir")
+    with pytest.raises(MpickptError, match=r"unknown placeholder \{rank\}"):
+        expand("a/{rank}", "h", 0)
+
+
+def test_processes_seeing_one_folder_split_its_headers() -> None:
+    files = {r: f"/s/rank_{r}/c.ckpt" for r in range(5)}
+    views = [ProcessView(p, "h", "/s", files) for p in range(3)]
+    shares = [header_share(views, p, per_process=False) for p in range(3)]
+    assert sorted(r for share in shares for r in share) == list(range(5))
+    host_views = [ProcessView(0, "a", "/s", files), ProcessView(1, "b", "/s", files)]
+    assert header_share(host_views, 1, per_process=True) == list(range(5))  # another host: its own copy
+
+
+def test_holder_is_the_writer_itself_then_its_host_then_the_least_loaded() -> None:
+    seen_by = {0: (0, 2), 1: (1, 3), 2: (2, 3)}
+    hosts = ["a", "a", "b", "b"]
+    assert choose_holder(0, target=5, process=0, seen_by=seen_by, hosts=hosts, load={}) == 0
+    assert choose_holder(1, target=5, process=0, seen_by=seen_by, hosts=hosts, load={}) == 1  # same host
+    assert choose_holder(2, target=0, process=0, seen_by=seen_by, hosts=hosts, load={2: 100}) == 3
+
+
+def test_blocks_split_rows_within_the_message_size() -> None:
+    piece = Piece(0, "w", Box((0, 0), (10, 4)), 10 * 4 * 4)
+    assert blocks(piece, limit=48) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert blocks(Piece(0, "w", Box((0,), (10,)), 40), limit=1000) == [(0, 10)]
+    assert blocks(Piece(0, "s", None, 10), limit=4) == [(0, 4), (4, 8), (8, 10)]
+    assert blocks(Piece(0, "e", Box((0, 0), (0, 3)), 0)) == []
+    assert blocks(Piece(0, "big", Box((0, 0), (2, 100)), 800), limit=10) == [(0, 1), (1, 2)]  # a row each
+
+
+def test_a_receive_without_progress_fails_after_the_stall_deadline() -> None:
+    class Never:
+        def test(self) -> bool:
+            return False
+
+    exchange = Exchange(SerialComm(), lambda rank: None, {}, ["h"], {}, stall_seconds=0.05)  # type: ignore[arg-type, return-value]
+    with pytest.raises(ExchangeError, match="process 1 sent nothing of parameter 'w' for 0 s"):
+        exchange.wait(Never(), 1, "parameter 'w'")
+
+
+# --- in-process worlds (threads) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", WRITTEN)
+@pytest.mark.parametrize("size", [2, 3])
+def test_threads_with_split_sources_write_the_expected_bytes(name: str, size: int, tmp_path: Path,
+                                                             written_cases: dict[str, Case],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exchange_module, "MESSAGE_BYTES", 256)  # many blocks per piece
+    case = written_cases[name]
+    base = split_sources(case, tmp_path / "src", size)
+    options = options_for(case, str(base / SPLIT), str(tmp_path / "dst"), exchange_buffer=1024)
+    summaries = run_threads(size, lambda comm: run_transform(options, comm, quiet=True))
+    for rank, data in expected_bytes(case).items():
+        path = tmp_path / "dst" / f"rank_{rank}" / f"{case.prefix}{rank}.ckpt"
+        assert path.read_bytes() == data, f"target {rank} differs"
+    manifest = json.loads((tmp_path / "dst" / "manifest.json").read_text())
+    processes = manifest["processes"]
+    assert sum(p["bytes_sent"] for p in processes) == sum(p["bytes_received"] for p in processes) > 0
+    assert summaries[0].exchanged and all(s == summaries[0] for s in summaries)
+
+
+def test_threads_write_into_per_process_destinations(tmp_path: Path, written_cases: dict[str, Case]) -> None:
+    case = written_cases["random_8to4"]
+    base = split_sources(case, tmp_path / "src", 2)
+    options = options_for(case, str(base / SPLIT), str(tmp_path / "dst" / SPLIT))
+    run_threads(2, lambda comm: run_transform(options, comm, quiet=True))
+    made = {p.parent.name: p.read_bytes() for p in (tmp_path / "dst").glob("p*/rank_*/*.ckpt")}
+    assert made == {f"rank_{r}": data for r, data in expected_bytes(case).items()}
+    assert (tmp_path / "dst" / "p0" / "manifest.json").exists()
+
+
+def test_a_rank_held_by_no_process_is_named_before_any_output(tmp_path: Path,
+                                                              written_cases: dict[str, Case]) -> None:
+    case = written_cases["random_8to4"]
+    base = split_sources(case, tmp_path / "src", 2)
+    shutil.rmtree(base / "p1" / "rank_2")
+    shutil.rmtree(base / "p0" / "rank_5")
+    options = options_for(case, str(base / SPLIT), str(tmp_path / "dst"))
+
+    def body(comm: ThreadComm) -> Exception | None:
+        try:
+            run_transform(options, comm, quiet=True)
+        except MpickptError as exc:
+            return exc
+        return None
+
+    errors = run_threads(2, body)
+    assert all(isinstance(e, SourceMissingError) for e in errors) and len({str(e) for e in errors}) == 1
+    text = str(errors[0])
+    assert "the checkpoint files of ranks [2, 5] are missing" in text, text
+    assert f"process 0 (host " in text and f"{base / 'p0'}): ranks [1, 3, 7]" in text, text
+    assert f"{base / 'p1'}): ranks [0, 4, 6]" in text, text
+    assert not list((tmp_path / "dst").rglob("*.ckpt"))
+
+
+# --- real MPI -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("processes", [2, 3, 4])
+@pytest.mark.parametrize("name", WRITTEN)
+def test_mpiexec_with_split_sources_gives_the_serial_bytes(name: str, processes: int, flavor: str, tmp_path: Path,
+                                                           written_cases: dict[str, Case], serial: Serial) -> None:
+    case = written_cases[name]
+    base = split_sources(case, tmp_path / "src", processes)
+    dst = tmp_path / "dst"
+    done = mpickpt(transform_args(case, dst, Path(str(base / SPLIT))), launcher(flavor) + ["-n", str(processes)])
+    assert done.returncode == 0, done.output
+    assert outputs(dst) == serial(case)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["world_size"] == processes
+    sent = [p["bytes_sent"] for p in manifest["processes"]]
+    received = [p["bytes_received"] for p in manifest["processes"]]
+    assert sum(sent) == sum(received) > 0
+    assert "over MPI" in done.output
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_a_process_killed_mid_exchange_ends_the_job_and_a_rerun_finishes_it(flavor: str, tmp_path: Path,
+                                                                            written_cases: dict[str, Case],
+                                                                            serial: Serial) -> None:
+    case = written_cases["random_8to4"]
+    base = split_sources(case, tmp_path / "src", 4)
+    dst = tmp_path / "dst"
+    args = transform_args(case, dst, Path(str(base / SPLIT)))
+    prefix = launcher(flavor) + ["-n", "4"]
+    killed = mpickpt(args, prefix, MPICKPT_TEST_FAIL="process=1,after_bytes=1,action=kill")
+    assert killed.returncode != 0, killed.output
+    assert killed.seconds < ENDS_WITHIN, f"the job took {killed.seconds:.1f} s to end"
+    expected = serial(case)
+    for name in expected:
+        if name.endswith(".ckpt") and (dst / name).exists():
+            assert (dst / name).read_bytes() == expected[name], f"{name} is incomplete under its final name"
+    assert not (dst / "manifest.json").exists()
+    rerun = mpickpt(args, prefix)
+    assert rerun.returncode == 0, rerun.output
+    assert outputs(dst) == expected
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_exchange_inside_an_mpi_job(flavor: str, tmp_path: Path, written_cases: dict[str, Case]) -> None:
+    """The pytest-mpi test below, run by `mpiexec -n 2 python -m pytest --with-mpi` (pytest-mpi loads mpi4py
+    before mpickpt could choose its library, so Open MPI's is named)."""
+    case = written_cases["random_2to8"]
+    split_sources(case, tmp_path / "src", 2)
+    abi = {"MPI4PY_MPIABI": "openmpi"} if flavor == "openmpi" else {}
+    done = run(launcher(flavor) + ["-n", "2", sys.executable, "-m", "pytest", "--with-mpi", "-m", "mpi", "-q",
+                                   "-p", "no:cacheprovider", str(Path(__file__))],
+               MPICKPT_EXCHANGE_CASE=str(case.root), MPICKPT_EXCHANGE_DIR=str(tmp_path), **abi,
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    assert done.returncode == 0, done.output
+    assert "1 passed" in done.output, done.output
+
+
+@pytest.mark.mpi(min_size=2)
+def test_pieces_travel_between_mpi_processes() -> None:
+    """Inside `mpiexec -n 2`: rank 1's folder holds rank_0, rank 0's rank_1; every target is written by one
+    process from its own file and the other's, in blocks of 1 kB through a 4 kB budget."""
+    from mpickpt.mpi import world
+
+    root, work = Path(os.environ["MPICKPT_EXCHANGE_CASE"]), Path(os.environ["MPICKPT_EXCHANGE_DIR"])
+    case = Case(root, json.loads((root / "case.json").read_text()))
+    comm = world()
+    exchange_module.MESSAGE_BYTES = 1024
+    options = options_for(case, str(work / "src" / SPLIT), str(work / "dst"), exchange_buffer=4096)
+    summary = run_transform(options, comm, quiet=True)
+    for rank, data in expected_bytes(case).items():
+        assert (work / "dst" / f"rank_{rank}" / f"{case.prefix}{rank}.ckpt").read_bytes() == data
+    sent = {p: s for p, _, s, _ in summary.exchanged}
+    received = {p: r for p, _, _, r in summary.exchanged}
+    assert sent[0] == received[1] > 0 and sent[1] == received[0] > 0
