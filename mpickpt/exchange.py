@@ -80,7 +80,7 @@ class Exchange:
         self.bytes_received = 0
         self.bytes_read = 0  # read from disk for other processes
         self._queue: deque[tuple[int, Piece, int, int]] = deque()  # (dest, piece, lo, hi) still to send
-        self._sending: list[tuple[Request, int]] = []
+        self._sending: list[tuple[Request, int, Piece]] = []
         self._indexes: dict[int, SourceIndex] = {}
         self._contexts: list[AbstractContextManager[SourceIndex]] = []
         self._load: dict[int, int] = {}
@@ -92,16 +92,29 @@ class Exchange:
         for source, pieces in self.comm.poll(CONTROL_TAG):
             for piece in pieces:
                 self._queue.extend((source, piece, lo, hi) for lo, hi in blocks(piece, self.message_bytes))
-        self._sending = [(req, n) for req, n in self._sending if not req.test()]
-        in_flight = sum(n for _, n in self._sending)
+        self._prune()
+        in_flight = sum(n for _, n, _ in self._sending)
         while self._queue and (in_flight < self.budget or not self._sending):
             dest, piece, lo, hi = self._queue.popleft()
             data = read_piece_rows(self._index(piece.rank), piece, lo, hi)
             size = memoryview(data).nbytes  # type: ignore[arg-type]  # ndarray, memoryview or bytearray
-            self._sending.append((self.comm.isend_bytes(data, dest, DATA_TAG), size))
+            self._sending.append((self.comm.isend_bytes(data, dest, DATA_TAG), size, piece))
             in_flight += size
             self.bytes_read += size
             self.bytes_sent += size
+
+    def _prune(self) -> None:
+        """Forget finished sends; drop the mapped pages of pieces no longer being sent from the resident set."""
+        sending, done = [], set()
+        for request, size, piece in self._sending:
+            if request.test():
+                done.add((piece.rank, piece.name))
+            else:
+                sending.append((request, size, piece))
+        self._sending = sending
+        busy = {(p.rank, p.name) for _, _, p in sending} | {(p.rank, p.name) for _, p, _, _ in self._queue}
+        for rank, name in done - busy:
+            self._indexes[rank].release(name)
 
     def _index(self, rank: int) -> SourceIndex:
         if rank not in self._indexes:
@@ -115,7 +128,7 @@ class Exchange:
         barrier = self.comm.ibarrier()
         while True:
             self.serve()
-            if barrier.test() and not self._queue and all(req.test() for req, _ in self._sending):
+            if barrier.test() and not self._queue and all(req.test() for req, _, _ in self._sending):
                 break
             time.sleep(IDLE_SLEEP)
         self._sending = []

@@ -45,9 +45,11 @@ class ProcessView:
     src_dir: str
     rank_files: dict[int, str]
 
-    def group_key(self, per_process: bool) -> tuple[str, ...]:
-        """Processes with the same key see the same folder (with placeholders: same host and same folder)."""
-        return (self.host, self.src_dir) if per_process else (self.src_dir,)
+    def group_key(self, per_process: bool) -> tuple[object, ...]:
+        """Processes with the same key see the same folder: same path and same rank files (with placeholders,
+        on the same host too); a path that is node-local on several hosts lists different files."""
+        files = tuple(sorted(self.rank_files.items()))
+        return (self.host, self.src_dir, files) if per_process else (self.src_dir, files)
 
 
 def header_share(views: Sequence[ProcessView], process: int, per_process: bool) -> list[int]:

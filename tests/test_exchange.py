@@ -15,8 +15,23 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fixture_cases import Case
+from test_driver import ThreadComm, run_threads
+from test_mpi import (  # noqa: F401
+    ENDS_WITHIN,
+    FLAVORS,
+    REPO,
+    Serial,
+    launcher,
+    mpickpt,
+    no_stale_segments,
+    outputs,
+    run,
+    serial,
+    transform_args,
+)
+from written_cases import WRITTEN
+
 from mpickpt import exchange as exchange_module
 from mpickpt.driver import run_transform
 from mpickpt.errors import MpickptError, SourceMissingError
@@ -24,12 +39,14 @@ from mpickpt.exchange import Exchange, ExchangeError, blocks
 from mpickpt.execute import Piece
 from mpickpt.layout import Box
 from mpickpt.mpi import SerialComm
-from mpickpt.placement import ProcessView, choose_holder, expand, has_placeholders, header_share
+from mpickpt.placement import (
+    ProcessView,
+    choose_holder,
+    expand,
+    has_placeholders,
+    header_share,
+)
 from mpickpt.transform import TransformOptions
-from test_driver import ThreadComm, run_threads
-from test_mpi import (ENDS_WITHIN, FLAVORS, REPO, Serial, launcher, mpickpt, no_stale_segments, outputs, run,  # noqa: F401
-                      serial, transform_args)
-from written_cases import WRITTEN
 
 SPLIT = "p{process}"
 
@@ -68,6 +85,8 @@ def test_processes_seeing_one_folder_split_its_headers() -> None:
     assert sorted(r for share in shares for r in share) == list(range(5))
     host_views = [ProcessView(0, "a", "/s", files), ProcessView(1, "b", "/s", files)]
     assert header_share(host_views, 1, per_process=True) == list(range(5))  # another host: its own copy
+    local = [ProcessView(0, "a", "/s", {0: "/s/rank_0/c.ckpt"}), ProcessView(1, "b", "/s", {1: "/s/rank_1/c.ckpt"})]
+    assert [header_share(local, p, per_process=False) for p in (0, 1)] == [[0], [1]]  # same path, node-local
 
 
 def test_holder_is_the_writer_itself_then_its_host_then_the_least_loaded() -> None:
@@ -147,7 +166,7 @@ def test_a_rank_held_by_no_process_is_named_before_any_output(tmp_path: Path,
     assert all(isinstance(e, SourceMissingError) for e in errors) and len({str(e) for e in errors}) == 1
     text = str(errors[0])
     assert "the checkpoint files of ranks [2, 5] are missing" in text, text
-    assert f"process 0 (host " in text and f"{base / 'p0'}): ranks [1, 3, 7]" in text, text
+    assert "process 0 (host " in text and f"{base / 'p0'}): ranks [1, 3, 7]" in text, text
     assert f"{base / 'p1'}): ranks [0, 4, 6]" in text, text
     assert not list((tmp_path / "dst").rglob("*.ckpt"))
 
@@ -158,7 +177,7 @@ def test_a_rank_held_by_no_process_is_named_before_any_output(tmp_path: Path,
 @pytest.mark.parametrize("processes", [2, 3, 4])
 @pytest.mark.parametrize("name", WRITTEN)
 def test_mpiexec_with_split_sources_gives_the_serial_bytes(name: str, processes: int, flavor: str, tmp_path: Path,
-                                                           written_cases: dict[str, Case], serial: Serial) -> None:
+                                                           written_cases: dict[str, Case], serial: Serial) -> None:  # noqa: F811
     case = written_cases[name]
     base = split_sources(case, tmp_path / "src", processes)
     dst = tmp_path / "dst"
@@ -176,7 +195,7 @@ def test_mpiexec_with_split_sources_gives_the_serial_bytes(name: str, processes:
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_a_process_killed_mid_exchange_ends_the_job_and_a_rerun_finishes_it(flavor: str, tmp_path: Path,
                                                                             written_cases: dict[str, Case],
-                                                                            serial: Serial) -> None:
+                                                                            serial: Serial) -> None:  # noqa: F811
     case = written_cases["random_8to4"]
     base = split_sources(case, tmp_path / "src", 4)
     dst = tmp_path / "dst"
