@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixture_cases import Case
+from fixture_cases import Case, assert_same_content
+from mindspore_cases import make_redundancy_removed
 from test_driver import ThreadComm, run_threads
 from test_mpi import (  # noqa: F401
     ENDS_WITHIN,
@@ -246,3 +247,31 @@ def test_pieces_travel_between_mpi_processes() -> None:
     sent = {p: s for p, _, s, _ in summary.exchanged}
     received = {p: r for p, _, _, r in summary.exchanged}
     assert sent[0] == received[1] > 0 and sent[1] == received[0] > 0
+
+
+# --- MindSpore-made cases: a pipeline strategy folder (merged by rank 0), redundancy-removed sources -----
+
+def test_redundancy_removed_pipeline_sources_split_over_processes(mindspore_cases: dict[str, Case],
+                                                                  tmp_path: Path) -> None:
+    """Each shared slice is in one rank's file only, so it comes from the process holding that file."""
+    case = mindspore_cases["pipeline_2x4_to_4"]
+    reduced = tmp_path / "reduced"
+    make_redundancy_removed(case, reduced)
+    base = split_sources(Case(case.root, {**case.meta, "src_checkpoints_dir": str(reduced)}), tmp_path / "src", 3)
+    options = TransformOptions(str(base / SPLIT), str(tmp_path / "dst"), case.prefix,
+                               src_strategy_dir=str(case.root / case.meta["src_pipeline_strategy_dir"]),
+                               dst_strategy=case.strategy("dst"))
+    summaries = run_threads(3, lambda comm: run_transform(options, comm, quiet=True))
+    assert any("redundancy-removed" in note for note in summaries[0].notes)
+    for rank, theirs in case.expected_files().items():
+        assert_same_content(tmp_path / "dst" / f"rank_{rank}" / theirs.name, theirs)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_mpiexec_pipeline_case_with_split_sources(flavor: str, tmp_path: Path, mindspore_cases: dict[str, Case],
+                                                  serial: Serial) -> None:  # noqa: F811
+    case = mindspore_cases["pipeline_2x4_to_4"]
+    base = split_sources(case, tmp_path / "src", 4)
+    done = mpickpt(transform_args(case, tmp_path / "dst", Path(str(base / SPLIT))), launcher(flavor) + ["-n", "4"])
+    assert done.returncode == 0, done.output
+    assert outputs(tmp_path / "dst") == serial(case)
