@@ -5,7 +5,6 @@ See :mod:`mpickpt.ckpt_reader`, :mod:`mpickpt.ckpt_writer` and :mod:`mpickpt.dty
 
 from __future__ import annotations
 
-from mpickpt.atomic import tmp_path_for
 from mpickpt.ckpt_reader import (
     CRC_TRAILER_SIZE,
     MAPTENSOR_DTYPE,
@@ -13,6 +12,7 @@ from mpickpt.ckpt_reader import (
     TensorEntry,
     index_checkpoint,
 )
+from mpickpt.atomic import tmp_path_for
 from mpickpt.ckpt_writer import PIECE_SIZE, CheckpointWriter, save_checkpoint
 from mpickpt.dtypes import DTYPES, dtype_itemsize, numpy_dtype
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from mpickpt.atomic import AtomicFile
 from mpickpt.ckpt_reader import CRC_MARK, CheckpointIndex
 from mpickpt.dtypes import DTYPES, dtype_itemsize
 from mpickpt.errors import CheckpointFormatError, DestinationError
+from mpickpt.atomic import AtomicFile
 from mpickpt.formats.base import TensorSpec
 
 PIECE_SIZE = 512 * 1024 * 1024

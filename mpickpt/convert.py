@@ -38,7 +38,6 @@ from mpickpt.errors import (
     MpickptError,
     SourceMissingError,
 )
-
 if TYPE_CHECKING:
     from mpickpt.mpi import Comm
 
