@@ -6,29 +6,34 @@ File structure (readable by any HDF5 >= 1.10 tool: metadata format bounds ``v110
   with ``%`` written ``%25``, ``/`` written ``%2F`` and NUL written ``%00``; the name ``.`` is written
   ``%2E``. Readers undo exactly these four sequences (also in files of other tools).
 - every dataset: contiguous, allocated when created (no chunks, filters or fill write), aligned to 64
-  bytes, no timestamps; attribute ``mindspore_dtype`` (``"Float32"``, ``"BFloat16"``...). Dtypes numpy or
-  HDF5 lack are stored as bit patterns: ``BFloat16`` as little-endian uint16 (``ds[()].view(np.uint16)``
-  are the bits; ``(bits.astype(np.uint32) << 16).view(np.float32)`` the values), ``Int4`` as int8 bytes
-  (two 4-bit values each). A 0-d tensor is a scalar dataset, an empty one a zero-size dataset.
-- ``str`` values: a scalar variable-length UTF-8 string dataset with ``mindspore_dims`` (int64 array,
-  the dims MindSpore stored, usually ``[0]``). NUL characters and lone surrogates cannot be stored.
-- file attributes: ``mpickpt_version``, ``mpickpt_crc32`` when written with a CRC (zlib CRC-32 chained over
-  the datasets in sorted parameter name order, each its UTF-8 name then its content bytes: a ``str`` as
-  UTF-32-LE), and whatever the caller gives (e.g. ``source_layouts``, a JSON string).
+  bytes, no timestamps; attribute ``mindspore_dtype`` (``b"Float32"``, ``b"BFloat16"``...). Dtypes numpy or
+  HDF5 lack are stored as bit patterns: ``BFloat16`` as little-endian uint16 (``ds[()]`` are the bits;
+  ``(bits.astype(np.uint32) << 16).view(np.float32)`` the values), ``Int4`` as int8 bytes (two 4-bit
+  values each). A 0-d tensor is a scalar dataset, an empty one a zero-size dataset.
+- a ``str`` value of ``n`` characters: a scalar fixed-length UTF-8 string dataset of ``max(4 n, 1)``
+  bytes, NUL-padded (``ds.asstr()[()]`` reads it), with attribute ``mindspore_dims`` (int64 array, the
+  dims MindSpore stored, usually ``[0]``). NUL characters and lone surrogates cannot be stored.
+- file attributes: ``mpickpt_version``, ``mpickpt_crc32`` (uint32) when written with a CRC (zlib CRC-32
+  chained over the datasets in sorted parameter name order, each its UTF-8 name then its content
+  bytes, a ``str`` as UTF-32-LE), and whatever the caller gives (e.g. ``source_layouts``, a JSON string).
+- every text attribute is a fixed-length UTF-8 string (h5py reads it as ``bytes``): variable-length
+  strings live in a global heap without checksums, which a damaged file can send HDF5 looping through;
+  fixed-length ones live in the checksummed object headers.
 
 Writing by many processes (:class:`H5Writer`): one process lays the file out under a temporary name
 (:meth:`H5Writer.layout`, HDF5 closes it again) and learns each dataset's byte offset, the *region map*;
 any process then writes tensor bytes straight at those offsets (:func:`open_regions`, ``pwrite`` or
-``copy_file_range``), and after a barrier one process adds ``str`` values and the CRC with h5py and
-renames the file into place (:meth:`H5Writer.finish`). Where h5py is built with MPI
+``copy_file_range``; a ``str`` value as its padded UTF-8), and after a barrier one process adds the CRC
+with h5py and renames the file into place (:meth:`H5Writer.finish`). Where h5py is built with MPI
 (``h5py.get_config().mpi``) the ``mpio`` driver could write the same datasets collectively instead; the
 region scheme needs only the PyPI wheel's serial HDF5 and gives the same file.
 
 Reading (:func:`index_h5`): h5py reads the metadata once and is closed; contiguous datasets become byte
 runs of a memory map (zero-copy views, kernel copies). Datasets whose bytes are not one stored run
 (chunked, compressed, compact, big-endian: files of other tools) and ``str`` values are decoded by h5py
-when read: their entries have no ``pieces`` (``nbytes`` still holds their size) and ``raw()`` gives a
-view of an in-memory copy. Nested groups name parameters by their path (``group/name``).
+(``str`` values when indexing, the others when read): their entries (:class:`H5Entry`) have no
+``pieces`` but the right ``nbytes``, and ``raw()`` gives a view of an in-memory copy. Nested groups name
+parameters by their path (``group/name``); soft, external and virtual links are refused.
 """
 
 from __future__ import annotations
@@ -112,8 +117,9 @@ def unescape_name(link: str) -> str:
 
 
 class Region(NamedTuple):
-    """Where one declared tensor goes: its dtype and dims, and its bytes at ``offset`` of the file (None
-    for a ``str`` value, written by :meth:`H5Writer.finish`, and for an empty tensor)."""
+    """Where one declared tensor goes: its dtype and dims, its content size, and ``offset`` in the file of
+    its dataset's bytes (None for an empty tensor). A ``str`` value of ``nbytes`` (UTF-32) is stored in
+    ``max(nbytes, 1)`` bytes, its UTF-8 text padded with NULs."""
 
     dtype: str
     dims: tuple[int, ...]
@@ -134,11 +140,10 @@ class H5Layout:
 
 @dataclass(frozen=True)
 class Part:
-    """What one process wrote into the file: tensor names, their CRC-32s (with ``crc``), ``str`` values."""
+    """What one process wrote into the file: tensor names and their CRC-32s (with ``crc``)."""
 
     written: tuple[str, ...]
     crcs: dict[str, int] = field(default_factory=dict)
-    strings: dict[str, str] = field(default_factory=dict)
 
 
 # -- layout -----------------------------------------------------------------------------------------
@@ -177,41 +182,53 @@ def _byte_dcpl(h5py: Any) -> Any:
     return dcpl
 
 
+def _text_value(h5py: Any, text: str) -> np.ndarray:
+    """A fixed-length UTF-8 string (stored in the checksummed object header, unlike variable-length
+    strings, whose heap a damaged file can send HDF5 looping through)."""
+    data = text.encode("utf-8")
+    return np.array(data, dtype=h5py.string_dtype("utf-8", max(len(data), 1)))
+
+
+def _str_capacity(nbytes: int) -> int:
+    """Bytes of the fixed-length string holding a str value of ``nbytes`` UTF-32 bytes (UTF-8 is never longer)."""
+    return max(nbytes, 1)
+
+
 def _create_dataset(h5py: Any, root: Any, spec: TensorSpec) -> Any:
-    """Create one dataset (a str value: scalar variable-length UTF-8 string, left empty)."""
+    """Create one dataset (a str value: a scalar fixed-length UTF-8 string)."""
     h5p, h5s, h5t = h5py.h5p, h5py.h5s, h5py.h5t
     lcpl = h5p.create(h5p.LINK_CREATE)
     lcpl.set_char_encoding(h5t.CSET_UTF8)
-    link = escape_name(spec.name).encode("utf-8")
     if spec.dtype == "str":
-        dcpl = h5p.create(h5p.DATASET_CREATE)
-        dcpl.set_obj_track_times(False)
-        tid = h5t.py_create(h5py.string_dtype("utf-8"), logical=True)
-        dataset = h5py.Dataset(h5py.h5d.create(root.id, link, tid, h5s.create(h5s.SCALAR), dcpl=dcpl, lcpl=lcpl))
-        dataset.attrs[DIMS_ATTR] = np.array(spec.dims, np.int64)
+        space = h5s.create(h5s.SCALAR)
+        tid = h5t.py_create(h5py.string_dtype("utf-8", _str_capacity(spec.nbytes)), logical=True)
     else:
         space = h5s.create(h5s.SCALAR) if not spec.dims else h5s.create_simple(spec.dims)
         tid = h5t.py_create(_STORED[spec.dtype], logical=True)
-        dataset = h5py.Dataset(h5py.h5d.create(root.id, link, tid, space, dcpl=_byte_dcpl(h5py), lcpl=lcpl))
-    dataset.attrs[DTYPE_ATTR] = spec.dtype
+    link = escape_name(spec.name).encode("utf-8")
+    dataset = h5py.Dataset(h5py.h5d.create(root.id, link, tid, space, dcpl=_byte_dcpl(h5py), lcpl=lcpl))
+    dataset.attrs[DTYPE_ATTR] = _text_value(h5py, spec.dtype)
+    if spec.dtype == "str":
+        dataset.attrs[DIMS_ATTR] = np.array(spec.dims, np.int64)
     return dataset
 
 
 def _region(path: Path, dataset: Any, spec: TensorSpec) -> Region:
-    if spec.dtype == "str" or spec.nbytes == 0:
-        return Region(spec.dtype, spec.dims, None, spec.nbytes)
+    size = _str_capacity(spec.nbytes) if spec.dtype == "str" else spec.nbytes
+    if size == 0:
+        return Region(spec.dtype, spec.dims, None, 0)
     offset = dataset.id.get_offset()
-    if offset is None or dataset.id.get_storage_size() != spec.nbytes:
+    if offset is None or dataset.id.get_storage_size() != size:
         raise CheckpointFormatError(f"{path}: HDF5 did not allocate parameter {spec.name!r} as one run of "
-                                    f"{spec.nbytes} bytes")
+                                    f"{size} bytes")
     return Region(spec.dtype, spec.dims, offset, spec.nbytes)
 
 
-def _set_attrs(target: Any, attrs: Mapping[str, object], reserved: Sequence[str], what: str) -> None:
+def _set_attrs(h5py: Any, target: Any, attrs: Mapping[str, object], reserved: Sequence[str], what: str) -> None:
     for key, value in attrs.items():
         if key in reserved:
             raise CheckpointFormatError(f"{what}: attribute {key!r} is reserved by mpickpt")
-        target.attrs[key] = value
+        target.attrs[key] = _text_value(h5py, value) if isinstance(value, str) else value
 
 
 def _lay_out(path: Path, tmp: Path, specs: Sequence[TensorSpec], attrs: Mapping[str, object],
@@ -222,11 +239,11 @@ def _lay_out(path: Path, tmp: Path, specs: Sequence[TensorSpec], attrs: Mapping[
     try:
         with h5py.File(tmp, "w", libver=("v110", "v110"), track_order=True, locking=False,
                        alignment_threshold=1, alignment_interval=_ALIGNMENT) as f:
-            f.attrs[VERSION_ATTR] = __version__
-            _set_attrs(f, attrs, _RESERVED_FILE_ATTRS, str(path))
+            f.attrs[VERSION_ATTR] = _text_value(h5py, __version__)
+            _set_attrs(h5py, f, attrs, _RESERVED_FILE_ATTRS, str(path))
             for spec in specs:
                 dataset = _create_dataset(h5py, f, spec)
-                _set_attrs(dataset, dataset_attrs.get(spec.name, {}), _RESERVED_DATASET_ATTRS,
+                _set_attrs(h5py, dataset, dataset_attrs.get(spec.name, {}), _RESERVED_DATASET_ATTRS,
                            f"{path}: parameter {spec.name!r}")
                 regions[spec.name] = _region(path, dataset, spec)
     except MpickptError:
@@ -306,7 +323,7 @@ class _RegionFile:
         kernel, or through a buffer for a CRC or a ``str`` value."""
         slot = self._start(name, dtype, dims, sum(length for _, _, length in segments))
         for fd, offset, length in segments:
-            if self._crc or slot.region.offset is None:
+            if self._crc or dtype == "str":
                 self._copy_through_buffer(name, slot, fd, offset, length)
             else:
                 self._copy_in_kernel(name, slot, fd, offset, length)
@@ -319,9 +336,7 @@ class _RegionFile:
     def part(self) -> Part:
         """What this process wrote (for :meth:`H5Writer.finish`)."""
         done = {name: slot for name, slot in self._slots.items() if slot.done}
-        strings = {name: slot.text.decode("utf-32-le") for name, slot in done.items() if slot.region.dtype == "str"}
-        crcs = {name: slot.crc for name, slot in done.items()} if self._crc else {}
-        return Part(tuple(done), crcs, strings)
+        return Part(tuple(done), {name: slot.crc for name, slot in done.items()} if self._crc else {})
 
     def _start(self, name: str, dtype: str, dims: Sequence[int], nbytes: int) -> _Slot:
         if self._regions is None:
@@ -346,13 +361,10 @@ class _RegionFile:
 
     def _append(self, name: str, slot: _Slot, view: memoryview) -> None:
         at = self._room(name, slot, len(view))
-        if slot.region.offset is None:
+        if slot.region.dtype == "str":
             slot.text += view
         else:
-            try:
-                _pwrite_all(self._fd(), view, at)
-            except OSError as err:
-                raise DestinationError(f"{self.path}: cannot write parameter {name!r}: {err.strerror or err}") from err
+            self._put(name, view, at)
         if self._crc:
             slot.crc = zlib.crc32(view, slot.crc)
         slot.written += len(view)
@@ -362,8 +374,17 @@ class _RegionFile:
             raise CheckpointFormatError(f"{self.path}: parameter {name!r} got {slot.written} bytes of "
                                         f"{slot.region.nbytes}")
         if slot.region.dtype == "str":
-            _check_text(self.path, name, bytes(slot.text))
+            text = _utf8_text(self.path, name, bytes(slot.text))
+            self._put(name, memoryview(text.ljust(_str_capacity(slot.region.nbytes), b"\0")), slot.region.offset)
         slot.done = True
+
+    def _put(self, name: str, view: memoryview, offset: int | None) -> None:
+        if not view:
+            return
+        try:
+            _pwrite_all(self._fd(), view, offset or 0)
+        except OSError as err:
+            raise DestinationError(f"{self.path}: cannot write parameter {name!r}: {err.strerror or err}") from err
 
     def _copy_through_buffer(self, name: str, slot: _Slot, fd: int, offset: int, length: int) -> None:
         end = offset + length
@@ -397,16 +418,16 @@ class _RegionFile:
             raise DestinationError(f"{self.path}: cannot write parameter {name!r}: {err.strerror or err}") from err
 
 
-def _check_text(path: Path, name: str, data: bytes) -> None:
-    """Refuse a ``str`` value an HDF5 UTF-8 string cannot hold exactly."""
+def _utf8_text(path: Path, name: str, data: bytes) -> bytes:
+    """A ``str`` value's UTF-32-LE content as UTF-8 (refusing what an HDF5 string cannot hold exactly)."""
     try:
-        text = data.decode("utf-32-le")
-        text.encode("utf-8")
+        text = data.decode("utf-32-le").encode("utf-8")
     except UnicodeError:
         raise CheckpointFormatError(f"{path}: str value {name!r} is not UTF-32 text HDF5 can store as UTF-8") \
             from None
-    if "\0" in text:
+    if b"\0" in text:
         raise CheckpointFormatError(f"{path}: str value {name!r} holds a NUL character; HDF5 strings cannot")
+    return text
 
 
 class RegionWriter(_RegionFile):
@@ -459,7 +480,7 @@ class H5Writer(_RegionFile):
     Single process: ``declare`` (lays the file out), the write calls, ``commit``. Many processes: one
     runs ``layout = w.layout(specs)`` and shares ``layout``; the others write through
     ``open_regions(path, layout)`` and return ``close()``'s :class:`Part`; after a barrier the first runs
-    ``w.finish(parts)`` (or ``w.abort()``). ``attrs`` become file attributes and ``dataset_attrs[name]``
+    ``w.finish(parts)`` (or ``w.abort()``). Only ``finish`` with a CRC uses h5py after the layout. ``attrs`` become file attributes and ``dataset_attrs[name]``
     attributes of that parameter's dataset (names ``mpickpt_*`` and ``mindspore_*`` are reserved).
     """
 
@@ -509,29 +530,23 @@ class H5Writer(_RegionFile):
         self.finish(())
 
     def finish(self, parts: Iterable[Part]) -> None:
-        """Check every declared tensor was written once (here or in ``parts``), store the ``str`` values
-        and the CRC, and rename the file into place; aborts on failure."""
+        """Check every declared tensor was written once (here or in ``parts``), store the CRC, and rename
+        the file into place; aborts on failure."""
         try:
             if self._regions is None:
                 raise CheckpointFormatError(f"{self.path}: nothing was declared")
             merged = _merge(self.path, self._regions, [self.part(), *parts])
-            if merged.strings or self._crc:
-                self._store_finale(merged)
+            if self._crc:
+                self._store_crc(_content_crc(self.path, self._regions, merged.crcs))
         except BaseException:
             self.abort()
             raise
         self._file.commit()
 
-    def _store_finale(self, merged: Part) -> None:
-        assert self._regions is not None
-        crc = _content_crc(self.path, self._regions, merged.crcs) if self._crc else None
-        h5py = _h5py()
+    def _store_crc(self, crc: int) -> None:
         try:
-            with h5py.File(self._file.tmp, "r+", locking=False) as f:
-                for name, text in merged.strings.items():
-                    f[escape_name(name)][()] = text
-                if crc is not None:
-                    f.attrs[CRC_ATTR] = np.uint32(crc)
+            with _h5py().File(self._file.tmp, "r+", locking=False) as f:
+                f.attrs[CRC_ATTR] = np.uint32(crc)
         except Exception as err:
             raise DestinationError(f"{self.path}: cannot finish the HDF5 file: {err}") from err
 
@@ -544,19 +559,17 @@ def _merge(path: Path, regions: RegionMap, parts: Sequence[Part]) -> Part:
     """The parts of all processes as one, checked to write each declared tensor exactly once."""
     written: dict[str, None] = {}
     crcs: dict[str, int] = {}
-    strings: dict[str, str] = {}
     for part in parts:
         for name in part.written:
             if name in written:
                 raise CheckpointFormatError(f"{path}: parameter {name!r} written twice")
             written[name] = None
         crcs.update(part.crcs)
-        strings.update(part.strings)
     missing = [name for name in regions if name not in written]
     if missing:
         raise CheckpointFormatError(f"{path}: declared parameter {missing[0]!r} was not written "
                                     f"({len(missing)} missing)")
-    return Part(tuple(written), crcs, strings)
+    return Part(tuple(written), crcs)
 
 
 def _content_crc(path: Path, regions: RegionMap, crcs: Mapping[str, int]) -> int:
@@ -660,8 +673,8 @@ def _tensor_entry(name: str, link: str, dataset: Any, ms: str, h5py: Any, size: 
     return TensorEntry(name, ms, dims, ((offset, nbytes),))
 
 
-def _walk(h5py: Any, group: Any, prefix: str, depth: int) -> Iterator[tuple[str, str, Any]]:
-    """(parameter name, link path, dataset) of every dataset under ``group``, in its link order."""
+def _walk(h5py: Any, group: Any, prefix: str, depth: int) -> Iterator[tuple[str, str]]:
+    """(parameter name, link path) of every dataset under ``group``, in its link order."""
     if depth > _MAX_DEPTH:
         raise _Bad(f"groups nested deeper than {_MAX_DEPTH} levels at {prefix!r}")
     for link in group:
@@ -669,11 +682,11 @@ def _walk(h5py: Any, group: Any, prefix: str, depth: int) -> Iterator[tuple[str,
         kind = group.get(link, getlink=True)
         if not isinstance(kind, h5py.HardLink):
             raise _Bad(f"link {name!r} is a {type(kind).__name__}; only plain datasets and groups are read")
-        obj = group[link]
-        if isinstance(obj, h5py.Group):
-            yield from _walk(h5py, obj, name + "/", depth + 1)
-        elif isinstance(obj, h5py.Dataset):
-            yield name, obj.name, obj
+        cls = group.get(link, getclass=True)
+        if cls is h5py.Group:
+            yield from _walk(h5py, group[link], name + "/", depth + 1)
+        elif cls is h5py.Dataset:
+            yield name, f"{group.name.rstrip('/')}/{link}"
 
 
 def _attr_text(value: object) -> str:
@@ -709,7 +722,8 @@ def _read_index(path: Path, fd: int, size: int) -> tuple[dict[str, TensorEntry],
     try:
         with _open_h5(fd) as f:
             metadata, crc = _read_metadata(f)
-            for name, link, dataset in _walk(h5py, f, "", 0):
+            for name, link in _walk(h5py, f, "", 0):
+                dataset = f[link]
                 if name in entries:
                     raise _Bad("appears twice")
                 ms = _ms_dtype(dataset, h5py)
@@ -743,7 +757,7 @@ class H5Index(CheckpointIndex):
             return self._strings[name]
         if self._loaded is None or self._loaded[0] != name:
             self._loaded = None
-            self._loaded = (name, self._load(entry))
+            self._loaded = (name, self._load(self.entry(name)))
         return self._loaded[1]
 
     def _load(self, entry: TensorEntry) -> np.ndarray:
