@@ -16,13 +16,12 @@ import pytest
 
 h5py = pytest.importorskip("h5py")
 
-from mpickpt.errors import CheckpointFormatError, DestinationError, MpickptError  # noqa: E402
-from mpickpt.formats import TensorSpec, format_of, open_index, open_writer  # noqa: E402
-from mpickpt.formats.hdf5 import (  # noqa: E402
-    H5Entry, H5Layout, H5Writer, Part, escape_name, index_h5, open_regions, unescape_name)
-from mpickpt.inspect import describe_file, format_description  # noqa: E402
+from test_format_conformance import sample, tensors
 
-from test_format_conformance import sample, tensors  # noqa: E402
+from mpickpt.errors import CheckpointFormatError, DestinationError, MpickptError
+from mpickpt.formats import TensorSpec, format_of, open_index, open_writer
+from mpickpt.formats.hdf5 import H5Entry, H5Layout, H5Writer, Part, escape_name, index_h5, open_regions, unescape_name
+from mpickpt.inspect import describe_file, format_description
 
 TEXTS = {"note": ("héllo ✓ 𝄞", (0,)), "plain": ("hi", ()), "empty.note": ("", (0,))}
 NAMES = ("a/b", "100%", "50%/x%2F", ".", "..", "%25", "ü.weight", "nul\0byte", "x" * 300)

@@ -63,8 +63,20 @@ from mpickpt.errors import CheckpointFormatError, DestinationError, MpickptError
 from mpickpt.formats.base import TensorSpec
 from mpickpt.formats.safetensors import crc32_combine
 
-__all__ = ["H5Entry", "H5Index", "H5Layout", "H5Writer", "Part", "Region", "RegionWriter", "SIGNATURE",
-           "escape_name", "index_h5", "open_regions", "unescape_name"]
+__all__ = [
+    "SIGNATURE",
+    "H5Entry",
+    "H5Index",
+    "H5Layout",
+    "H5Writer",
+    "Part",
+    "Region",
+    "RegionWriter",
+    "escape_name",
+    "index_h5",
+    "open_regions",
+    "unescape_name",
+]
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 """The first 8 bytes of an HDF5 file (without a user block)."""
@@ -480,8 +492,9 @@ class H5Writer(_RegionFile):
     Single process: ``declare`` (lays the file out), the write calls, ``commit``. Many processes: one
     runs ``layout = w.layout(specs)`` and shares ``layout``; the others write through
     ``open_regions(path, layout)`` and return ``close()``'s :class:`Part`; after a barrier the first runs
-    ``w.finish(parts)`` (or ``w.abort()``). Only ``finish`` with a CRC uses h5py after the layout. ``attrs`` become file attributes and ``dataset_attrs[name]``
-    attributes of that parameter's dataset (names ``mpickpt_*`` and ``mindspore_*`` are reserved).
+    ``w.finish(parts)`` (or ``w.abort()``); only a CRC makes ``finish`` open the file with h5py again.
+    ``attrs`` become file attributes and ``dataset_attrs[name]`` attributes of that parameter's dataset
+    (``mpickpt_version``, ``mpickpt_crc32``, ``mindspore_dtype`` and ``mindspore_dims`` are reserved).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, crc: bool = False, sync: bool = True,
@@ -516,7 +529,7 @@ class H5Writer(_RegionFile):
         specs = [_checked_spec(self.path, spec) for spec in tensors]
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
-            raise CheckpointFormatError(f"{self.path}: tensor {sorted(n for n in names if names.count(n) > 1)[0]!r} "
+            raise CheckpointFormatError(f"{self.path}: tensor {min(n for n in names if names.count(n) > 1)!r} "
                                         f"is declared twice")
         unknown = sorted(set(self._dataset_attrs) - set(names))
         if unknown:
@@ -626,17 +639,17 @@ def _ms_dtype(dataset: Any, h5py: Any) -> str:
         return ms
     if is_text:
         return "str"
-    ms = _BY_NUMPY.get(dataset.dtype.newbyteorder("<"))
-    if ms is None:
+    native = _BY_NUMPY.get(dataset.dtype.newbyteorder("<"))
+    if native is None:
         raise _Bad(f"HDF5 type {dataset.dtype} has no MindSpore dtype")
-    return ms
+    return native
 
 
 def _str_entry(name: str, link: str, dataset: Any, h5py: Any) -> tuple[H5Entry, np.ndarray]:
     """A str value (decoded now: it is small) and its array."""
     if dataset.shape != ():
         raise _Bad(f"string dataset of shape {dataset.shape} (a str value is a scalar)")
-    encoding = h5py.check_string_dtype(dataset.dtype).encoding
+    encoding: str = h5py.check_string_dtype(dataset.dtype).encoding or "utf-8"
     raw = dataset[()]
     try:
         text = raw.decode(encoding) if isinstance(raw, bytes) else str(raw)
@@ -786,7 +799,7 @@ class H5Index(CheckpointIndex):
         """Views of the content: the mapped byte runs, or one view of the decoded tensor."""
         if isinstance(self.entry(name), H5Entry):
             data = self._decoded(name)
-            return [memoryview(data.reshape(-1).view(np.uint8))] if data.nbytes else []
+            return [data.reshape(-1).view(np.uint8).data] if data.nbytes else []
         return super().raw(name)
 
     def read_into(self, name: str, byte_offset: int, out: memoryview) -> None:
@@ -800,7 +813,7 @@ class H5Index(CheckpointIndex):
             raise IndexError(f"{self.path}: bytes [{byte_offset}, {byte_offset + len(target)}) outside parameter "
                              f"{name!r} ({entry.nbytes} bytes)")
         flat = self._decoded(name).reshape(-1).view(np.uint8)
-        target[:] = memoryview(flat[byte_offset : byte_offset + len(target)])
+        target[:] = flat[byte_offset : byte_offset + len(target)].data
 
     def release(self, name: str) -> None:
         """Drop the tensor's mapped pages, or its decoded copy."""
