@@ -216,8 +216,10 @@ def test_mpio_driver_writes_the_same_content(tmp_path: Path) -> None:
     layout = writer.layout(all_specs(data))
     with h5py.File(layout.tmp, "r+", driver="mpio", comm=MPI.COMM_WORLD) as f:
         for name, (_, arr) in data.items():
+            dataset = f[escape_name(name)]
             if arr.size:
-                f[escape_name(name)][...] = arr.view(f[escape_name(name)].dtype)
+                with dataset.collective:
+                    dataset[...] = arr.view(dataset.dtype)
     write_strings(writer)
     writer.commit()
     check_index(path, data)
