@@ -199,7 +199,7 @@ def run_transform(options: TransformOptions, comm: Comm, *, sync: bool = True, o
     """
     started = time.monotonic()
     started_at = utc_now()
-    job, lock = _start(options, comm, stream)
+    job, lock = _start(options, comm, stream, sync)
     try:
         return run_job(job, comm, sync=sync, overwrite=overwrite, quiet=quiet, stream=stream, started=started,
                        started_at=started_at)
@@ -208,10 +208,10 @@ def run_transform(options: TransformOptions, comm: Comm, *, sync: bool = True, o
             lock.release()
 
 
-def _start(options: TransformOptions, comm: Comm, stream: TextIO) -> tuple[Job, DestinationLock | None]:
+def _start(options: TransformOptions, comm: Comm, stream: TextIO, sync: bool) -> tuple[Job, DestinationLock | None]:
     """This process's job (and its destination lock, if it holds one), or the same error on every rank."""
     try:
-        return start_job(options, comm, lambda local: lock_destination(local, stream))
+        return start_job(options, comm, lambda local: lock_destination(local, stream), sync=sync)
     except MpickptError:
         raise
     except Exception as exc:  # a failure outside the collectives: the others would wait forever

@@ -23,12 +23,12 @@ from .collective import agree, broadcast_prepared
 from .destination import DestinationLock, check_prefix, refuse_outputs_beside_sources
 from .errors import SourceMissingError
 from .exchange import Exchange
-from .formats import FORMATS, open_index, suffix_of
+from .formats import open_index, suffix_of
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
 from .mpi import Comm
 from .placement import Placement, ProcessView, expand, has_placeholders, header_share
-from .sources import find_rank_files
+from .sources import RANK_FORMATS, find_rank_files
 from .strategy import Strategy
 from .transform import (
     Sources,
@@ -48,10 +48,11 @@ def host_name() -> str:
 
 
 def start_job(options: TransformOptions, comm: Comm,
-              lock_destination: Callable[[TransformOptions], DestinationLock]) -> tuple[TransformJob,
-                                                                                        DestinationLock | None]:
+              lock_destination: Callable[[TransformOptions], DestinationLock], *,
+              sync: bool = True) -> tuple[TransformJob, DestinationLock | None]:
     """Called on all ranks: this process's job (its own expansions; every task of the run) and the
-    destination lock when this process holds one. `lock_destination(options)` checks and locks."""
+    destination lock when this process holds one. `lock_destination(options)` checks and locks; `sync`
+    fsyncs the merged strategy files."""
     host = host_name()
     per_process = has_placeholders(options.src_dir)
     local = replace(options, src_dir=expand(options.src_dir, host, comm.rank),
@@ -62,8 +63,6 @@ def start_job(options: TransformOptions, comm: Comm,
         nonlocal lock
         check_prefix(options.prefix)
         suffix_of(options.output_format)
-        if options.src_format is not None:
-            suffix_of(options.src_format)
         if os.path.abspath(local.dst_dir) not in dst_dirs[:comm.rank]:
             lock = lock_destination(local)
         return local.dst_dir
@@ -71,7 +70,7 @@ def start_job(options: TransformOptions, comm: Comm,
     try:
         dst_dirs = comm.allgather(os.path.abspath(local.dst_dir))
         agree(check_and_lock, comm)
-        src, dst = broadcast_prepared(lambda: load_strategies(local, local.dst_dir), comm)
+        src, dst = broadcast_prepared(lambda: load_strategies(local, local.dst_dir, sync), comm)
         views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
         placement = Placement(tuple(views))
         found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]
@@ -108,7 +107,7 @@ def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None,
     rank_files = placement.rank_files
     if not rank_files:
         looked = " or ".join(f"rank_<r>/*{suffix_of(f)}" for f in
-                             ([options.src_format] if options.src_format else FORMATS))
+                             ([options.src_format] if options.src_format else RANK_FORMATS))
         raise SourceMissingError(f"{template}: no process sees any {looked} checkpoint files "
                                  f"({placement.describe()})")
     where = f"{template} (seen as {placement.describe()})" if per_process else options.src_dir

@@ -110,7 +110,7 @@ class TransformJob:
         return state
 
     @classmethod
-    def prepare(cls, options: TransformOptions, *, write_merged: bool = True) -> TransformJob:
+    def prepare(cls, options: TransformOptions, *, write_merged: bool = True, sync: bool = True) -> TransformJob:
         """One process: validate the whole job (paths, both strategies, the headers of every source
         file) and plan every target; merged pipeline strategy folders are kept in dst_dir when write_merged."""
         check_prefix(options.prefix)
@@ -123,7 +123,7 @@ class TransformJob:
         if keep_in is not None:
             check_destination(options.dst_dir, read_dirs)
         rank_files = find_rank_files(src_dir, options.src_format)
-        src, dst = load_strategies(options, keep_in)
+        src, dst = load_strategies(options, keep_in, sync)
         sources = Sources.check(src, dst, rank_files, read_headers(rank_files), options, str(src_dir))
         return cls.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix, read_dirs, sources.src_stage,
                         catalog=sources.catalog, options=options, notes=sources.notes)
@@ -247,12 +247,13 @@ def source_dirs(options: TransformOptions) -> list[str]:
     return [options.src_dir] + [d for d in (options.src_strategy_dir, options.dst_strategy_dir) if d]
 
 
-def load_strategies(options: TransformOptions, keep_in: str | None) -> tuple[Strategy | None, Strategy | None]:
-    """Both strategies, per-stage folders merged (and saved in `keep_in` when given)."""
+def load_strategies(options: TransformOptions, keep_in: str | None,
+                    sync: bool = True) -> tuple[Strategy | None, Strategy | None]:
+    """Both strategies, per-stage folders merged (and saved in `keep_in` when given, fsynced if `sync`)."""
     src = _strategy(options.src_strategy, options.src_strategy_dir)
     dst = _strategy(options.dst_strategy, options.dst_strategy_dir)
-    return (_kept(src, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY),
-            _kept(dst, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY))
+    return (_kept(src, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY, sync),
+            _kept(dst, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY, sync))
 
 
 @dataclass(frozen=True)
@@ -294,12 +295,13 @@ def _strategy(file: str | None, folder: str | None) -> Strategy | None:
     return load_strategy(file) if file else None
 
 
-def _kept(strategy: Strategy | None, folder: str | None, keep_in: str | None, merged_name: str) -> Strategy | None:
+def _kept(strategy: Strategy | None, folder: str | None, keep_in: str | None, merged_name: str,
+          sync: bool) -> Strategy | None:
     """A strategy merged from a folder, saved in `keep_in` (when given) as `merged_name`."""
     if strategy is None or not folder or keep_in is None:
         return strategy
     target = Path(keep_in) / merged_name
-    save_strategy(strategy, target)
+    save_strategy(strategy, target, sync=sync)
     return replace(strategy, path=str(target))
 
 
