@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager
 
 import numpy as np
 
-from .errors import MpickptError
+from .errors import CheckpointFormatError, MpickptError
 from .execute import Piece, SourceFiles, read_piece_rows, remote_pieces
 from .formats import SourceIndex, TensorEntry
 from .inventory import SourceHeaders
@@ -56,7 +56,7 @@ def blocks(piece: Piece, limit: int = MESSAGE_BYTES) -> list[tuple[int, int]]:
         units, unit_bytes = piece.nbytes, 1
     else:
         units = piece.box.shape[0]
-        unit_bytes = piece.nbytes // units
+        unit_bytes = max(1, piece.nbytes // units)
     step = max(1, limit // unit_bytes)
     return [(lo, min(lo + step, units)) for lo in range(0, units, step)]
 
@@ -84,6 +84,7 @@ class Exchange:
         self._indexes: dict[int, SourceIndex] = {}
         self._contexts: list[AbstractContextManager[SourceIndex]] = []
         self._load: dict[int, int] = {}
+        self._checked_params: set[tuple[int, str]] = set()
 
     # --- serving ----------------------------------------------------------------------------------
 
@@ -96,7 +97,7 @@ class Exchange:
         in_flight = sum(n for _, n, _ in self._sending)
         while self._queue and (in_flight < self.budget or not self._sending):
             dest, piece, lo, hi = self._queue.popleft()
-            data = read_piece_rows(self._index(piece.rank), piece, lo, hi)
+            data = read_piece_rows(self._checked(piece), piece, lo, hi)
             size = memoryview(data).nbytes  # type: ignore[arg-type]  # ndarray, memoryview or bytearray
             self._sending.append((self.comm.isend_bytes(data, dest, DATA_TAG), size, piece))
             in_flight += size
@@ -115,6 +116,21 @@ class Exchange:
         busy = {(p.rank, p.name) for _, _, p in sending} | {(p.rank, p.name) for _, p, _, _ in self._queue}
         for rank, name in done - busy:
             self._indexes[rank].release(name)
+
+    def _checked(self, piece: Piece) -> SourceIndex:
+        """The index of a piece's file, whose parameter must still be as the gathered headers say."""
+        index = self._index(piece.rank)
+        if (piece.rank, piece.name) in self._checked_params:
+            return index
+        found = self.headers[piece.rank]
+        entry = index.entries.get(piece.name)
+        expected = next(((dtype, tuple(dims)) for name, dtype, dims in found.rows if name == piece.name), None)
+        if entry is None or expected != (entry.dtype, tuple(entry.dims)) or entry.nbytes != found.nbytes[piece.name]:
+            raise CheckpointFormatError(f"{index.path}: parameter {piece.name!r} changed since the job started "
+                                        f"(now {entry.dtype + str(list(entry.dims)) if entry else 'missing'}, "
+                                        f"was {expected})")
+        self._checked_params.add((piece.rank, piece.name))
+        return index
 
     def _index(self, rank: int) -> SourceIndex:
         if rank not in self._indexes:

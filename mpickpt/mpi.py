@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn, Protocol, TypeVar
 
-from .errors import LaunchError
+from .errors import LaunchError, MpickptError
 
 T = TypeVar("T")
 
@@ -132,19 +132,26 @@ class _Done:
 
 
 class _MpiRequest:
-    """An mpi4py request, holding on to its buffer until it finishes."""
+    """An mpi4py request, holding on to its buffer until it finishes; a receive checks it got `expect` bytes."""
 
-    def __init__(self, request: Any, buffer: Any = None) -> None:
+    def __init__(self, request: Any, buffer: Any = None, expect: int | None = None) -> None:
         self._request = request
         self._buffer = buffer
+        self._expect = expect
 
     def test(self) -> bool:
+        from mpi4py import MPI
+
         if self._request is None:
             return True
-        if self._request.Test():
-            self._request = self._buffer = None
-            return True
-        return False
+        status = MPI.Status()
+        if not self._request.Test(status):
+            return False
+        self._request = self._buffer = None
+        if self._expect is not None and status.Get_count(MPI.BYTE) != self._expect:
+            raise MpickptError(f"a message from process {status.Get_source()} had {status.Get_count(MPI.BYTE)} "
+                               f"bytes, {self._expect} were expected")
+        return True
 
 
 class MpiComm:
@@ -190,7 +197,7 @@ class MpiComm:
         """MPI_Irecv of raw bytes."""
         from mpi4py import MPI
 
-        return _MpiRequest(self._mpi.Irecv([out, MPI.BYTE], source=source, tag=tag), out)
+        return _MpiRequest(self._mpi.Irecv([out, MPI.BYTE], source=source, tag=tag), out, memoryview(out).nbytes)
 
     def ibarrier(self) -> Request:
         """MPI_Ibarrier."""

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,11 @@ from written_cases import WRITTEN
 
 from mpickpt import exchange as exchange_module
 from mpickpt.driver import run_transform
-from mpickpt.errors import MpickptError, SourceMissingError
-from mpickpt.exchange import Exchange, ExchangeError, blocks
+from mpickpt.errors import CheckpointFormatError, MpickptError, SourceMissingError
+from mpickpt.exchange import CONTROL_TAG, Exchange, ExchangeError, blocks
 from mpickpt.execute import Piece
+from mpickpt.formats import open_index
+from mpickpt.inventory import read_headers
 from mpickpt.layout import Box
 from mpickpt.mpi import SerialComm
 from mpickpt.placement import (
@@ -115,6 +118,18 @@ def test_a_receive_without_progress_fails_after_the_stall_deadline() -> None:
     exchange = Exchange(SerialComm(), lambda rank: None, {}, ["h"], {}, stall_seconds=0.05)  # type: ignore[arg-type, return-value]
     with pytest.raises(ExchangeError, match="process 1 sent nothing of parameter 'w' for 0 s"):
         exchange.wait(Never(), 1, "parameter 'w'")
+
+
+def test_a_holder_refuses_a_parameter_changed_since_start_up(written_cases: dict[str, Case]) -> None:
+    path = next((written_cases["random_8to4"].src_dir / "rank_0").glob("*.ckpt"))
+    (found,) = read_headers({0: str(path)}).values()
+    name, dtype, dims = found.rows[0]
+    stale = replace(found, rows=((name, dtype, (dims[0] + 1, *dims[1:])), *found.rows[1:]))
+    comm = SerialComm()
+    exchange = Exchange(comm, lambda rank: open_index(path), {0: (0,)}, ["h"], {0: stale})
+    comm.send([Piece(0, name, Box((0,) * len(dims), dims), found.nbytes[name])], 0, CONTROL_TAG)
+    with pytest.raises(CheckpointFormatError, match=rf"{path}: parameter '{name}' changed since the job started"):
+        exchange.serve()
 
 
 # --- in-process worlds (threads) ----------------------------------------------------------------------
