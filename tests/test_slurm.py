@@ -141,3 +141,42 @@ def test_killed_task_fails_the_job_quickly_and_a_rerun_finishes(slurm_env: dict[
     code, log, _ = sbatch(slurm_env, tmp_path, case_args(case, dst))
     assert code == 0, log
     assert outputs(dst) == serial
+
+
+def split_args(case: Case, base: Path, dst: Path) -> list[str]:
+    """Flags converting the case from per-task folders base/p<task> (rank r in task (r + 1) % TASKS's only)."""
+    for rank_dir in sorted(case.src_dir.glob("rank_*")):
+        target = base / f"p{(int(rank_dir.name.split('_')[1]) + 1) % TASKS}" / rank_dir.name
+        if not target.exists():
+            shutil.copytree(rank_dir, target)
+    args = case_args(case, dst)
+    args[args.index("--src-dir") + 1] = str(base / "p{process}")
+    return args
+
+
+@pytest.mark.parametrize("mpi", ["mpich", "openmpi"])
+def test_sources_split_over_tasks_travel_over_mpi(slurm_env: dict[str, str], serial: dict[str, bytes], case: Case,
+                                                  tmp_path: Path, mpi: str) -> None:
+    if mpi == "openmpi" and shutil.which("mpiexec.openmpi") is None:
+        pytest.skip("Open MPI is not installed (apt-get install openmpi-bin libopenmpi-dev)")
+    dst = tmp_path / "dst"
+    code, log, _ = sbatch(slurm_env, tmp_path, split_args(case, tmp_path / "src", dst), MPICKPT_MPI=mpi)
+    assert code == 0, log
+    assert outputs(dst) == serial
+    processes = json.loads((dst / "manifest.json").read_text())["processes"]
+    assert sum(p["bytes_sent"] for p in processes) == sum(p["bytes_received"] for p in processes) > 0
+
+
+def test_task_killed_mid_exchange_fails_the_job_quickly_and_a_rerun_finishes(slurm_env: dict[str, str], case: Case,
+                                                                            serial: dict[str, bytes],
+                                                                            tmp_path: Path) -> None:
+    dst = tmp_path / "dst"
+    args = split_args(case, tmp_path / "src", dst)
+    code, log, seconds = sbatch(slurm_env, tmp_path, args, MPICKPT_TEST_FAIL="process=1,after_bytes=1,action=kill")
+    assert code != 0, log
+    assert seconds < 30 + 5, f"the job took {seconds:.0f} s to end"
+    for name, data in outputs(dst).items():
+        assert data == serial[name], f"{name} is incomplete under its final name"
+    code, log, _ = sbatch(slurm_env, tmp_path, args)
+    assert code == 0, log
+    assert outputs(dst) == serial
