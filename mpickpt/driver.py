@@ -109,6 +109,12 @@ class ProcessReport:
     bytes_sent: int = 0  # source slices sent to other processes
     bytes_received: int = 0  # source slices received from other processes
 
+    @property
+    def bytes_read(self) -> int:
+        """Source bytes this process read from files: its outputs' planned reads, less those received,
+        plus those it read to send."""
+        return sum(o.read_bytes for o in self.outcomes) - self.bytes_received + self.bytes_sent
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -470,7 +476,7 @@ def manifest(reports: Sequence[ProcessReport], wall_seconds: float, run: RunInfo
         "processes": [{"process": r.process, "targets": [o.record.target_rank for o in r.outcomes],
                        "written": sum(not o.skipped for o in r.outcomes),
                        "skipped": sum(o.skipped for o in r.outcomes),
-                       "bytes_read": sum(o.read_bytes for o in r.outcomes),
+                       "bytes_read": r.bytes_read,
                        "bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
                        "bytes_written": sum(o.record.size for o in r.outcomes if not o.skipped),
                        "seconds": round(r.seconds, 6)} for r in reports],
@@ -492,11 +498,10 @@ def summarize(reports: Sequence[ProcessReport], wall_seconds: float, manifest_pa
 
 
 def _exchanged(reports: Sequence[ProcessReport]) -> tuple[tuple[int, int, int, int], ...]:
-    """Per process: planned bytes read, bytes sent and received over MPI (nothing when no slice moved)."""
+    """Per process: bytes read from files, sent and received over MPI (nothing when no slice moved)."""
     if not any(r.bytes_sent or r.bytes_received for r in reports):
         return ()
-    return tuple((r.process, sum(o.read_bytes for o in r.outcomes), r.bytes_sent, r.bytes_received)
-                 for r in reports)
+    return tuple((r.process, r.bytes_read, r.bytes_sent, r.bytes_received) for r in reports)
 
 
 class _ProgressView:

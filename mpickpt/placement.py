@@ -84,10 +84,13 @@ class Placement:
                 files.setdefault(rank, path)
         return dict(sorted(files.items()))
 
-    def describe(self) -> str:
-        """Who holds what, for error messages: "process 0 (host a, /x/p0): ranks [0, 1]; ..."."""
-        return "; ".join(f"process {v.process} (host {v.host}, {v.src_dir}): "
-                         f"{_ranks(sorted(v.rank_files)) if v.rank_files else 'no rank files'}" for v in self.views)
+    def describe(self, limit: int = 16) -> str:
+        """Who holds what, for messages: "process 0 (host a, /x/p0): ranks [0, 1]; ..." (`limit` processes)."""
+        shown = "; ".join(f"process {v.process} (host {v.host}, {v.src_dir}): "
+                          f"{_ranks(sorted(v.rank_files)) if v.rank_files else 'no rank files'}"
+                          for v in self.views[:limit])
+        more = len(self.views) - limit
+        return shown + (f"; and {more} more process{'es' if more > 1 else ''}" if more > 0 else "")
 
 
 def choose_holder(rank: int, target: int, process: int, seen_by: Mapping[int, Sequence[int]],

@@ -150,6 +150,7 @@ def test_threads_with_split_sources_write_the_expected_bytes(name: str, size: in
     manifest = json.loads((tmp_path / "dst" / "manifest.json").read_text())
     processes = manifest["processes"]
     assert sum(p["bytes_sent"] for p in processes) == sum(p["bytes_received"] for p in processes) > 0
+    assert sum(p["bytes_read"] for p in processes) == summaries[0].bytes_read  # each slice read once, somewhere
     assert summaries[0].exchanged and all(s == summaries[0] for s in summaries)
 
 
