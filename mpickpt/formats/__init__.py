@@ -15,7 +15,6 @@ __all__ = ["FORMATS", "SourceIndex", "TensorEntry", "TensorSpec", "TensorWriter"
 
 FORMATS = ("ckpt", "safetensors", "h5")
 _SUFFIXES = {"ckpt": ".ckpt", "safetensors": ".safetensors", "h5": ".h5"}
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def suffix_of(fmt: str) -> str:
@@ -39,7 +38,9 @@ def format_of(path: str | os.PathLike[str]) -> str:
         raise SourceMissingError(f"{path}: file does not exist") from None
     except OSError as err:
         raise CheckpointFormatError(f"{path}: cannot read: {err.strerror or err}") from err
-    if head[:8] == _HDF5_SIGNATURE:
+    from mpickpt.formats.hdf5 import SIGNATURE
+
+    if head[:8] == SIGNATURE:
         return "h5"
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 << 20:
         return "safetensors"

@@ -38,30 +38,29 @@ parameters by their path (``group/name``); soft, external and virtual links are 
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import math
 import operator
 import os
 import re
-import stat
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any
 
 import numpy as np
 
 from mpickpt import __version__
-from mpickpt.atomic import AtomicFile
+from mpickpt.atomic import AtomicFile, CommitOnExit
 from mpickpt.ckpt_reader import CheckpointIndex, TensorEntry
 from mpickpt.dtypes import DTYPES, dtype_itemsize, numpy_dtype
-from mpickpt.errors import CheckpointFormatError, DestinationError, MpickptError, SourceMissingError
+from mpickpt.errors import CheckpointFormatError, DestinationError, MpickptError
 from mpickpt.formats.base import TensorSpec
+from mpickpt.formats.offsets import COPY_CHUNK, OffsetWriter, Region, RegionMap, Slot, byte_view
 from mpickpt.formats.safetensors import crc32_combine
+from mpickpt.source_file import open_source_file
 
 __all__ = [
     "SIGNATURE",
@@ -95,8 +94,6 @@ _BY_NUMPY = {dt: ms for ms, dt in _STORED.items() if ms not in ("BFloat16", "Int
 _MAX_RANK = 32  # HDF5's H5S_MAX_RANK
 _MAX_DEPTH = 32  # nested groups followed when indexing (a group linked into itself would loop)
 _ALIGNMENT = 64
-_COPY_CHUNK = 8 << 20
-_FALLBACK_ERRNOS = {errno.EINVAL, errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}  # no copy_file_range
 _ESCAPES = {"%": "%25", "/": "%2F", "\0": "%00"}
 _UNESCAPE = re.compile("%(25|2F|00|2E)")
 
@@ -126,20 +123,8 @@ def unescape_name(link: str) -> str:
 
 
 # -- region map -------------------------------------------------------------------------------------
-
-
-class Region(NamedTuple):
-    """Where one declared tensor goes: its dtype and dims, its content size, and ``offset`` in the file of
-    its dataset's bytes (None for an empty tensor). A ``str`` value of ``nbytes`` (UTF-32) is stored in
-    ``max(nbytes, 1)`` bytes, its UTF-8 text padded with NULs."""
-
-    dtype: str
-    dims: tuple[int, ...]
-    offset: int | None
-    nbytes: int
-
-
-RegionMap = dict[str, Region]
+# A Region's ``offset`` is that of its dataset's bytes in the file (None for an empty tensor); a ``str`` value
+# of ``nbytes`` (UTF-32) is stored in ``max(nbytes, 1)`` bytes, its UTF-8 text padded with NULs.
 
 
 @dataclass(frozen=True)
@@ -268,78 +253,18 @@ def _lay_out(path: Path, tmp: Path, specs: Sequence[TensorSpec], attrs: Mapping[
 # -- writing at offsets -----------------------------------------------------------------------------
 
 
-def _byte_view(path: Path, name: str, data: object) -> memoryview:
-    try:
-        view = memoryview(data)  # type: ignore[arg-type]
-    except TypeError as err:
-        raise CheckpointFormatError(f"{path}: data of parameter {name!r} is not a buffer: {err}") from None
-    if not view.c_contiguous:
-        raise CheckpointFormatError(f"{path}: data of parameter {name!r} is not a contiguous buffer")
-    return view.cast("B") if view.nbytes else memoryview(b"")
+class _RegionFile(OffsetWriter):
+    """Writes declared tensors at their offsets of an HDF5 file; a ``str`` value is kept until complete,
+    then written as its padded UTF-8."""
 
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
-
-
-@dataclass
-class _Slot:
-    """A tensor being written: bytes so far, their CRC, and the text of a ``str`` value."""
-
-    region: Region
-    written: int = 0
-    crc: int = 0
-    text: bytearray = field(default_factory=bytearray)
-    done: bool = False
-
-
-class _RegionFile:
-    """Writes declared tensors at their offsets of an HDF5 file (the write half of the TensorWriter API)."""
-
-    path: Path  # the final name, for messages
-
-    def __init__(self, path: Path, crc: bool) -> None:
-        self.path = path
-        self._crc = crc
-        self._regions: RegionMap | None = None
-        self._slots: dict[str, _Slot] = {}
-
-    def _fd(self) -> int:
-        raise NotImplementedError
-
-    def write_tensor(self, name: str, dtype: str, dims: Sequence[int], data: object) -> None:
-        """Write a declared tensor whose content is the buffer ``data``."""
-        view = _byte_view(self.path, name, data)
-        slot = self._start(name, dtype, dims, len(view))
-        self._append(name, slot, view)
-        self._done(name, slot)
-
-    def write_tensor_chunks(self, name: str, dtype: str, dims: Sequence[int], nbytes: int,
-                            chunks: Iterable[object]) -> None:
-        """Write a declared tensor from buffers that concatenate to exactly ``nbytes`` bytes."""
-        slot = self._start(name, dtype, dims, nbytes)
-        for chunk in chunks:
-            self._append(name, slot, _byte_view(self.path, name, chunk))
-        self._done(name, slot)
-
-    def copy_tensor_from(self, name: str, dtype: str, dims: Sequence[int], src_fd: int, src_offset: int,
-                         nbytes: int) -> None:
-        """Write a declared tensor whose content is ``nbytes`` at ``src_offset`` of file ``src_fd``."""
-        self.copy_tensor_segments(name, dtype, dims, [(src_fd, src_offset, nbytes)])
-
-    def copy_tensor_segments(self, name: str, dtype: str, dims: Sequence[int],
-                             segments: Sequence[tuple[int, int, int]]) -> None:
-        """Write a declared tensor from (fd, offset, length) ranges of files, concatenated: copied in the
-        kernel, or through a buffer for a CRC or a ``str`` value."""
-        slot = self._start(name, dtype, dims, sum(length for _, _, length in segments))
-        for fd, offset, length in segments:
-            if self._crc or dtype == "str":
-                self._copy_through_buffer(name, slot, fd, offset, length)
-            else:
-                self._copy_in_kernel(name, slot, fd, offset, length)
-        self._done(name, slot)
+    def _view(self, name: str, data: object) -> memoryview:
+        try:
+            return byte_view(data)
+        except TypeError as err:
+            raise CheckpointFormatError(f"{self.path}: data of parameter {name!r} is not a buffer: {err}") from None
+        except ValueError:
+            raise CheckpointFormatError(f"{self.path}: data of parameter {name!r} is not a contiguous buffer") \
+                from None
 
     def write_maptensor(self, name: str, payloads: Sequence[object]) -> None:
         """Refused: HDF5 files of mpickpt hold no MapTensor."""
@@ -350,84 +275,20 @@ class _RegionFile:
         done = {name: slot for name, slot in self._slots.items() if slot.done}
         return Part(tuple(done), {name: slot.crc for name, slot in done.items()} if self._crc else {})
 
-    def _start(self, name: str, dtype: str, dims: Sequence[int], nbytes: int) -> _Slot:
-        if self._regions is None:
-            raise CheckpointFormatError(f"{self.path}: declare() must come before parameter {name!r} is written")
-        region = self._regions.get(name)
-        if region is None:
-            raise CheckpointFormatError(f"{self.path}: parameter {name!r} was not declared")
-        if name in self._slots:
-            raise CheckpointFormatError(f"{self.path}: parameter {name!r} written twice")
-        if (dtype, tuple(dims), nbytes) != (region.dtype, region.dims, region.nbytes):
-            raise CheckpointFormatError(
-                f"{self.path}: parameter {name!r} is given as {dtype} {list(dims)} ({nbytes} bytes) but was "
-                f"declared {region.dtype} {list(region.dims)} ({region.nbytes} bytes)")
-        slot = self._slots[name] = _Slot(region)
-        return slot
+    def _through_buffer(self, slot: Slot) -> bool:
+        return self._crc or slot.region.dtype == "str"
 
-    def _room(self, name: str, slot: _Slot, length: int) -> int:
-        """File offset of the slot's next ``length`` bytes (refusing more than declared)."""
-        if slot.written + length > slot.region.nbytes:
-            raise CheckpointFormatError(f"{self.path}: parameter {name!r} got more than {slot.region.nbytes} bytes")
-        return (slot.region.offset or 0) + slot.written
-
-    def _append(self, name: str, slot: _Slot, view: memoryview) -> None:
-        at = self._room(name, slot, len(view))
+    def _put(self, slot: Slot, view: memoryview, offset: int) -> None:
         if slot.region.dtype == "str":
-            slot.text += view
-        else:
-            self._put(name, view, at)
-        if self._crc:
-            slot.crc = zlib.crc32(view, slot.crc)
-        slot.written += len(view)
+            slot.kept += view
+        elif view:
+            super()._put(slot, view, offset)
 
-    def _done(self, name: str, slot: _Slot) -> None:
-        if slot.written != slot.region.nbytes:
-            raise CheckpointFormatError(f"{self.path}: parameter {name!r} got {slot.written} bytes of "
-                                        f"{slot.region.nbytes}")
+    def _complete(self, slot: Slot) -> None:
         if slot.region.dtype == "str":
-            text = _utf8_text(self.path, name, bytes(slot.text))
-            self._put(name, memoryview(text.ljust(_str_capacity(slot.region.nbytes), b"\0")), slot.region.offset)
-        slot.done = True
-
-    def _put(self, name: str, view: memoryview, offset: int | None) -> None:
-        if not view:
-            return
-        try:
-            _pwrite_all(self._fd(), view, offset or 0)
-        except OSError as err:
-            raise DestinationError(f"{self.path}: cannot write parameter {name!r}: {err.strerror or err}") from err
-
-    def _copy_through_buffer(self, name: str, slot: _Slot, fd: int, offset: int, length: int) -> None:
-        end = offset + length
-        while offset < end:
-            data = os.pread(fd, min(_COPY_CHUNK, end - offset), offset)
-            if not data:
-                raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early")
-            self._append(name, slot, memoryview(data))
-            offset += len(data)
-
-    def _copy_in_kernel(self, name: str, slot: _Slot, fd: int, offset: int, length: int) -> None:
-        dst, end, kernel = self._room(name, slot, length), offset + length, True
-        try:
-            while offset < end:
-                if kernel:
-                    try:
-                        got = os.copy_file_range(fd, self._fd(), end - offset, offset, dst)
-                    except OSError as err:
-                        if err.errno not in _FALLBACK_ERRNOS:
-                            raise
-                        kernel = False
-                        continue
-                else:
-                    data = os.pread(fd, min(_COPY_CHUNK, end - offset), offset)
-                    _pwrite_all(self._fd(), memoryview(data), dst)
-                    got = len(data)
-                if got == 0:
-                    raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early")
-                offset, dst, slot.written = offset + got, dst + got, slot.written + got
-        except OSError as err:
-            raise DestinationError(f"{self.path}: cannot write parameter {name!r}: {err.strerror or err}") from err
+            text = _utf8_text(self.path, slot.name, bytes(slot.kept))
+            padded = text.ljust(_str_capacity(slot.region.nbytes), b"\0")
+            self._pwrite(f"parameter {slot.name!r}", memoryview(padded), slot.region.offset or 0)
 
 
 def _utf8_text(path: Path, name: str, data: bytes) -> bytes:
@@ -485,7 +346,7 @@ def open_regions(path: str | os.PathLike[str], layout: H5Layout, *, crc: bool = 
     return RegionWriter(Path(path), layout.tmp, layout.regions, crc=crc, sync=sync)
 
 
-class H5Writer(_RegionFile):
+class H5Writer(_RegionFile, CommitOnExit):
     """An HDF5 file of full tensors, committed atomically (mode 0400): a TensorWriter, and the laying-out
     and finishing side of the many-process scheme (module doc).
 
@@ -504,16 +365,6 @@ class H5Writer(_RegionFile):
         self._attrs = dict(attrs or {})
         self._dataset_attrs = dict(dataset_attrs or {})
         self._file = AtomicFile(self.path, sync=sync, mode=0o400, forbidden_dirs=forbidden_dirs)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
     def _fd(self) -> int:
         return self._file.fd
@@ -827,8 +678,8 @@ class H5Index(CheckpointIndex):
         for name in sorted(self.entries):
             crc = zlib.crc32(name.encode("utf-8"), crc)
             for view in self.raw(name):
-                for start in range(0, len(view), _COPY_CHUNK):
-                    crc = zlib.crc32(view[start : start + _COPY_CHUNK], crc)
+                for start in range(0, len(view), COPY_CHUNK):
+                    crc = zlib.crc32(view[start : start + COPY_CHUNK], crc)
             self.release(name)
         return crc
 
@@ -837,19 +688,11 @@ def index_h5(path: str | os.PathLike[str], verify_crc: bool = False) -> H5Index:
     """Index an HDF5 file (h5py reads its metadata, then the file is memory-mapped); ``verify_crc``
     checks ``mpickpt_crc32`` when the file has one (the whole file is read once)."""
     path = Path(path)
+    fd, size = open_source_file(path, "HDF5 file")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SourceMissingError(f"{path}: HDF5 file does not exist") from None
-    except OSError as err:
-        raise CheckpointFormatError(f"{path}: cannot open HDF5 file: {err.strerror or err}") from err
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointFormatError(f"{path}: cannot open HDF5 file: not a regular file")
         if os.pread(fd, len(SIGNATURE), 0) != SIGNATURE:
             raise CheckpointFormatError(f"{path}: not an HDF5 file (no HDF5 signature at its start)")
-        index = H5Index(path, fd, info.st_size, *_read_index(path, fd, info.st_size))
+        index = H5Index(path, fd, size, *_read_index(path, fd, size))
     except BaseException:
         os.close(fd)
         raise
