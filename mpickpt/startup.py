@@ -121,9 +121,9 @@ def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None,
     def plan_share() -> TransformJob:
         """Plan this process's share of the targets (kept: its plans serve the targets it is dealt)."""
         targets = range(Layouts.from_strategy(dst).device_count)[comm.rank::comm.size]
-        planned.append(TransformJob.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix, read_dirs,
-                                 sources.src_stage, catalog=sources.catalog, options=options, notes=sources.notes,
-                                 targets=targets, stamps=stamps))
+        planned.append(TransformJob.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix,
+                                         read_dirs, sources.src_stage, catalog=sources.catalog, options=options,
+                                         notes=sources.notes, targets=targets, stamps=stamps))
         return planned[0]
 
     shares = agree(lambda: plan_share().tasks, comm)
@@ -137,8 +137,7 @@ def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None,
     seen_by = placement.seen_by
     if comm.size > 1 and any(len(seen_by.get(r, ())) < comm.size for r in sources.rank_files):
         job.exchange = Exchange(comm, lambda r: open_index(mine[r]), seen_by, [v.host for v in placement.views],
-                                job.remote_headers | {r: sources.headers[r] for r in mine if r in sources.headers},
-                                budget=options.exchange_buffer)
+                                sources.headers, budget=options.exchange_buffer)
     if has_placeholders(template):
         job.notes = job.notes + (f"sources per process: {placement.describe()}",)
     return job
