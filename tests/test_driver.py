@@ -371,9 +371,15 @@ def test_temporaries_of_dead_writers_are_removed_and_others_listed(tmp_path: Pat
     run_job(job, SerialComm(), quiet=True)
     dead = subprocess.Popen(["true"])  # a pid that has ended
     dead.wait()
+    zombie = subprocess.Popen(["true"])  # ended but not reaped yet (as aborted MPI ranks may stay a while)
+    for _ in range(1000):
+        if Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        threading.Event().wait(0.01)
     host = socket.gethostname().split(".")[0]
     dst = Path(job.dst_dir)
     removed = [dst / "rank_0" / f".out_0.ckpt.{host}.{dead.pid}.0badc0de.tmp",  # a skipped output's
+               dst / "rank_0" / f".out_0.ckpt.{host}.{zombie.pid}.0badc0de.tmp",  # a zombie's
                dst / "rank_1" / f".out_1.ckpt.done.json.{host}.{dead.pid}.0badc0de.tmp",  # a record's
                dst / "rank_1" / f".old_1.ckpt.{host}.{dead.pid}.0badc0de.tmp",  # another job's
                dst / f".manifest.json.{host}.{dead.pid}.0badc0de.tmp"]
@@ -382,6 +388,7 @@ def test_temporaries_of_dead_writers_are_removed_and_others_listed(tmp_path: Pat
     for path in removed + kept:
         path.write_bytes(b"partial")
     summary = run_job(job, SerialComm(), quiet=True)
+    zombie.wait()
     assert summary.skipped == 2
     assert not any(p.exists() for p in removed) and all(p.exists() for p in kept)
     assert summary.stale == tuple(sorted(str(p.relative_to(dst)) for p in kept))

@@ -209,8 +209,9 @@ def test_mpiexec_with_split_sources_gives_the_serial_bytes(name: str, processes:
     assert "over MPI" in done.output
 
 
+@pytest.mark.parametrize("action", ["kill", "raise"])
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_a_process_killed_mid_exchange_ends_the_job_and_a_rerun_finishes_it(flavor: str, tmp_path: Path,
+def test_a_process_killed_mid_exchange_ends_the_job_and_a_rerun_finishes_it(flavor: str, action: str, tmp_path: Path,
                                                                             written_cases: dict[str, Case],
                                                                             serial: Serial) -> None:  # noqa: F811
     case = written_cases["random_8to4"]
@@ -218,8 +219,10 @@ def test_a_process_killed_mid_exchange_ends_the_job_and_a_rerun_finishes_it(flav
     dst = tmp_path / "dst"
     args = transform_args(case, dst, Path(str(base / SPLIT)))
     prefix = launcher(flavor) + ["-n", "4"]
-    killed = mpickpt(args, prefix, MPICKPT_TEST_FAIL="process=1,after_bytes=1,action=kill")
+    killed = mpickpt(args, prefix, MPICKPT_TEST_FAIL=f"process=1,after_bytes=1,action={action}")
     assert killed.returncode != 0, killed.output
+    if action == "raise":
+        assert "mpickpt: process 1: target rank " in killed.output and "injected failure" in killed.output
     assert killed.seconds < ENDS_WITHIN, f"the job took {killed.seconds:.1f} s to end"
     expected = serial(case)
     for name in expected:
