@@ -294,3 +294,25 @@ def test_mpiexec_pipeline_case_with_split_sources(flavor: str, tmp_path: Path, m
     done = mpickpt(transform_args(case, tmp_path / "dst", Path(str(base / SPLIT))), launcher(flavor) + ["-n", "4"])
     assert done.returncode == 0, done.output
     assert outputs(tmp_path / "dst") == serial(case)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_two_simulated_hosts_with_host_folders(flavor: str, tmp_path: Path, written_cases: dict[str, Case],
+                                               serial: Serial) -> None:  # noqa: F811
+    """`{host}` folders: processes 0-1 play host a (ranks 0-3), 2-3 host b (ranks 4-7), MPMD with MPICKPT_HOST."""
+    case = written_cases["random_8to4"]
+    for rank_dir in sorted(case.src_dir.glob("rank_*")):
+        shutil.copytree(rank_dir, tmp_path / "src" / ("a" if int(rank_dir.name[5:]) < 4 else "b") / rank_dir.name)
+    dst = tmp_path / "dst"
+    command = [sys.executable, "-m", "mpickpt", "transform",
+               *transform_args(case, dst, Path(str(tmp_path / "src" / "{host}")))]
+    mpiexec = launcher(flavor)
+    setting = (lambda host: ["-env", "MPICKPT_HOST", host]) if flavor == "mpich" else (
+        lambda host: ["-x", f"MPICKPT_HOST={host}"])
+    done = run([*mpiexec, "-n", "2", *setting("a"), *command, ":", "-n", "2", *setting("b"), *command])
+    assert done.returncode == 0, done.output
+    assert outputs(dst) == serial(case)
+    assert f"process 1 (host a, {tmp_path / 'src' / 'a'}): ranks [0, 1, 2, 3]" in done.output, done.output
+    assert f"process 2 (host b, {tmp_path / 'src' / 'b'}): ranks [4, 5, 6, 7]" in done.output, done.output
+    processes = json.loads((dst / "manifest.json").read_text())["processes"]
+    assert sum(p["bytes_received"] for p in processes) > 0
