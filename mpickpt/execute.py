@@ -92,15 +92,21 @@ def write_target(
     progress: Progress | None = None,
 ) -> int:
     """Write one target rank's file in format `fmt` atomically; returns the bytes of tensor content written."""
-    order = output_order(plan, sources)
-    specs = [_spec(param, sources) for param in order]
-    written = 0
     with open_writer(Path(out_path), fmt, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs) as writer:
-        writer.declare(specs)
-        for param in order:
-            written += _write_param(writer, param, sources)
-            if progress is not None:
-                progress(written)
+        return write_plan(plan, sources, writer, progress=progress)
+
+
+def write_plan(plan: TargetPlan, sources: SourceFiles, writer: TensorWriter, *,
+               progress: Progress | None = None) -> int:
+    """Declare and write every parameter of a plan into an opened writer (it commits on its own exit);
+    returns the bytes of tensor content written."""
+    order = output_order(plan, sources)
+    writer.declare([_spec(param, sources) for param in order])
+    written = 0
+    for param in order:
+        written += _write_param(writer, param, sources)
+        if progress is not None:
+            progress(written)
     return written
 
 
@@ -140,7 +146,7 @@ def _copy_whole(
     """Copy one stored tensor unchanged (file to file where it is one piece)."""
     if len(source.pieces) == 1:
         offset, length = source.pieces[0]
-        writer.copy_tensor_from(source.name, dtype, dims, index.fileno(), offset, length)
+        writer.copy_tensor_from(source.name, dtype, dims, index.fd_of(source.name), offset, length)
     else:
         writer.write_tensor_chunks(source.name, dtype, dims, source.nbytes, index.raw(source.name))
     return source.nbytes
@@ -185,7 +191,7 @@ def _file_segments(param: ParamPlan, sources: SourceFiles) -> list[tuple[int, in
         dst_run = _contiguous_run(copy.dst_box, param.dims, itemsize)
         if len(entry.pieces) != 1 or src_run is None or dst_run is None:
             return None
-        fd = sources.index(copy.src_rank).fileno()
+        fd = sources.index(copy.src_rank).fd_of(param.name)
         runs.append((dst_run[0], fd, entry.pieces[0][0] + src_run[0], src_run[1]))
     runs.sort()
     return [(fd, offset, length) for _, fd, offset, length in runs]
