@@ -16,13 +16,18 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 
+from typing import Any
+
 import numpy as np
 
-from .errors import CheckpointFormatError, SourceMissingError
+from .errors import CheckpointFormatError, MpickptError, SourceMissingError
 from .formats.base import SourceIndex, TensorEntry
+from .layout import Box, Layouts
+from .plan import Copy, ParamPlan, Planner, TargetPlan, TensorInfo
+from .strategy import Strategy, load_strategy
 
-__all__ = ["HF_INDEX", "MS_INDEX", "HYPER_PARAM", "UnifiedIndex", "is_unified_folder", "open_unified",
-           "shard_map"]
+__all__ = ["HF_INDEX", "MS_INDEX", "HYPER_PARAM", "UnifiedIndex", "deploy_plans", "is_unified_folder",
+           "load_distributed_checkpoint", "open_unified", "shard_map"]
 
 MS_INDEX = "param_name_map.json"
 HF_INDEX = "model.safetensors.index.json"
@@ -152,3 +157,77 @@ def _owners(index_path: Path, weight_map: dict[str, str], shards: dict[str, Sour
                                         f"{index_path.name} puts it there)")
     order = list(weight_map) + [n for n in owner if n not in weight_map]
     return {name: owner[name] for name in order}
+
+
+# -- MindSpore's load_distributed_checkpoint without a network ---------------------------------------
+
+
+def deploy_plans(index: SourceIndex, dst: Strategy | None, ranks: list[int]) -> dict[int, TargetPlan]:
+    """The file of each target rank as MindSpore's ``load_distributed_checkpoint`` saves it: the parameters
+    of the target strategy in the rank's stage, sliced (all of them whole without a strategy), plus every
+    parameter of ``hyper_param.safetensors`` whole, as stored. Other parameters are left out."""
+    shards = getattr(index, "shards", {})
+    hyper = list(shards[HYPER_PARAM].entries) if HYPER_PARAM in shards else []
+    layouts = Layouts.from_strategy(dst)
+    catalog = {name: TensorInfo(e.dtype, tuple(e.dims)) for name, e in index.entries.items()
+               if name not in hyper and layouts.holds(name)}
+    planner = Planner(None, dst, catalog)
+    plans = {}
+    for rank in ranks:
+        params = list(planner.plan(rank).params)
+        for name in hyper:
+            entry = index.entries[name]
+            whole = Box.full(entry.dims)
+            params.append(ParamPlan(name, entry.dtype, tuple(entry.dims), (Copy(0, whole, whole),), False))
+        plans[rank] = TargetPlan(rank, tuple(params), (0,))
+    return plans
+
+
+def load_distributed_checkpoint(network: Any = None, checkpoint_filenames: Any = None, predict_strategy: Any = None,
+                                train_strategy_filename: Any = None, strict_load: bool = False,
+                                dec_key: Any = None, dec_mode: str = "AES-GCM", format: str = "ckpt",
+                                unified_safetensors_dir: str | None = None, dst_safetensors_dir: str | None = None,
+                                rank_id: int | None = None, output_format: str = "safetensors",
+                                name_map: Any = None, max_process_num: int = 64,
+                                return_param_dict: bool = False) -> bool:
+    """MindSpore's ``load_distributed_checkpoint`` in its save mode (``network=None``, ``format=
+    "safetensors"``): writes ``dst_safetensors_dir/rank_r/net.<output_format>`` for rank ``rank_id``, or for
+    every rank of ``predict_strategy`` when it is None, from a unified folder (MindSpore's or Hugging Face's)."""
+    from .execute import SourceFiles, write_target
+    from .formats import suffix_of
+
+    del max_process_num, return_param_dict
+    if network is not None:
+        raise MpickptError("For 'load_distributed_checkpoint', mpickpt has no networks: pass network=None and "
+                           "dst_safetensors_dir to save each rank's file, then load that with MindSpore")
+    if format != "safetensors":
+        raise MpickptError("For 'load_distributed_checkpoint', mpickpt supports format='safetensors' (with "
+                           "unified_safetensors_dir) only: the 'ckpt' form loads into a network")
+    suffix_of(output_format)
+    given = {"checkpoint_filenames": checkpoint_filenames, "train_strategy_filename": train_strategy_filename,
+             "dec_key": dec_key, "name_map": name_map}
+    for key, value in given.items():
+        if value is not None:
+            raise MpickptError(f"For 'load_distributed_checkpoint', {key} must be None when format is 'safetensors'")
+    if strict_load or dec_mode != "AES-GCM":
+        raise MpickptError("For 'load_distributed_checkpoint', strict_load and dec_mode must be default when "
+                           "format is 'safetensors'.")
+    if unified_safetensors_dir is None or dst_safetensors_dir is None:
+        raise MpickptError("For 'load_distributed_checkpoint', 'unified_safetensors_dir' and "
+                           "'dst_safetensors_dir' can not be None when network is None.")
+    from .destination import check_destination
+    from .sources import find_rank_files
+
+    check_destination(dst_safetensors_dir, [unified_safetensors_dir])
+    source = find_rank_files(unified_safetensors_dir)
+    if len(source) != 1:
+        raise MpickptError(f"For 'load_distributed_checkpoint', {unified_safetensors_dir} is not a unified "
+                           f"checkpoint (it holds rank folders)")
+    dst = load_strategy(predict_strategy) if predict_strategy is not None else None
+    ranks = [rank_id] if rank_id is not None else list(range(Layouts.from_strategy(dst).device_count))
+    with SourceFiles(source) as sources:
+        plans = deploy_plans(sources.index(0), dst, ranks)
+        for rank, plan in plans.items():
+            path = os.path.join(dst_safetensors_dir, f"rank_{rank}", f"net{suffix_of(output_format)}")
+            write_target(plan, sources, path, fmt=output_format, forbidden_dirs=[unified_safetensors_dir])
+    return True
