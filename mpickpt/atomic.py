@@ -3,7 +3,8 @@ then fsync, rename into place and fsync the folder (the fsyncs skipped with ``sy
 
 Temporary names carry the host, the process id and a random token (``.<name>.<host>.<pid>.<token>.tmp``),
 so two writers never share one, even two runs into the same folder; a reader never sees a partial file
-under a final name. A writer removes the temporaries of its target left by dead processes of its host.
+under a final name. A writer removes the temporaries of its target left by dead processes of its host, and
+the driver sweeps its output folders the same way at the end of a run.
 """
 
 from __future__ import annotations
@@ -42,9 +43,30 @@ def stray_temporaries(path: str | os.PathLike[str]) -> list[Path]:
 def remove_dead_temporaries(path: str | os.PathLike[str]) -> None:
     """Remove the temporaries of ``path`` left by processes of this host that no longer run."""
     for tmp in stray_temporaries(path):
-        host, pid = tmp.name[len(Path(path).name) + 2:].split(".")[:2]
-        if host == _host() and pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+        _remove_if_dead(tmp)
+
+
+def remove_dead_temporaries_in(folders: Iterable[str | os.PathLike[str]]) -> None:
+    """Remove every temporary in ``folders`` (not below) left by a process of this host that no longer runs."""
+    for folder in folders:
+        for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+            _remove_if_dead(tmp)
+
+
+def _writer_of(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the writer of a temporary named ``.<name>.<host>.<pid>.<token>.tmp``, else None."""
+    if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+        return None
+    parts = name[1:-len(TMP_SUFFIX)].rsplit(".", 3)
+    if len(parts) != 4 or not parts[2].isdigit() or not parts[0]:
+        return None
+    return parts[1], int(parts[2])
+
+
+def _remove_if_dead(tmp: Path) -> None:
+    writer = _writer_of(tmp.name)
+    if writer is not None and writer[0] == _host() and not _alive(writer[1]) and tmp.is_file():
+        tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -1,33 +1,185 @@
-"""Where outputs may go: never into a folder that is read from."""
+"""Where outputs may go: never into a folder that is read from, and only one run at a time.
+
+Folders are compared by identity, (st_dev, st_ino), not by name: a destination reached through a symlink,
+a bind mount or a hard-linked folder is still recognised as the source folder it is. The run's lock is an
+advisory `flock` on `dst_dir/.mpickpt.lock`; the kernel drops it when the holding process ends, so the
+file a killed run leaves never blocks the next one.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
-from collections.abc import Iterable
-from pathlib import Path
+import socket
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from .errors import DestinationError
 
+LOCK_NAME = ".mpickpt.lock"
+_NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL)  # filesystems without flock
 
-def refuse_destination_inside(dst: str | os.PathLike[str], read_dirs: Iterable[str | os.PathLike[str]]) -> None:
-    """Raise DestinationError when dst equals or lies inside a folder that is read from."""
-    target = Path(os.path.realpath(dst))
-    for folder in read_dirs:
-        source = Path(os.path.realpath(folder))
-        if target == source or source in target.parents:
-            raise DestinationError(
-                f"{dst}: refusing to write inside source folder {folder}: mpickpt never writes into its sources"
-            )
+Identity = tuple[int, int]
 
 
-def check_destination(dst_dir: str | os.PathLike[str], read_dirs: Iterable[str | os.PathLike[str]]) -> None:
-    """Refuse a destination inside a source folder, or one that exists and is not a folder."""
-    if os.path.exists(dst_dir) and not os.path.isdir(dst_dir):
-        raise DestinationError(f"{dst_dir}: the destination exists and is not a folder")
-    refuse_destination_inside(dst_dir, read_dirs)
+class _Options(Protocol):
+    """The TransformOptions fields that name folders read from."""
+
+    @property
+    def src_dir(self) -> str: ...
+    @property
+    def src_strategy_dir(self) -> str | None: ...
+    @property
+    def dst_strategy_dir(self) -> str | None: ...
+
+
+def source_folders(options: _Options) -> list[str]:
+    """The folders a transform reads from (the source checkpoints and any per-stage strategy folders)."""
+    return [options.src_dir] + [d for d in (options.src_strategy_dir, options.dst_strategy_dir) if d]
 
 
 def check_prefix(prefix: str) -> None:
-    """An output name prefix is a plain file-name prefix: no folders, no '..'."""
-    if "/" in prefix or os.sep in prefix or ".." in prefix or "\0" in prefix:
-        raise DestinationError(f"--prefix {prefix!r}: a prefix is the start of a file name: no '/', '..' or NUL")
+    """Refuse an output name prefix that is not a plain file-name prefix."""
+    if "\0" in prefix or "/" in prefix or os.sep in prefix or ".." in prefix or os.path.isabs(prefix):
+        raise DestinationError(f"prefix {prefix!r}: must be a plain file-name prefix (no '/', '..' or NUL)")
+
+
+def check_destination(dst_dir: str | os.PathLike[str], read_dirs: Iterable[str | os.PathLike[str]]) -> None:
+    """Refuse a destination that is or lies inside a folder read from (or one of its subfolders, which
+    catches a bind mount of a rank folder), that exists as a non-folder, or that cannot be written."""
+    if not os.fspath(dst_dir):
+        raise DestinationError("dst_dir: no destination folder given")
+    _refuse_inside(dst_dir, read_dirs, depth=1)
+    existing = next(p for p in _ancestors(os.path.abspath(dst_dir)) if os.path.lexists(p))
+    if not os.path.isdir(existing):
+        raise DestinationError(f"dst_dir {dst_dir}: {existing} exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DestinationError(f"dst_dir {dst_dir}: folder {existing} is not writable")
+
+
+def refuse_destination_inside(dst: str | os.PathLike[str], read_dirs: Iterable[str | os.PathLike[str]]) -> None:
+    """Raise DestinationError when dst is, or lies inside, a folder that is read from (by device and inode)."""
+    _refuse_inside(dst, read_dirs, depth=0)
+
+
+def refuse_outputs_beside_sources(outputs: Iterable[str], sources: Iterable[str]) -> None:
+    """Refuse an output that would go into the folder of a source file (compared by device and inode:
+    e.g. a source rank folder that is a symlink into the destination), where it could replace a source."""
+    folders: dict[Identity, str] = {}
+    for source in sources:
+        identity = _identity(os.path.dirname(os.path.abspath(source)))
+        if identity is not None:
+            folders.setdefault(identity, source)
+    for output in outputs:
+        beside = folders.get(_identity(os.path.dirname(os.path.abspath(output))) or (-1, -1))
+        if beside is not None:
+            raise DestinationError(f"{output}: refusing to write into the folder of source file {beside}: "
+                                   "mpickpt never writes into its sources")
+
+
+def _refuse_inside(dst: str | os.PathLike[str], read_dirs: Iterable[str | os.PathLike[str]], depth: int) -> None:
+    containing = _containing_identities(dst)
+    for folder in read_dirs:
+        for sub, identity in _folder_identities(folder, depth):
+            if identity in containing:
+                seen_as = "" if sub == os.fspath(folder) else f" (as {sub})"
+                raise DestinationError(f"{dst}: refusing to write inside source folder {folder}{seen_as}: "
+                                       "mpickpt never writes into its sources")
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    """`path` and every folder above it, up to the root."""
+    while True:
+        yield path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+def _containing_identities(path: str | os.PathLike[str]) -> set[Identity]:
+    """Identities of the existing folders holding `path` (itself included), along both its written and its
+    resolved path (symlinks followed)."""
+    identities = set()
+    for spelling in {os.path.abspath(path), os.path.realpath(path)}:
+        for folder in _ancestors(spelling):
+            identity = _identity(folder)
+            if identity is not None:
+                identities.add(identity)
+    return identities
+
+
+def _folder_identities(folder: str | os.PathLike[str], depth: int) -> list[tuple[str, Identity]]:
+    """(path, identity) of `folder` and of its subfolders down to `depth` levels."""
+    identity = _identity(folder)
+    if identity is None:
+        return []
+    found = [(os.fspath(folder), identity)]
+    if depth > 0:
+        try:
+            with os.scandir(folder) as entries:
+                subfolders = [e.path for e in entries if e.is_dir()]
+        except OSError:
+            subfolders = []
+        for sub in subfolders:
+            found += _folder_identities(sub, depth - 1)
+    return found
+
+
+def _identity(path: str | os.PathLike[str]) -> Identity | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class DestinationLock:
+    """The advisory lock of one run on its destination folder (see the module docstring)."""
+
+    def __init__(self, path: str, fd: int | None) -> None:
+        self.path = path
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        """False when the filesystem does not support locks (the run goes on unlocked)."""
+        return self._fd is not None
+
+    @classmethod
+    def acquire(cls, dst_dir: str) -> DestinationLock:
+        """Create dst_dir if needed and lock it, or raise DestinationError naming the run that holds it."""
+        path = os.path.join(dst_dir, LOCK_NAME)
+        try:
+            os.makedirs(dst_dir, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise DestinationError(f"dst_dir {dst_dir}: cannot create {LOCK_NAME}: {err.strerror or err}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if err.errno in _NO_LOCKS:
+                return cls(path, None)
+            raise DestinationError(f"dst_dir {dst_dir}: another mpickpt run is writing here ({holder}, lock "
+                                   f"{path}); wait for it to end or choose another dst_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()}\n".encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it could let two runs lock different files)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    """The holder's "host=H pid=P" as written in the lock file."""
+    try:
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "host and pid not yet written"

@@ -3,13 +3,17 @@
 Called on all ranks with the same arguments. The communicator is a parameter (mpickpt/mpi.py), so the same
 code runs under mpirun/srun and, with `SerialComm`, in one process with no MPI at all.
 
-Flow: rank 0 prepares the job and broadcasts it (or its error) -> `deal` gives every process its targets
--> each process skips outputs whose completion record still matches, writes the rest (record after each)
-and posts small progress messages to rank 0 -> each process posts its report to rank 0 -> rank 0 writes
+Flow: rank 0 checks the destination, locks it for the whole run (dst_dir/.mpickpt.lock), prepares the job
+and broadcasts it (or its error) -> `deal` gives every process its targets -> each process skips outputs
+whose completion record still matches this job, writes the rest (record after each) and posts small
+progress messages to rank 0 -> each process posts its report to rank 0 -> rank 0 removes temporaries
+of dead writers, lists what in dst_dir this job does not produce (never deleting it), writes
 dst_dir/manifest.json and the summary, and broadcasts the summary, which ends the run on every rank.
 
 Any exception during the work makes the failing process print `mpickpt: process P (target rank T): ...`
-and abort the MPI job, so no process waits for a dead peer (in a one-process world it is simply raised).
+(without repeating the target when the message already starts with it) and abort the MPI job, so no
+process waits for a dead peer (in a one-process world it is simply raised). Writers abort on the way out,
+so a raising process leaves no temporary; a killed one's are removed by the next run.
 
 Test-only hook: MPICKPT_TEST_FAIL="process=P[,after_bytes=B][,action=kill|raise]" makes process P send
 itself SIGKILL (action=kill) or raise (default) once it has written B bytes of tensor data in this run.
@@ -18,18 +22,23 @@ itself SIGKILL (action=kill) or raise (default) once it has written B bytes of t
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NoReturn, Protocol, TextIO, cast
 
 from . import __version__
+from .atomic import remove_dead_temporaries, remove_dead_temporaries_in
+from .destination import DestinationLock, check_destination, check_prefix, refuse_outputs_beside_sources, source_folders
 from .errors import MpickptError
-from .manifest import (CompletionRecord, SourceStamp, checksum, remove_record, stamp_sources, verified_record,
-                       write_manifest, write_record)
+from .formats import open_index
+from .manifest import (CompletionRecord, SourceStamp, check_record, checksum, options_record, record_path,
+                       remove_manifest, remove_record, stamp_sources, strategy_hashes, write_manifest, write_record)
 from .mpi import Comm
 from .transform import OutputTask, TransformJob, TransformOptions
 
@@ -38,6 +47,9 @@ PROGRESS_LINE_SECONDS = 2.0  # how often rank 0 prints a progress line when stde
 PROGRESS_BAR_SECONDS = 0.2  # how often rank 0 redraws the bar on a terminal
 POLL_SECONDS = 0.02  # rank 0's sleep between checks for messages once its own work is done
 TEST_FAIL_VARIABLE = "MPICKPT_TEST_FAIL"
+MAX_LISTED = 10  # redone outputs and stale entries named in the summary (the manifest has them all)
+OVERWRITTEN = "--overwrite"
+_RANK_DIR = re.compile(r"rank_\d+")
 
 
 class Job(Protocol):
@@ -45,6 +57,8 @@ class Job(Protocol):
 
     tasks: tuple[OutputTask, ...]
     dst_dir: str
+    options: TransformOptions | None  # recorded in manifest.json
+    notes: tuple[str, ...]  # lines for the summary and manifest.json
 
     def run_task(self, task: OutputTask, *, sync: bool = True,
                  progress: Callable[[int], None] | None = None) -> None:
@@ -61,6 +75,7 @@ class FileOutcome:
     process: int
     skipped: bool
     read_bytes: int  # planned bytes read (0 when skipped)
+    reason: str = ""  # why an output that was there was redone ("" when skipped or new)
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,9 @@ class Summary:
     slowest_process: int
     slowest_seconds: float
     manifest: str
+    redone: tuple[tuple[str, str], ...] = ()  # (file, why) of outputs that were there but redone
+    stale: tuple[str, ...] = ()  # entries of dst_dir this job does not produce, left as they are
+    notes: tuple[str, ...] = ()
 
     @property
     def gbps(self) -> float:
@@ -98,6 +116,29 @@ class Summary:
                 f"{self.processes} process{'es' if self.processes != 1 else ''}: read {_size(self.bytes_read)}, "
                 f"wrote {_size(self.bytes_written)} in {self.wall_seconds:.2f} s ({self.gbps:.3f} GB/s); "
                 f"slowest process {self.slowest_process} ({self.slowest_seconds:.2f} s); manifest {self.manifest}")
+
+    def lines(self) -> list[str]:
+        """What rank 0 prints at the end: the job's notes, redone outputs and stale entries, then line()."""
+        lines = [f"mpickpt: note: {note}" for note in self.notes]
+        lines += [f"mpickpt: {file}: redone: {why}" for file, why in self.redone[:MAX_LISTED]]
+        if len(self.redone) > MAX_LISTED:
+            lines.append(f"mpickpt: ... and {len(self.redone) - MAX_LISTED} more redone (see {self.manifest})")
+        if self.stale:
+            more = f" and {len(self.stale) - MAX_LISTED} more" if len(self.stale) > MAX_LISTED else ""
+            lines.append(f"mpickpt: {len(self.stale)} entries of the destination are not from this job and were "
+                         f"left as they are: {', '.join(self.stale[:MAX_LISTED])}{more}")
+        return lines + [self.line()]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What manifest.json says about the run besides its files and processes."""
+
+    started: str  # ISO 8601, UTC
+    finished: str
+    options: TransformOptions | None
+    notes: tuple[str, ...]
+    stale: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -125,23 +166,35 @@ def deal(tasks: Sequence[OutputTask], processes: int) -> tuple[tuple[OutputTask,
 
 def run_transform(options: TransformOptions, comm: Comm, *, sync: bool = True, overwrite: bool = False,
                   quiet: bool = False, stream: TextIO = sys.stderr) -> Summary:
-    """Called on all ranks: prepare on rank 0, broadcast, run every target once; see run_job.
+    """Called on all ranks: rank 0 locks the destination and prepares, the job is broadcast, every target
+    runs once (see run_job), and rank 0 keeps the lock until the end.
 
-    If preparing fails on rank 0, every rank raises an error with rank 0's message.
+    If checking, locking or preparing fails on rank 0, every rank raises an error with rank 0's message.
     """
     started = time.monotonic()
-    return run_job(_broadcast_job(options, comm, stream), comm, sync=sync, overwrite=overwrite, quiet=quiet,
-                   stream=stream, started=started)
+    started_at = utc_now()
+    job, lock = _broadcast_job(options, comm, stream)
+    try:
+        return run_job(job, comm, sync=sync, overwrite=overwrite, quiet=quiet, stream=stream, started=started,
+                       started_at=started_at)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def _broadcast_job(options: TransformOptions, comm: Comm, stream: TextIO) -> Job:
-    """Rank 0's prepared job on every rank, or rank 0's error raised on every rank."""
+def _broadcast_job(options: TransformOptions, comm: Comm, stream: TextIO) -> tuple[Job, DestinationLock | None]:
+    """Rank 0's prepared job on every rank (and rank 0's lock on rank 0), or rank 0's error raised on every rank."""
     job: TransformJob | None = None
+    lock: DestinationLock | None = None
     error: MpickptError | None = None
     if comm.rank == 0:
         try:
+            lock = lock_destination(options, stream)
             job = TransformJob.prepare(options)
+            refuse_outputs_beside_sources([t.path for t in job.tasks], {f for t in job.tasks for f in t.source_files})
         except Exception as exc:
+            if lock is not None:
+                lock.release()
             if comm.size == 1:
                 raise
             error = exc if isinstance(exc, MpickptError) else MpickptError(f"{type(exc).__name__}: {exc}")
@@ -149,24 +202,46 @@ def _broadcast_job(options: TransformOptions, comm: Comm, stream: TextIO) -> Job
     try:
         job, error = comm.bcast((job, error), root=0)
     except Exception as exc:  # e.g. a job that does not pickle: the others would wait forever
+        if lock is not None:
+            lock.release()
         _fail(comm, exc, None, stream)
     if error is not None:
         raise error
-    return cast(Job, job)  # rank 0 prepared it, or raised
+    return cast(Job, job), lock  # rank 0 prepared it, or raised
+
+
+def lock_destination(options: TransformOptions, stream: TextIO) -> DestinationLock:
+    """Check the prefix and the destination, then lock the destination (a warning if locks are unsupported)."""
+    check_prefix(options.prefix)
+    check_destination(options.dst_dir, source_folders(options))
+    lock = DestinationLock.acquire(options.dst_dir)
+    if not lock.held:
+        print(f"mpickpt: warning: {options.dst_dir}: the filesystem does not support locks; "
+              "a concurrent run into the same folder would not be noticed", file=stream, flush=True)
+    return lock
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC (seconds)."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def run_job(job: Job, comm: Comm, *, sync: bool = True, overwrite: bool = False, quiet: bool = False,
-            stream: TextIO = sys.stderr, started: float | None = None) -> Summary:
+            stream: TextIO = sys.stderr, started: float | None = None, started_at: str | None = None) -> Summary:
     """Called on all ranks with the same job: write this process's outputs, then rank 0 writes the manifest
-    and every rank returns the same Summary. `started` is the time.monotonic() the wall time counts from."""
+    and every rank returns the same Summary. `started` is the time.monotonic() the wall time counts from,
+    `started_at` the same moment as utc_now()."""
     started = time.monotonic() if started is None else started
+    started_at = utc_now() if started_at is None else started_at
+    if comm.rank == 0:
+        remove_manifest(job.dst_dir)  # written again only once every output of this run is complete
     view = _ProgressView(job.tasks, comm.size, stream, quiet) if comm.rank == 0 else None
     collector = _Collector(comm, view)
     tracker = _Tracker(comm, collector, _fault_from_env(os.environ))
     try:
         report = _work(job, deal(job.tasks, comm.size)[comm.rank], comm.rank, tracker, sync, overwrite)
         comm.send(("result", report), 0)
-        summary = collector.finish(job, started, sync) if comm.rank == 0 else None
+        summary = collector.finish(job, started, started_at, sync) if comm.rank == 0 else None
     except BaseException as exc:
         _fail(comm, exc, tracker.current, stream)
     comm.flush()
@@ -178,12 +253,14 @@ def _work(job: Job, tasks: Sequence[OutputTask], process: int, tracker: _Tracker
     """Skip or write each of this process's tasks. A helper thread checksums and records each written
     output while the next one converts (CRC-32 releases the GIL); every record is on disk before this returns."""
     began = time.monotonic()
-    entries: list[FileOutcome | tuple[OutputTask, Future[CompletionRecord]]] = []
+    entries: list[FileOutcome | tuple[OutputTask, str, Future[CompletionRecord]]] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mpickpt-record") as recorder:
         for task in tasks:
             tracker.current = task
-            record = None if overwrite else verified_record(task.path, task.target_rank, task.source_files)
+            record, reason = _previous(task, overwrite)
             if record is not None:
+                remove_dead_temporaries(task.path)
+                remove_dead_temporaries(record_path(task.path))
                 entries.append(FileOutcome(record, os.path.relpath(task.path, job.dst_dir), process, skipped=True,
                                            read_bytes=0))
             else:
@@ -191,24 +268,36 @@ def _work(job: Job, tasks: Sequence[OutputTask], process: int, tracker: _Tracker
                 sources = stamp_sources(task.source_files)  # as they were before being read
                 start = time.monotonic()
                 job.run_task(task, sync=sync, progress=tracker.task_progress)
-                entries.append((task, recorder.submit(_record, task, sources, time.monotonic() - start, sync)))
+                entries.append((task, reason, recorder.submit(_record, task, sources, time.monotonic() - start,
+                                                              sync)))
             tracker.task_done(task)
         outcomes = []
         for entry in entries:
             if isinstance(entry, tuple):
-                task, future = entry
+                task, reason, future = entry
                 tracker.current = task
                 entry = FileOutcome(future.result(), os.path.relpath(task.path, job.dst_dir), process,
-                                    skipped=False, read_bytes=task.read_bytes)
+                                    skipped=False, read_bytes=task.read_bytes, reason=reason)
             outcomes.append(entry)
     tracker.current = None
     return ProcessReport(process, tuple(outcomes), time.monotonic() - began)
 
 
+def _previous(task: OutputTask, overwrite: bool) -> tuple[CompletionRecord | None, str]:
+    """The record of a complete, current output of `task` (None: write it) and why an existing one is redone."""
+    if overwrite:
+        return None, OVERWRITTEN if os.path.lexists(task.path) else ""
+    check = check_record(task.path, task.target_rank, task.job_key, task.source_ranks, task.source_files)
+    return check.record, check.reason
+
+
 def _record(task: OutputTask, sources: tuple[SourceStamp, ...], seconds: float, sync: bool) -> CompletionRecord:
-    """Checksum a finished output and write its completion record beside it."""
-    record = CompletionRecord(file=os.path.basename(task.path), target_rank=task.target_rank,
-                              size=os.stat(task.path).st_size, checksum=checksum(task.path),
+    """Checksum a finished output, count its parameters and write its completion record beside it."""
+    with open_index(task.path) as index:
+        params = len(index.entries)
+    record = CompletionRecord(file=os.path.basename(task.path), output=os.path.abspath(task.path),
+                              target_rank=task.target_rank, job_key=task.job_key,
+                              size=os.stat(task.path).st_size, checksum=checksum(task.path), params=params,
                               source_ranks=tuple(task.source_ranks), sources=sources, seconds=seconds)
     write_record(task.path, record, sync=sync)
     return record
@@ -218,8 +307,10 @@ def _fail(comm: Comm, exc: BaseException, task: OutputTask | None, stream: TextI
     """Raise in a one-process world; otherwise print the failure and abort every process."""
     if comm.size == 1:
         raise exc
-    where = f"process {comm.rank}" + (f" (target rank {task.target_rank})" if task is not None else "")
     text = str(exc) if isinstance(exc, MpickptError) else f"{type(exc).__name__}: {exc}"
+    where = f"process {comm.rank}"
+    if task is not None and not text.startswith("target rank "):
+        where += f" (target rank {task.target_rank})"
     print(f"\nmpickpt: {where}: {text}", file=stream, flush=True)
     comm.abort(1)
 
@@ -291,8 +382,9 @@ class _Collector:
             else:
                 self.reports[source] = payload
 
-    def finish(self, job: Job, started: float, sync: bool) -> Summary:
-        """Rank 0: wait for every report (showing progress), write the manifest, print the summary."""
+    def finish(self, job: Job, started: float, started_at: str, sync: bool) -> Summary:
+        """Rank 0: wait for every report (showing progress), tidy and survey dst_dir, write the manifest,
+        print the summary."""
         while True:
             self.receive()
             if len(self.reports) == self.comm.size:
@@ -300,27 +392,68 @@ class _Collector:
             time.sleep(POLL_SECONDS)
             if self.view is not None:
                 self.view.show(force=False)
-        wall = time.monotonic() - started
         reports = [self.reports[p] for p in range(self.comm.size)]
-        path = write_manifest(job.dst_dir, manifest(reports, wall), sync=sync)
-        summary = summarize(reports, wall, str(path))
+        remove_dead_temporaries_in(_output_folders(job))
+        stale = stale_entries(job)
+        run = RunInfo(started_at, utc_now(), job.options, tuple(job.notes), stale)
+        wall = time.monotonic() - started
+        path = write_manifest(job.dst_dir, manifest(reports, wall, run), sync=sync)
+        summary = summarize(reports, wall, str(path), stale=stale, notes=job.notes)
         if self.view is not None:
             self.view.close(summary)
         return summary
 
 
-def manifest(reports: Sequence[ProcessReport], wall_seconds: float) -> dict[str, Any]:
+def _output_folders(job: Job) -> list[str]:
+    """dst_dir and every folder this job writes outputs into (absolute)."""
+    return sorted({os.path.abspath(job.dst_dir)} | {os.path.dirname(os.path.abspath(t.path)) for t in job.tasks})
+
+
+def stale_entries(job: Job) -> tuple[str, ...]:
+    """What dst_dir holds that this job does not produce, relative to it: `rank_*` folders it writes nothing
+    into ("rank_9/") and files in its output folders that are neither its outputs nor their records."""
+    root = os.path.abspath(job.dst_dir)
+    made = {os.path.abspath(t.path) for t in job.tasks}
+    known = made | {str(record_path(p)) for p in made}
+    folders = set(_output_folders(job)) - {root}
+    stale = [f"{e.name}/" for e in _entries(root)
+             if _RANK_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False) and e.path not in folders]
+    for folder in sorted(folders):
+        stale += [os.path.relpath(e.path, root) for e in _entries(folder)
+                  if e.path not in known and not e.is_dir(follow_symlinks=False)]
+    return tuple(sorted(stale))
+
+
+def _entries(folder: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
+def manifest(reports: Sequence[ProcessReport], wall_seconds: float, run: RunInfo) -> dict[str, Any]:
     """The JSON content of manifest.json."""
     outcomes = sorted((o for r in reports for o in r.outcomes), key=lambda o: o.record.target_rank)
+    options = run.options
     return {
-        "version": 1,
+        "version": 2,
         "tool": f"mpickpt {__version__}",
+        "mpickpt_version": __version__,
+        "started": run.started,
+        "finished": run.finished,
         "world_size": len(reports),
         "wall_seconds": round(wall_seconds, 6),
+        "options": options_record(options) if options is not None else None,
+        "source_folder": os.path.abspath(options.src_dir) if options is not None else None,
+        "strategies": strategy_hashes(options) if options is not None else None,
+        "notes": list(run.notes),
         "files": [{"file": o.file, "target_rank": o.record.target_rank, "size": o.record.size,
-                   "checksum": o.record.checksum, "source_ranks": list(o.record.source_ranks),
-                   "seconds": round(o.record.seconds, 6), "process": o.process, "skipped": o.skipped}
+                   "checksum": o.record.checksum, "params": o.record.params,
+                   "source_ranks": list(o.record.source_ranks), "seconds": round(o.record.seconds, 6),
+                   "process": o.process, "skipped": o.skipped, "redone": o.reason or None}
                   for o in outcomes],
+        "stale": list(run.stale),
         "processes": [{"process": r.process, "targets": [o.record.target_rank for o in r.outcomes],
                        "written": sum(not o.skipped for o in r.outcomes),
                        "skipped": sum(o.skipped for o in r.outcomes),
@@ -330,15 +463,18 @@ def manifest(reports: Sequence[ProcessReport], wall_seconds: float) -> dict[str,
     }
 
 
-def summarize(reports: Sequence[ProcessReport], wall_seconds: float, manifest_path: str) -> Summary:
+def summarize(reports: Sequence[ProcessReport], wall_seconds: float, manifest_path: str, *,
+              stale: Sequence[str] = (), notes: Sequence[str] = ()) -> Summary:
     """Whole-run figures from every process's report."""
-    outcomes = [o for r in reports for o in r.outcomes]
+    outcomes = sorted((o for r in reports for o in r.outcomes), key=lambda o: o.record.target_rank)
     slowest = max(reports, key=lambda r: (r.seconds, -r.process))
     return Summary(files=len(outcomes), written=sum(not o.skipped for o in outcomes),
                    skipped=sum(o.skipped for o in outcomes), bytes_read=sum(o.read_bytes for o in outcomes),
                    bytes_written=sum(o.record.size for o in outcomes if not o.skipped),
                    wall_seconds=wall_seconds, processes=len(reports), slowest_process=slowest.process,
-                   slowest_seconds=slowest.seconds, manifest=manifest_path)
+                   slowest_seconds=slowest.seconds, manifest=manifest_path,
+                   redone=tuple((o.file, o.reason) for o in outcomes if o.reason), stale=tuple(stale),
+                   notes=tuple(notes))
 
 
 class _ProgressView:
@@ -387,7 +523,7 @@ class _ProgressView:
             return
         if self.drawn:
             self.stream.write("\n")
-        self.stream.write(summary.line() + "\n")
+        self.stream.write("".join(line + "\n" for line in summary.lines()))
         self.stream.flush()
 
 

@@ -1,16 +1,19 @@
 """Completion records beside each output (`<file>.done.json`) and the run's `manifest.json`.
 
-A completion record is written, atomically, only after its output was renamed into place; a rerun trusts an
-output only when its record matches the file on disk (size and checksum) and the sources it was made from
-(paths, sizes and modification times).
+A completion record is written, atomically, only after its output was renamed into place. It covers the
+whole job that made the file: the output's absolute path, size, checksum and parameter count, the task's
+job key (a digest of everything but the sources that decides the content) and every source file by
+absolute path, size, modification time, device and inode. A rerun trusts an output only when all of these
+still hold; otherwise `check_record` says why it is redone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +27,25 @@ except ImportError:  # pragma: no cover - depends on the installation
 RECORD_SUFFIX = ".done.json"
 MANIFEST_NAME = "manifest.json"
 CHUNK_BYTES = 1 << 20  # 1 MiB: stays in cache; measured fastest for both CRC-32 implementations here
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+PATH_OPTIONS = ("src_dir", "dst_dir", "src_strategy", "dst_strategy", "src_strategy_dir", "dst_strategy_dir")
+
+JOB_CHANGED = "the job changed (strategies, prefix, format, options or output path)"
+SOURCES_CHANGED = "the sources changed"
+OUTPUT_CHANGED = "the output changed"
+OUTPUT_MISSING = "the output is missing"
+NO_RECORD = "no valid completion record"
 
 
 @dataclass(frozen=True)
 class SourceStamp:
     """A source file as it was when an output was made from it."""
 
-    path: str
+    path: str  # absolute
     size: int
     mtime_ns: int
+    device: int
+    inode: int
 
 
 @dataclass(frozen=True)
@@ -41,9 +53,12 @@ class CompletionRecord:
     """What is known about one finished output file."""
 
     file: str  # the output's name, relative to the folder holding it and the record
+    output: str  # the output's absolute path when it was made
     target_rank: int
+    job_key: str
     size: int
     checksum: str  # "crc32:<8 hex digits>"
+    params: int  # parameters (tensors) in the file
     source_ranks: tuple[int, ...]
     sources: tuple[SourceStamp, ...]
     seconds: float
@@ -57,11 +72,21 @@ class CompletionRecord:
         """Inverse of to_dict; KeyError/TypeError/ValueError on a malformed record."""
         if data.get("version") != RECORD_VERSION:
             raise ValueError(f"unknown record version {data.get('version')!r}")
-        return cls(file=str(data["file"]), target_rank=int(data["target_rank"]), size=int(data["size"]),
-                   checksum=str(data["checksum"]), source_ranks=tuple(int(r) for r in data["source_ranks"]),
-                   sources=tuple(SourceStamp(str(s["path"]), int(s["size"]), int(s["mtime_ns"]))
-                                 for s in data["sources"]),
+        return cls(file=str(data["file"]), output=str(data["output"]), target_rank=int(data["target_rank"]),
+                   job_key=str(data["job_key"]), size=int(data["size"]), checksum=str(data["checksum"]),
+                   params=int(data["params"]), source_ranks=tuple(int(r) for r in data["source_ranks"]),
+                   sources=tuple(SourceStamp(str(s["path"]), int(s["size"]), int(s["mtime_ns"]),
+                                             int(s["device"]), int(s["inode"])) for s in data["sources"]),
                    seconds=float(data["seconds"]))
+
+
+@dataclass(frozen=True)
+class RecordCheck:
+    """What a rerun finds for one output: its record when the output is complete and current, else why
+    it must be written ("" when neither the output nor a record is there: a new output)."""
+
+    record: CompletionRecord | None
+    reason: str
 
 
 def checksum(path: str | os.PathLike[str]) -> str:
@@ -76,11 +101,11 @@ def checksum(path: str | os.PathLike[str]) -> str:
 
 
 def stamp_sources(paths: Iterable[str]) -> tuple[SourceStamp, ...]:
-    """Size and modification time of each source file now."""
+    """Absolute path, size, modification time, device and inode of each source file now."""
     stamps = []
     for path in paths:
         st = os.stat(path)
-        stamps.append(SourceStamp(path=path, size=st.st_size, mtime_ns=st.st_mtime_ns))
+        stamps.append(SourceStamp(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino))
     return tuple(stamps)
 
 
@@ -113,18 +138,64 @@ def remove_record(output: str) -> None:
     record_path(output).unlink(missing_ok=True)
 
 
-def verified_record(output: str, target_rank: int, source_files: Iterable[str]) -> CompletionRecord | None:
-    """The record of `output` if it still describes the file on disk, the same target rank and the same,
-    unchanged source files."""
+def check_record(output: str, target_rank: int, job_key: str, source_ranks: Iterable[int],
+                 source_files: Iterable[str]) -> RecordCheck:
+    """Whether `output` is complete for this job: its record names the same output path, target rank, job
+    key and source ranks, the same unchanged source files, and matches the file on disk (size, checksum)."""
     record = read_record(output)
-    if record is None or record.file != os.path.basename(output) or record.target_rank != target_rank:
-        return None
+    if record is None:
+        return RecordCheck(None, NO_RECORD if os.path.lexists(output) else "")
+    if (record.file, record.output, record.target_rank, record.job_key, record.source_ranks) != (
+            os.path.basename(output), os.path.abspath(output), target_rank, job_key, tuple(source_ranks)):
+        return RecordCheck(None, JOB_CHANGED)
     try:
-        if os.stat(output).st_size != record.size or record.sources != stamp_sources(source_files):
-            return None
-        return record if checksum(output) == record.checksum else None
+        if record.sources != stamp_sources(source_files):
+            return RecordCheck(None, SOURCES_CHANGED)
     except OSError:
-        return None
+        return RecordCheck(None, SOURCES_CHANGED)
+    try:
+        if os.stat(output).st_size != record.size or checksum(output) != record.checksum:
+            return RecordCheck(None, OUTPUT_CHANGED)
+    except OSError:
+        return RecordCheck(None, OUTPUT_MISSING)
+    return RecordCheck(record, "")
+
+
+def options_record(options: object) -> dict[str, Any]:
+    """Every field of a TransformOptions, its paths made absolute."""
+    record = {f.name: getattr(options, f.name) for f in fields(options)}  # type: ignore[arg-type]
+    for name in PATH_OPTIONS:
+        if record.get(name):
+            record[name] = os.path.abspath(record[name])
+    return record
+
+
+def content_hash(path: str) -> str:
+    """"sha256:<hex>" of a file, or of a folder's files (names and contents, in name order)."""
+    digest = hashlib.sha256()
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if os.path.isfile(os.path.join(path, name)):
+                digest.update(f"{name}\0{content_hash(os.path.join(path, name))}\0".encode())
+    else:
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def strategy_hashes(options: object) -> dict[str, str | None]:
+    """Content hashes of the source and target strategies given (a file, else a folder; None: none given)."""
+    hashes: dict[str, str | None] = {}
+    for side in ("src", "dst"):
+        given = getattr(options, f"{side}_strategy", None) or getattr(options, f"{side}_strategy_dir", None)
+        hashes[side] = content_hash(given) if given else None
+    return hashes
+
+
+def remove_manifest(dst_dir: str) -> None:
+    """Forget that dst_dir was complete (at the start of a run, which may change what it holds)."""
+    (Path(dst_dir) / MANIFEST_NAME).unlink(missing_ok=True)
 
 
 def write_manifest(dst_dir: str, manifest: dict[str, Any], *, sync: bool) -> Path:

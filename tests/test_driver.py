@@ -6,14 +6,19 @@ play MPI processes (ThreadComm), so no MPI library is needed.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import os
 import pickle
 import queue
+import socket
+import subprocess
 import threading
 import zlib
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +26,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixture_cases import checkpoint_content
 from mpickpt import driver
+from mpickpt.ckpt_writer import CheckpointWriter
 from mpickpt.driver import deal, run_job, run_transform
+from mpickpt.destination import DestinationLock
 from mpickpt.errors import DestinationError, MpickptError
-from mpickpt.manifest import (CompletionRecord, checksum, read_record, record_path, stamp_sources, verified_record,
-                              write_json_atomic)
+from mpickpt.manifest import (
+    CompletionRecord,
+    SourceStamp,
+    check_record,
+    checksum,
+    read_record,
+    record_path,
+    stamp_sources,
+    write_json_atomic,
+)
 from mpickpt.mpi import SerialComm, launched, launched_size, world
 from mpickpt.transform import OutputTask, TransformOptions
 
@@ -35,19 +51,24 @@ def task(rank: int, read: int = 0, write: int = 0, path: str = "", sources: tupl
 
 
 class FakeJob:
-    """Writes `rank_<t>/out_<t>.bin` with deterministic content, atomically, reporting progress per chunk."""
+    """Writes `rank_<t>/out_<t>.ckpt`: `chunks` UInt8 parameters holding write_bytes deterministic bytes,
+    atomically, reporting progress per parameter."""
 
-    def __init__(self, root: Path, targets: int, *, fail_target: int | None = None, chunks: int = 3) -> None:
+    def __init__(self, root: Path, targets: int, *, fail_target: int | None = None, chunks: int = 3,
+                 job_key: str = "key-1", prefix: str = "out_", notes: tuple[str, ...] = ()) -> None:
         self.dst_dir = str(root / "dst")
         src = root / "src"
         src.mkdir(parents=True, exist_ok=True)
+        self.options = TransformOptions(src_dir=str(src), dst_dir=self.dst_dir, prefix=prefix)
+        self.notes = notes
         tasks = []
         for t in range(targets):
             source = src / f"s{t}.bin"
-            source.write_bytes(bytes([t]) * 100)
+            if not source.exists():
+                source.write_bytes(bytes([t]) * 100)
             size = 1000 * (t % 3 + 1)
-            tasks.append(OutputTask(t, os.path.join(self.dst_dir, f"rank_{t}", f"out_{t}.bin"), (t,),
-                                    (str(source),), 100, size))
+            tasks.append(OutputTask(t, os.path.join(self.dst_dir, f"rank_{t}", f"{prefix}{t}.ckpt"), (t,),
+                                    (str(source),), 100, size, job_key))
         self.tasks = tuple(tasks)
         self.fail_target = fail_target
         self.chunks = chunks
@@ -61,19 +82,17 @@ class FakeJob:
                  progress: Callable[[int], None] | None = None) -> None:
         with self.lock:
             self.calls.append(task.target_rank)
-        if task.target_rank == self.fail_target:
-            raise MpickptError(f"target rank {task.target_rank} ({task.path}): parameter 'w' is broken")
         data = self.content(task)
-        os.makedirs(os.path.dirname(task.path), exist_ok=True)
-        tmp = task.path + ".tmp"
         step = len(data) // self.chunks
-        with open(tmp, "wb") as f:
+        with CheckpointWriter(Path(task.path), sync=sync) as writer:
             for i in range(self.chunks):
+                if task.target_rank == self.fail_target:
+                    raise MpickptError(f"target rank {task.target_rank} ({task.path}): parameter 'w' is broken")
                 end = len(data) if i == self.chunks - 1 else (i + 1) * step
-                f.write(data[i * step:end])
+                chunk = data[i * step:end]
+                writer.write_tensor(f"p{i}", "UInt8", (len(chunk),), chunk)
                 if progress is not None:
                     progress(end)
-        os.replace(tmp, task.path)
 
 
 class ThreadWorld:
@@ -189,20 +208,23 @@ def test_serial_run_writes_outputs_records_and_manifest(tmp_path: Path) -> None:
     summary = run_job(job, SerialComm(), stream=stream)
     for t in job.tasks:
         data = Path(t.path).read_bytes()
-        assert data == job.content(t)
+        assert b"".join(content for *_, content in checkpoint_content(t.path)) == job.content(t)
         record = read_record(t.path)
         assert record is not None
         assert (record.size, record.checksum) == (len(data), f"crc32:{zlib.crc32(data):08x}")
         assert record.source_ranks == t.source_ranks and record.target_rank == t.target_rank
         assert record.sources == stamp_sources(t.source_files)
+        assert (record.output, record.job_key, record.params) == (os.path.abspath(t.path), "key-1", 3)
+    sizes = [Path(t.path).stat().st_size for t in job.tasks]
     manifest = json.loads((Path(job.dst_dir) / "manifest.json").read_text())
     assert manifest["world_size"] == 1
-    assert [f["file"] for f in manifest["files"]] == [f"rank_{t}/out_{t}.bin" for t in range(3)]
-    assert [f["size"] for f in manifest["files"]] == [1000, 2000, 3000]
-    assert all(f["process"] == 0 and not f["skipped"] for f in manifest["files"])
-    assert manifest["processes"][0]["bytes_written"] == 6000
+    assert [f["file"] for f in manifest["files"]] == [f"rank_{t}/out_{t}.ckpt" for t in range(3)]
+    assert [f["size"] for f in manifest["files"]] == sizes
+    assert all(f["process"] == 0 and not f["skipped"] and f["redone"] is None for f in manifest["files"])
+    assert all(f["params"] == 3 for f in manifest["files"])
+    assert manifest["processes"][0]["bytes_written"] == sum(sizes)
     assert (summary.files, summary.written, summary.skipped) == (3, 3, 0)
-    assert (summary.bytes_read, summary.bytes_written, summary.processes) == (300, 6000, 1)
+    assert (summary.bytes_read, summary.bytes_written, summary.processes) == (300, sum(sizes), 1)
     assert summary.manifest == str(Path(job.dst_dir) / "manifest.json")
     assert stream.getvalue().strip() == summary.line()
     assert "3 files (3 written, 0 already complete) by 1 process:" in summary.line()
@@ -217,28 +239,122 @@ def test_rerun_skips_matching_outputs_and_redoes_changed_ones(tmp_path: Path) ->
     assert job.calls == [] and (again.written, again.skipped) == (0, 4)
     assert all(f["skipped"] for f in json.loads(Path(again.manifest).read_text())["files"])
 
+    fresh = {t.path: Path(t.path).read_bytes() for t in job.tasks}
     t0, t1, t2, t3 = job.tasks
-    Path(t0.path).write_bytes(b"x" * 1000)  # same size, other content
+    Path(t0.path).chmod(0o600)
+    Path(t0.path).write_bytes(b"x" * len(fresh[t0.path]))  # same size, other content
     Path(t1.path).unlink()  # output gone, record left
     os.utime(t2.source_files[0], ns=(1, 1))  # a source changed
     record_path(t3.path).write_text("{not json")  # record damaged
     third = run_job(job, SerialComm(), quiet=True)
     assert sorted(job.calls) == [0, 1, 2, 3] and third.written == 4
-    assert all(Path(t.path).read_bytes() == job.content(t) for t in job.tasks)
+    assert all(Path(t.path).read_bytes() == fresh[t.path] for t in job.tasks)
+    assert third.redone == (("rank_0/out_0.ckpt", "the output changed"), ("rank_1/out_1.ckpt", "the output is missing"),
+                            ("rank_2/out_2.ckpt", "the sources changed"),
+                            ("rank_3/out_3.ckpt", "no valid completion record"))
+    assert [f["redone"] for f in json.loads(Path(third.manifest).read_text())["files"]] == [r for _, r in third.redone]
 
     job.calls.clear()
     forced = run_job(job, SerialComm(), overwrite=True, quiet=True)
     assert sorted(job.calls) == [0, 1, 2, 3] and forced.skipped == 0
+    assert {why for _, why in forced.redone} == {"--overwrite"}
+
+
+def test_rerun_of_another_job_redoes_everything_and_says_why(tmp_path: Path) -> None:
+    run_job(FakeJob(tmp_path, 2), SerialComm(), quiet=True)
+    other = FakeJob(tmp_path, 2, job_key="key-2")
+    stream = io.StringIO()
+    summary = run_job(other, SerialComm(), stream=stream)
+    assert sorted(other.calls) == [0, 1] and summary.written == 2
+    assert [line for line in stream.getvalue().splitlines() if "redone" in line] == [
+        "mpickpt: rank_0/out_0.ckpt: redone: the job changed (strategies, prefix, format, options or output path)",
+        "mpickpt: rank_1/out_1.ckpt: redone: the job changed (strategies, prefix, format, options or output path)"]
+    assert all(read_record(t.path).job_key == "key-2" for t in other.tasks)  # type: ignore[union-attr]
+
+
+def test_stale_outputs_and_folders_are_listed_never_deleted(tmp_path: Path) -> None:
+    run_job(FakeJob(tmp_path, 4), SerialComm(), quiet=True)
+    before = sorted(p for p in (tmp_path / "dst").rglob("*") if p.is_file())
+    smaller = FakeJob(tmp_path, 2, prefix="new_")
+    stream = io.StringIO()
+    summary = run_job(smaller, SerialComm(), stream=stream)
+    stale = ("rank_0/out_0.ckpt", "rank_0/out_0.ckpt.done.json", "rank_1/out_1.ckpt", "rank_1/out_1.ckpt.done.json",
+             "rank_2/", "rank_3/")
+    assert summary.stale == stale
+    assert json.loads(Path(summary.manifest).read_text())["stale"] == list(stale)
+    assert f"mpickpt: 6 entries of the destination are not from this job and were left as they are: " \
+           f"{', '.join(stale)}" in stream.getvalue().splitlines()
+    assert all(p.exists() for p in before)
+
+
+def test_many_redone_outputs_are_summed_up_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(driver, "MAX_LISTED", 2)
+    run_job(FakeJob(tmp_path, 5), SerialComm(), quiet=True)
+    stream = io.StringIO()
+    summary = run_job(FakeJob(tmp_path, 5, job_key="key-2"), SerialComm(), stream=stream)
+    lines = stream.getvalue().splitlines()
+    assert sum("redone:" in line for line in lines) == 2
+    assert f"mpickpt: ... and 3 more redone (see {summary.manifest})" in lines
+    assert lines[-1] == summary.line()
+
+
+def test_temporaries_of_dead_writers_are_removed_and_others_listed(tmp_path: Path) -> None:
+    job = FakeJob(tmp_path, 2)
+    run_job(job, SerialComm(), quiet=True)
+    dead = subprocess.Popen(["true"])  # a pid that has ended
+    dead.wait()
+    host = socket.gethostname().split(".")[0]
+    dst = Path(job.dst_dir)
+    removed = [dst / "rank_0" / f".out_0.ckpt.{host}.{dead.pid}.0badc0de.tmp",  # a skipped output's
+               dst / "rank_1" / f".out_1.ckpt.done.json.{host}.{dead.pid}.0badc0de.tmp",  # a record's
+               dst / "rank_1" / f".old_1.ckpt.{host}.{dead.pid}.0badc0de.tmp",  # another job's
+               dst / f".manifest.json.{host}.{dead.pid}.0badc0de.tmp"]
+    kept = [dst / "rank_0" / f".out_0.ckpt.{host}.{os.getpid()}.0badc0de.tmp",  # a live writer's
+            dst / "rank_0" / f".out_0.ckpt.otherhost.{dead.pid}.0badc0de.tmp"]  # another host's: unknown
+    for path in removed + kept:
+        path.write_bytes(b"partial")
+    summary = run_job(job, SerialComm(), quiet=True)
+    assert summary.skipped == 2
+    assert not any(p.exists() for p in removed) and all(p.exists() for p in kept)
+    assert summary.stale == tuple(sorted(str(p.relative_to(dst)) for p in kept))
+
+
+def test_a_rerun_removes_the_old_manifest_until_it_is_complete(tmp_path: Path) -> None:
+    run_job(FakeJob(tmp_path, 2), SerialComm(), quiet=True)
+    with pytest.raises(MpickptError, match="broken"):
+        run_job(FakeJob(tmp_path, 2, job_key="key-2", fail_target=1), SerialComm(), quiet=True)
+    assert not (tmp_path / "dst" / "manifest.json").exists()
+
+
+def test_manifest_records_options_strategies_times_and_notes(tmp_path: Path) -> None:
+    strategy = tmp_path / "dst_strategy.ckpt"
+    strategy.write_bytes(b"strategy bytes")
+    job = FakeJob(tmp_path, 2, notes=("pipeline subnetwork mode: stage 1",))
+    job.options = TransformOptions(src_dir=os.path.relpath(tmp_path / "src"), dst_dir=job.dst_dir,
+                                   dst_strategy=str(strategy), prefix="out_")
+    stream = io.StringIO()
+    summary = run_job(job, SerialComm(), stream=stream)
+    manifest = json.loads(Path(summary.manifest).read_text())
+    assert manifest["version"] == 2 and manifest["mpickpt_version"] == driver.__version__
+    assert manifest["options"] == {**dataclasses.asdict(job.options), "src_dir": str(tmp_path / "src")}
+    assert manifest["source_folder"] == str(tmp_path / "src")
+    assert manifest["strategies"] == {"src": None, "dst": "sha256:" + hashlib.sha256(b"strategy bytes").hexdigest()}
+    assert manifest["notes"] == ["pipeline subnetwork mode: stage 1"]
+    started, finished = (datetime.fromisoformat(manifest[k]) for k in ("started", "finished"))
+    assert started.utcoffset() == timedelta(0) and started <= finished
+    assert manifest["stale"] == []
+    assert stream.getvalue().splitlines() == ["mpickpt: note: pipeline subnetwork mode: stage 1", summary.line()]
 
 
 def test_serial_failure_raises_and_leaves_only_complete_outputs(tmp_path: Path) -> None:
     job = FakeJob(tmp_path, 3, fail_target=1)
-    with pytest.raises(MpickptError, match=r"target rank 1 .*out_1\.bin.*parameter 'w'"):
+    with pytest.raises(MpickptError, match=r"target rank 1 .*out_1\.ckpt.*parameter 'w'"):
         run_job(job, SerialComm(), quiet=True)
     done = [t for t in job.tasks if Path(t.path).exists()]
     assert all(read_record(t.path) is not None for t in done)
     assert not Path(job.tasks[1].path).exists() and read_record(job.tasks[1].path) is None
     assert not (Path(job.dst_dir) / "manifest.json").exists()
+    assert not [p for p in Path(job.dst_dir).rglob("*") if p.name.endswith(".tmp")]  # the writer aborted
 
 
 def test_injected_failure_raises_after_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -326,8 +442,9 @@ def test_failure_in_a_process_prints_its_name_and_aborts(tmp_path: Path) -> None
     run_threads(2, body)
     failing = next(p for p, share in enumerate(deal(job.tasks, 2)) if any(t.target_rank == 2 for t in share))
     assert aborted[0] == failing
-    assert (f"mpickpt: process {failing} (target rank 2): target rank 2 ({job.tasks[2].path}): parameter 'w'"
-            in streams[failing].getvalue())
+    text = streams[failing].getvalue()
+    assert f"mpickpt: process {failing}: target rank 2 ({job.tasks[2].path}): parameter 'w'" in text
+    assert text.count("target rank 2") == 1
 
 
 def test_job_that_cannot_be_broadcast_aborts_instead_of_hanging(tmp_path: Path,
@@ -340,13 +457,14 @@ def test_job_that_cannot_be_broadcast_aborts_instead_of_hanging(tmp_path: Path,
 
     def body(comm: ThreadComm) -> None:
         try:
-            run_transform(TransformOptions("src", "dst"), AbortingComm(comm.shared, comm.rank, aborted), stream=stream)
+            run_transform(job.options, AbortingComm(comm.shared, comm.rank, aborted), stream=stream)
         except (SystemExit, threading.BrokenBarrierError):
             pass
 
     run_threads(2, body)
     assert aborted[0] == 0  # rank 0 first (the others only see the broken barrier afterwards)
     assert "mpickpt: process 0: " in stream.getvalue() and "pickle" in stream.getvalue().lower()
+    DestinationLock.acquire(job.dst_dir).release()  # rank 0 let go of the destination
 
 
 def test_progress_lines_count_every_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -387,21 +505,36 @@ def test_checksum_is_crc32_of_the_whole_file(tmp_path: Path) -> None:
     assert checksum(tmp_path / "empty") == "crc32:00000000"
 
 
-def test_record_must_match_target_and_file_name(tmp_path: Path) -> None:
+def test_record_must_match_the_whole_job(tmp_path: Path) -> None:
     job = FakeJob(tmp_path, 1)
     run_job(job, SerialComm(), quiet=True)
     t = job.tasks[0]
-    assert verified_record(t.path, 0, t.source_files) == read_record(t.path)
-    assert verified_record(t.path, 1, t.source_files) is None
-    assert verified_record(t.path, 0, ()) is None  # other sources
-    other = os.path.join(os.path.dirname(t.path), "renamed.bin")
+    assert check_record(t.path, 0, "key-1", (0,), t.source_files).record == read_record(t.path)
+    changed = "the job changed (strategies, prefix, format, options or output path)"
+    assert check_record(t.path, 1, "key-1", (0,), t.source_files).reason == changed
+    assert check_record(t.path, 0, "key-2", (0,), t.source_files).reason == changed
+    assert check_record(t.path, 0, "key-1", (0, 1), t.source_files).reason == changed
+    assert check_record(t.path, 0, "key-1", (0,), ()).reason == "the sources changed"
+    assert check_record(t.path, 0, "key-1", (0,), ["/no/such/file"]).reason == "the sources changed"
+    other = os.path.join(os.path.dirname(t.path), "renamed.ckpt")
     os.replace(t.path, other)
     os.replace(record_path(t.path), record_path(other))
-    assert verified_record(other, 0, t.source_files) is None
+    assert check_record(other, 0, "key-1", (0,), t.source_files).reason == changed
+    assert check_record(t.path, 0, "key-1", (0,), t.source_files).reason == ""  # nothing there: a new output
+
+
+def test_record_keeps_absolute_source_paths_with_device_and_inode(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "s.bin").write_bytes(b"abc")
+    monkeypatch.chdir(tmp_path)
+    stamp, = stamp_sources(["s.bin"])
+    st = os.stat(tmp_path / "s.bin")
+    assert stamp == SourceStamp(str(tmp_path / "s.bin"), 3, st.st_mtime_ns, st.st_dev, st.st_ino)
 
 
 def test_record_round_trip_and_version_check() -> None:
-    record = CompletionRecord("a.ckpt", 3, 10, "crc32:0000000a", (1, 2), (), 0.5)
+    record = CompletionRecord("a.ckpt", "/d/a.ckpt", 3, "k", 10, "crc32:0000000a", 2, (1, 2),
+                              (SourceStamp("/s/x", 1, 2, 3, 4),), 0.5)
     assert CompletionRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
     with pytest.raises(ValueError, match="version"):
         CompletionRecord.from_dict({**record.to_dict(), "version": 99})

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from fixture_cases import CASES, Case, case_params, requires_fixtures
+
+from mpickpt.destination import LOCK_NAME
 
 pytestmark = requires_fixtures  # not pytest.mark.mpi: pytest-mpi skips those without --with-mpi
 
@@ -127,9 +128,9 @@ def no_stale_segments() -> Iterator[None]:
 
 
 def outputs(root: Path) -> dict[str, bytes]:
-    """Every file a run leaves, by relative path, except the run-specific manifest and records."""
+    """Every file a run leaves, by relative path, except the run-specific manifest, records and lock file."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "manifest.json" and not p.name.endswith(".done.json")}
+            if p.is_file() and p.name not in ("manifest.json", LOCK_NAME) and not p.name.endswith(".done.json")}
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +188,7 @@ def test_killed_process_ends_the_job_and_a_rerun_finishes_it(flavor: str, tmp_pa
 
     rerun = mpickpt(transform_args(case, tmp_path), prefix)
     assert rerun.returncode == 0, rerun.output
-    got = outputs(tmp_path)
-    assert {n: d for n, d in got.items() if not n.endswith(".tmp")} == expected
+    assert outputs(tmp_path) == expected  # the dead processes' temporaries are gone too
     files = {f["file"]: f for f in json.loads((tmp_path / "manifest.json").read_text())["files"]}
     assert all(not files[name]["skipped"] for name in missing)
     assert all(files[name]["skipped"] for name in recorded)  # complete with a record: kept, not redone
@@ -200,8 +200,9 @@ def test_exception_in_one_process_names_it_and_ends_every_process(flavor: str, t
                    MPICKPT_TEST_FAIL="process=2,after_bytes=1")
     assert done.returncode != 0
     assert done.seconds < ENDS_WITHIN
-    assert "mpickpt: process 2 (target rank " in done.output
-    assert "): MPICKPT_TEST_FAIL: injected failure after" in done.output
+    line = next(line for line in done.output.splitlines() if line.startswith("mpickpt: process 2"))
+    assert line.startswith("mpickpt: process 2: target rank ") and line.count("target rank") == 1, line
+    assert "): MPICKPT_TEST_FAIL: injected failure after" in line
     assert not (tmp_path / "manifest.json").exists()
 
 
@@ -235,6 +236,25 @@ def test_destination_inside_a_source_is_refused_on_every_rank(flavor: str, tmp_p
     assert len({line for line in done.output.splitlines() if line.startswith("mpickpt: error:")}) == 1
     assert "inside" in done.output or "equal" in done.output
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_locked_destination_is_refused_on_every_rank(flavor: str, tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from mpickpt.destination import DestinationLock; "
+        f"DestinationLock.acquire({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, env=clean_env(PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        done = mpickpt(transform_args(KILL_CASE, tmp_path), launcher(flavor) + ["-n", "2"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode != 0
+    errors = [line for line in done.output.splitlines() if line.startswith("mpickpt: error:")]
+    assert errors and len(set(errors)) == 1, done.output  # rank 0's message (Open MPI may end one rank first)
+    assert "another mpickpt run is writing here" in errors[0] and f"pid={holder.pid}" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
 
 
 def test_launcher_and_mpi_world_disagreeing_is_refused(tmp_path: Path) -> None:
