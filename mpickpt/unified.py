@@ -15,8 +15,7 @@ import os
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
-
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -26,8 +25,17 @@ from .layout import Box, Layouts
 from .plan import Copy, ParamPlan, Planner, TargetPlan, TensorInfo
 from .strategy import Strategy, load_strategy
 
-__all__ = ["HF_INDEX", "MS_INDEX", "HYPER_PARAM", "UnifiedIndex", "deploy_plans", "is_unified_folder",
-           "load_distributed_checkpoint", "open_unified", "shard_map"]
+__all__ = [
+    "HF_INDEX",
+    "HYPER_PARAM",
+    "MS_INDEX",
+    "UnifiedIndex",
+    "deploy_plans",
+    "is_unified_folder",
+    "load_distributed_checkpoint",
+    "open_unified",
+    "shard_map",
+]
 
 MS_INDEX = "param_name_map.json"
 HF_INDEX = "model.safetensors.index.json"
@@ -74,7 +82,7 @@ class UnifiedIndex:
         self._owner = owner
         self._stack = stack
 
-    def __enter__(self) -> UnifiedIndex:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

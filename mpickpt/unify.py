@@ -10,7 +10,8 @@ What MindSpore 2.10's ``unified_safetensors`` does, and so this (layout ``mindsp
 
 - The parts hold the parameters of the source strategy present in the files, except ``accu_grads*``
   and those ``choice_func`` answers False for; they are split into ``ceil(total bytes / 3 GiB)`` parts
-  (at most one per parameter), largest first onto the part with the fewest bytes.
+  (at most one per parameter), largest first (ties in a safetensors file's data order, as MindSpore meets
+  them) onto the part with the fewest bytes.
 - ``hyper_param.safetensors``: every parameter of rank 0's file that is in no part, as rank 0 stores
   it (global_step, but also rank 0's slice of ``accu_grads*`` and of parameters ``choice_func``
   dropped), written only when there is one.
@@ -33,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .atomic import write_bytes_atomic
 from .collective import broadcast_prepared, deal_by_size, fail
@@ -207,7 +208,7 @@ def _plan_mindspore(options: UnifyOptions, job: TransformJob, full: Sequence[Par
     layouts = Layouts.from_strategy(job.src)
     renames: dict[str, str] = {}
     sizes: dict[str, int] = {}
-    for param in full:
+    for param in sorted(full, key=_safetensors_order):
         if not param.in_strategy or not layouts.holds(param.name) or param.name.startswith(_SKIPPED_PREFIX):
             continue
         answer = _choice(choice_func, param.name)
@@ -217,7 +218,8 @@ def _plan_mindspore(options: UnifyOptions, job: TransformJob, full: Sequence[Par
             renames[param.name] = answer
         sizes[param.name] = param.nbytes
     if not sizes:
-        raise PlanError(f"{options.src_dir}: no parameter of the source strategy ({job.src.path}) left to unify")
+        raise PlanError(f"{options.src_dir}: no parameter of the source strategy "
+                        f"({options.src_strategy or options.src_strategy_dir}) left to unify")
     groups = _split_by_size(sizes, min(math.ceil(sum(sizes.values()) / PART_BYTES), len(sizes)))
     first, stop = _share(options.split_dst_file, len(groups))
     metadata = _part_metadata(job)
@@ -232,6 +234,17 @@ def _plan_mindspore(options: UnifyOptions, job: TransformJob, full: Sequence[Par
     left_out = tuple(p.name for p in full if not chosen(p.name))
     return UnifyPlan(job, options.dst, tuple(files), stored, renames,
                      os.path.join(options.dst, MS_INDEX) if first == 0 else None, index, 4, left_out)
+
+
+def _safetensors_order(param: ParamPlan) -> tuple[int, str]:
+    """The order MindSpore meets parameters in (a safetensors file's data order: widest dtype first, then
+    name), which breaks ties between equal sizes when splitting into parts."""
+    from .formats.safetensors import (  # the official package's layout
+        _LAYOUT_RANK,
+        _TO_SAFETENSORS,
+    )
+
+    return _LAYOUT_RANK.get(_TO_SAFETENSORS.get(param.dtype, ""), len(_LAYOUT_RANK)), param.name
 
 
 def _choice(choice_func: ChoiceFunc | None, name: str) -> bool | str:
@@ -353,7 +366,7 @@ def run_unify(options: UnifyOptions, comm: Comm, *, sync: bool = True, choice_fu
     except BaseException as exc:
         fail(comm, exc, f"process {comm.rank}")
     comm.flush()
-    return comm.bcast(summary, root=0)
+    return cast(UnifySummary, comm.bcast(summary, root=0))  # rank 0 always has one here
 
 
 def _write_share(plan: UnifyPlan, files: Sequence[OutputFile], process: int, sync: bool) -> dict[str, Any]:

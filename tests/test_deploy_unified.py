@@ -17,7 +17,12 @@ import pytest
 import mpickpt
 from mpickpt.api import transform_checkpoints
 from mpickpt.convert import ckpt_to_safetensors
-from mpickpt.errors import CheckpointFormatError, LayoutError, MpickptError, SourceMissingError
+from mpickpt.errors import (
+    CheckpointFormatError,
+    LayoutError,
+    MpickptError,
+    SourceMissingError,
+)
 from mpickpt.formats import open_index
 from mpickpt.mpi import SerialComm
 from mpickpt.unify import UnifyOptions, run_unify
@@ -198,7 +203,7 @@ def test_index_naming_a_missing_shard(cases: dict[str, Path], tmp_path: Path) ->
 
 def test_tensor_in_two_shards(cases: dict[str, Path], tmp_path: Path) -> None:
     folder, index = broken(cases, tmp_path)
-    a, shard_a, _, shard_b = first_two(index)
+    a, _, _, shard_b = first_two(index)
     rewrite_shard(folder, shard_b, {a: np.zeros(4, np.float32)})
     refused(cases, folder, tmp_path, CheckpointFormatError, shard_b, repr(a))
 

@@ -17,8 +17,15 @@ from mpickpt.convert import ckpt_to_safetensors
 from mpickpt.errors import DestinationError, MpickptError
 from mpickpt.formats import open_index
 from mpickpt.mpi import SerialComm
-from mpickpt.unify import (UnifyOptions, _share, _split_by_size, parse_size, plan_unify, run_unify,
-                           unified_safetensors)
+from mpickpt.unify import (
+    UnifyOptions,
+    _share,
+    _split_by_size,
+    parse_size,
+    plan_unify,
+    run_unify,
+    unified_safetensors,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "tiny_llama"
@@ -86,7 +93,7 @@ def test_unified_safetensors_equals_mindspore(tiny_st: Path, tmp_path: Path, cho
     run_mindspore(f"import mindspore as ms\nms.parallel.unified_safetensors({str(tiny_st)!r}, {str(strategy)!r}, "
                   f"'theirs', choice_func={choice})", tmp_path)
     unified_safetensors(str(tiny_st), str(strategy), str(tmp_path / "ours"),
-                        choice_func=eval(choice) if choice else None)  # noqa: S307 - a fixed test lambda
+                        choice_func=eval(choice) if choice else None)
     assert_same_folder(tmp_path / "ours", tmp_path / "theirs")
     names = json.loads((tmp_path / "ours" / "param_name_map.json").read_text())["weight_map"]
     assert ("head.w" in names) == (choice is not None)
@@ -165,7 +172,7 @@ def test_hf_layout_loads_with_the_official_package(tiny_st: Path, tiny_full: dic
         loaded.update(tensors)
     for name, shard in index["weight_map"].items():  # through the index
         with safetensors.safe_open(str(tmp_path / "hf" / shard), framework="np") as f:
-            assert name in f.keys()
+            assert name in f.keys()  # noqa: SIM118 - safe_open is no dict
     assert sorted(loaded) == sorted(tiny_full) == sorted(index["weight_map"])
     for name, (_, dims, data) in tiny_full.items():
         assert loaded[name] == (dims, data), name
@@ -240,3 +247,43 @@ def test_refusals(tiny_st: Path, tmp_path: Path) -> None:
     with pytest.raises(MpickptError, match="no parameter"):
         plan_unify(hf_options(tiny_st, tmp_path / "o", params=("nothing*",)))
     assert not (tmp_path / "o").exists()
+
+
+def remove_redundancy(src: Path, dst: Path) -> None:
+    """Keep each distinct slice of a strategy parameter in one rank file only, rotating over its holders, with
+    MindSpore's ``remove_redundancy`` marker; parameters outside the strategy stay in every file."""
+    from mpickpt.formats import TensorSpec
+    from mpickpt.formats.safetensors import SafetensorsWriter
+    from mpickpt.layout import Layouts
+    from mpickpt.strategy import load_strategy
+
+    layouts = Layouts.from_strategy(load_strategy(TINY / "src_strategy.ckpt"))
+    kept: dict[int, set[str]] = {r: set() for r in range(layouts.device_count)}
+    for i, name in enumerate(layouts.names):
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for rank in kept:
+            groups.setdefault(layouts.layout(name, 0).chunk(rank), []).append(rank)
+        for holders in groups.values():
+            kept[holders[i % len(holders)]].add(name)
+    for rank, names in kept.items():
+        path = next((src / f"rank_{rank}").glob("*.safetensors"))
+        tensors = {n: v for n, v in content(path).items() if n in names or not layouts.holds(n)}
+        out = dst / f"rank_{rank}" / path.name
+        with SafetensorsWriter(out, sync=False, metadata={"format": "ms", "remove_redundancy": "True"}) as writer:
+            writer.declare([TensorSpec(n, d, dims, len(data)) for n, (d, dims, data) in tensors.items()])
+            for name, (dtype, dims, data) in tensors.items():
+                writer.write_tensor(name, dtype, dims, data)
+
+
+@requires_mindspore
+def test_redundancy_removed_sources_equal_mindspore(tiny_st: Path, tiny_full: dict, tmp_path: Path) -> None:
+    remove_redundancy(tiny_st, tmp_path / "src")
+    strategy = TINY / "src_strategy.ckpt"
+    run_mindspore(f"import mindspore as ms\nms.parallel.unified_safetensors('src', {str(strategy)!r}, 'theirs', "
+                  f"merge_with_redundancy=False)", tmp_path)
+    unified_safetensors(str(tmp_path / "src"), str(strategy), str(tmp_path / "ours"))
+    assert_same_folder(tmp_path / "ours", tmp_path / "theirs")
+    with open_index(tmp_path / "ours" / "part0.safetensors") as part:
+        assert part.metadata == {"format": "ms", "remove_redundancy": "False"}
+    parts = content(tmp_path / "ours" / "part0.safetensors")
+    assert parts == {n: v for n, v in tiny_full.items() if n in parts}
