@@ -117,11 +117,16 @@ class UnifyPlan:
     index: dict[str, Any] | None
     index_indent: int
     left_out: tuple[str, ...]
+    _full: dict[str, ParamPlan] = field(default_factory=dict, repr=False, compare=False)  # planned once per process
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_full": {}}
 
     def target_plan(self, file: OutputFile) -> TargetPlan:
         """The plan of one output file: its parameters, whole."""
-        full = {p.name: p for p in self.job.planner().plan(0).params}
-        params = tuple(self.stored.get(name) or full[name] for name in file.names)
+        if not self._full:
+            self._full = {p.name: p for p in self.job.planner().plan(0).params}
+        params = tuple(self.stored.get(name) or self._full[name] for name in file.names)
         ranks = sorted({c.src_rank for p in params for c in p.copies}, reverse=True)
         return TargetPlan(0, params, tuple(ranks))
 
