@@ -27,11 +27,13 @@ What MindSpore 2.10's ``unified_safetensors`` does, and so this (layout ``mindsp
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -396,13 +398,17 @@ def _collect(comm: Comm) -> list[dict[str, Any]]:
     return [reports[p] for p in range(comm.size)]
 
 
+def write_index(plan: UnifyPlan, *, sync: bool = True) -> None:
+    """The index file (param_name_map.json or model.safetensors.index.json), when this run writes one."""
+    if plan.index_path is not None and plan.index is not None:
+        data = json.dumps(plan.index, indent=plan.index_indent).encode()
+        write_bytes_atomic(plan.index_path, data, sync=sync)
+
+
 def _finish(plan: UnifyPlan, reports: list[dict[str, Any]], started: float, sync: bool,
             manifest: bool) -> UnifySummary:
     """Rank 0, after every file is written: the index file, manifest.json, the summary."""
-    if plan.index_path is not None and plan.index is not None:
-        import json
-
-        write_bytes_atomic(plan.index_path, json.dumps(plan.index, indent=plan.index_indent).encode(), sync=sync)
+    write_index(plan, sync=sync)
     wall = time.monotonic() - started
     path = None
     if manifest:
@@ -423,14 +429,16 @@ def _finish(plan: UnifyPlan, reports: list[dict[str, Any]], started: float, sync
 def unified_safetensors(src_dir: str, src_strategy_file: str | None, dst_dir: str, merge_with_redundancy: bool = True,
                         file_suffix: str | None = None, max_process_num: int = 64,
                         choice_func: ChoiceFunc | None = None, split_dst_file: tuple[int, ...] = ()) -> None:
-    """MindSpore's ``unified_safetensors``: full tensors of a distributed checkpoint into ``dst_dir``.
+    """MindSpore's ``unified_safetensors``: full tensors of a distributed checkpoint into ``dst_dir``, the
+    output files written by up to ``max_process_num`` processes.
 
     ``merge_with_redundancy`` is not needed (which files hold which slices is read from the files
     themselves); ``src_strategy_file`` may also be a folder of per-stage pipeline strategy files.
     """
-    from .mpi import SerialComm
-
-    del merge_with_redundancy, max_process_num
+    del merge_with_redundancy
+    if isinstance(max_process_num, bool) or not isinstance(max_process_num, int) or max_process_num < 1:
+        raise MpickptError(f"For 'unified_safetensors', max_process_num must be a positive integer, "
+                           f"got {max_process_num!r}")
     if file_suffix is not None:
         raise MpickptError("For 'unified_safetensors', file_suffix is not supported by mpickpt: keep one "
                            "checkpoint per rank folder")
@@ -443,5 +451,14 @@ def unified_safetensors(src_dir: str, src_strategy_file: str | None, dst_dir: st
                            src_strategy=None if folder else str(src_strategy_file),
                            src_strategy_dir=str(src_strategy_file) if folder else None,
                            split_dst_file=tuple(split_dst_file))
+    plan = plan_unify(options, choice_func)
     Path(dst_dir).mkdir(parents=True, exist_ok=True)
-    run_unify(options, SerialComm(), choice_func=choice_func, manifest=False)
+    processes = min(max_process_num, len(plan.files))
+    if processes > 1:
+        with ProcessPoolExecutor(max_workers=processes) as pool:
+            for future in [pool.submit(write_file, plan, file) for file in plan.files]:
+                future.result()
+    else:
+        for file in plan.files:
+            write_file(plan, file)
+    write_index(plan)

@@ -246,6 +246,10 @@ def test_refusals(tiny_st: Path, tmp_path: Path) -> None:
         plan_unify(UnifyOptions(str(tiny_st), str(tmp_path / "o"), layout="flat"))
     with pytest.raises(MpickptError, match="no parameter"):
         plan_unify(hf_options(tiny_st, tmp_path / "o", params=("nothing*",)))
+    with pytest.raises(MpickptError, match="max_process_num"):
+        unified_safetensors(str(tiny_st), str(TINY / "src_strategy.ckpt"), str(tmp_path / "o"), max_process_num=0)
+    with pytest.raises(MpickptError, match="file_suffix"):
+        unified_safetensors(str(tiny_st), str(TINY / "src_strategy.ckpt"), str(tmp_path / "o"), file_suffix="_1")
     assert not (tmp_path / "o").exists()
 
 
