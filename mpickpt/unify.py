@@ -314,6 +314,23 @@ def _rank0_rest(job: TransformJob, in_parts: set[str], chosen: Callable[[str], b
 
 # -- writing ------------------------------------------------------------------------------------
 
+_OURS = re.compile(r"model-\d+-of-\d+\.safetensors|part\d+\.safetensors|"
+                   + "|".join(re.escape(n) for n in (HYPER_PARAM, MS_INDEX, HF_INDEX)))
+
+
+def clear_outputs(plan: UnifyPlan) -> None:
+    """Before a whole run (not a split_dst_file share: the others write there too) writes: remove the index
+    files and the unified files of an earlier run that this run will not rewrite, so the folder never mixes
+    two runs."""
+    folder = Path(plan.dst)
+    if not folder.is_dir():
+        return
+    keep = {os.path.basename(f.path) for f in plan.files}
+    for path in folder.iterdir():
+        if _OURS.fullmatch(path.name) and path.name not in keep and path.is_file():
+            path.unlink()
+
+
 
 class _Renaming:
     """A writer seen through a renaming of its tensors (choice_func's new names)."""
@@ -362,7 +379,13 @@ def run_unify(options: UnifyOptions, comm: Comm, *, sync: bool = True, choice_fu
     """Called on every process: rank 0 plans, the output files are dealt by size, each process writes its
     share; rank 0 then writes the index (and manifest.json) and every process returns the summary."""
     started = time.monotonic()
-    plan = broadcast_prepared(lambda: plan_unify(options, choice_func), comm)
+    def prepare() -> UnifyPlan:
+        plan = plan_unify(options, choice_func)
+        if not options.split_dst_file:
+            clear_outputs(plan)
+        return plan
+
+    plan = broadcast_prepared(prepare, comm)
     summary = None
     try:
         report = _write_share(plan, deal_by_size(plan.files, lambda f: f.nbytes, comm.size)[comm.rank],
@@ -452,6 +475,8 @@ def unified_safetensors(src_dir: str, src_strategy_file: str | None, dst_dir: st
                            src_strategy_dir=str(src_strategy_file) if folder else None,
                            split_dst_file=tuple(split_dst_file))
     plan = plan_unify(options, choice_func)
+    if not split_dst_file:
+        clear_outputs(plan)
     Path(dst_dir).mkdir(parents=True, exist_ok=True)
     processes = min(max_process_num, len(plan.files))
     if processes > 1:

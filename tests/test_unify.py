@@ -291,3 +291,13 @@ def test_redundancy_removed_sources_equal_mindspore(tiny_st: Path, tiny_full: di
         assert part.metadata == {"format": "ms", "remove_redundancy": "False"}
     parts = content(tmp_path / "ours" / "part0.safetensors")
     assert parts == {n: v for n, v in tiny_full.items() if n in parts}
+
+
+def test_a_rerun_leaves_no_file_of_the_earlier_run(tiny_st: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hf"
+    run_unify(hf_options(tiny_st, out, max_shard_size=300_000), SerialComm(), sync=False)
+    (out / "param_name_map.json").write_text("{}")
+    (out / "notes.txt").write_text("kept")
+    run_unify(hf_options(tiny_st, out), SerialComm(), sync=False)
+    assert sorted(os.listdir(out)) == ["manifest.json", "model-00001-of-00001.safetensors",
+                                       "model.safetensors.index.json", "notes.txt"]
