@@ -21,7 +21,8 @@ What MindSpore 2.10's ``unified_safetensors`` does, and so this (layout ``mindsp
   ``hyper_param.safetensors`` and ``param_name_map.json`` (listing every part).
 - Part metadata: ``{"format": "ms"}`` with the sources' ``remove_redundancy`` as ``"False"``.
   Deliberate difference: MindSpore also copies the sources' ``crc_num`` (a checksum of another file)
-  into every part; this does not.
+  into every part; this does not. A whole run first removes the index and unified files an earlier run
+  left in ``dst_dir`` that it will not rewrite, and writes the index last.
 """
 
 from __future__ import annotations
