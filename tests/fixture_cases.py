@@ -1,23 +1,25 @@
-"""The conversion cases MindSpore made (../shared/fixtures), and content comparison of checkpoints."""
+"""Conversion cases (folders with case.json, sources, strategies, expected outputs) and content comparison.
+
+MindSpore-made cases are generated once per session (``tests/mindspore_cases.py``, fixture
+``mindspore_cases``); cases written by mpickpt itself come from ``tests/written_cases.py`` (fixture
+``written_cases``). Tests parametrized with ``case_params`` get the MindSpore-made case as ``case``.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(os.environ.get("MPICKPT_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
-PIPELINE = FIXTURES / "pipeline_2x4_to_4"
-STAGE_FILES = PIPELINE / "src_pipeline_strategys"  # per-rank strategy files of the two pipeline stages
-STRATEGY_FILES = sorted(FIXTURES.glob("*/*strategy*.ckpt")) + sorted(STAGE_FILES.glob("*.ckpt"))
+CASE_NAMES = ("8_to_full", "dp_to_tp_8to4", "full_to_8", "pipeline_2x4_to_4", "seed_8to4")
+case_params = pytest.mark.parametrize("case", CASE_NAMES, indirect=True)
 
 
 @dataclass(frozen=True)
 class Case:
-    """One fixture folder with its case.json."""
+    """One case folder with its case.json."""
 
     root: Path
     meta: dict
@@ -50,21 +52,9 @@ class Case:
         }
 
 
-def conversion_cases() -> list[Case]:
-    """Every fixture folder that is a conversion (has case.json and expected outputs)."""
-    if not FIXTURES.is_dir():
-        return []
-    cases = []
-    for folder in sorted(FIXTURES.iterdir()):
-        meta_file = folder / "case.json"
-        if meta_file.is_file() and (folder / "expected").is_dir():
-            cases.append(Case(folder, json.loads(meta_file.read_text())))
-    return cases
-
-
-CASES = conversion_cases()
-requires_fixtures = pytest.mark.skipif(not CASES, reason=f"no fixtures at {FIXTURES}")
-case_params = pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def strategy_files(root: Path) -> list[Path]:
+    """Every strategy file of the cases under ``root`` (per-stage pipeline files too)."""
+    return sorted(root.glob("*/*strategy*.ckpt")) + sorted(root.glob("*/src_pipeline_strategys/*.ckpt"))
 
 
 def checkpoint_content(path: str | os.PathLike[str]) -> list[tuple[str, str, tuple[int, ...], bytes]]:

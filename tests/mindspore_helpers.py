@@ -1,7 +1,9 @@
-"""Run MindSpore snippets in a subprocess (never import mindspore in the pytest process).
+"""Run MindSpore snippets in a subprocess of MindSpore's own environment (never in the pytest process).
 
-MindSpore and mpickpt both register ``checkpoint.proto`` in protobuf's default descriptor pool,
-so MindSpore only ever runs in a child interpreter. Usage::
+MindSpore and mpickpt both register ``checkpoint.proto`` in protobuf's default descriptor pool, and
+MindSpore 2.10 needs numpy < 2 (its BFloat16 paths fail with numpy 2) while mpickpt is tested with
+numpy 2, so MindSpore lives in its own virtual environment: ``.venv-mindspore`` next to ``.venv``
+(``tools/test.sh`` makes both), or the interpreter named by ``MPICKPT_MINDSPORE_PYTHON``. Usage::
 
     @requires_mindspore
     @pytest.mark.mindspore
@@ -11,32 +13,41 @@ so MindSpore only ever runs in a child interpreter. Usage::
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import os
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-HAVE_MINDSPORE = importlib.util.find_spec("mindspore") is not None
-requires_mindspore = pytest.mark.skipif(not HAVE_MINDSPORE, reason="mindspore is not installed")
+REPO = Path(__file__).resolve().parents[1]
+MINDSPORE_PYTHON = Path(os.environ.get("MPICKPT_MINDSPORE_PYTHON", REPO / ".venv-mindspore" / "bin" / "python"))
+FIND_SPEC = "import importlib.util, sys; sys.exit(importlib.util.find_spec('mindspore') is None)"
 
-_MINDSPORE_DIR = (
-    Path(importlib.util.find_spec("mindspore").origin).parent.resolve() if HAVE_MINDSPORE else None  # type: ignore[union-attr]
-)
+
+@functools.cache
+def mindspore_missing() -> str | None:
+    """Why MindSpore cannot run here, or None when its interpreter exists and finds the package."""
+    if not MINDSPORE_PYTHON.is_file():
+        return f"no MindSpore interpreter at {MINDSPORE_PYTHON} (bash tools/test.sh makes .venv-mindspore)"
+    found = subprocess.run([str(MINDSPORE_PYTHON), "-c", FIND_SPEC], capture_output=True, timeout=60, check=False)
+    return None if found.returncode == 0 else f"{MINDSPORE_PYTHON} cannot import mindspore"
+
+
+HAVE_MINDSPORE = mindspore_missing() is None
+requires_mindspore = pytest.mark.skipif(not HAVE_MINDSPORE, reason=mindspore_missing() or "")
 
 
 def run_mindspore(script: str, cwd: Path, args: Sequence[str] = (), timeout: float = 900) -> str:
-    """Run ``script`` with this interpreter in ``cwd``; return its stdout, fail the test on error."""
-    cwd = Path(cwd).resolve()
-    if _MINDSPORE_DIR is not None and cwd.is_relative_to(_MINDSPORE_DIR):
-        raise ValueError(f"{cwd} is inside the mindspore package; its numpy subpackage would shadow numpy")
-    env = dict(os.environ, GLOG_v="3")  # MindSpore logs errors only
+    """Run ``script`` with MindSpore's interpreter in ``cwd``; return its stdout, fail the test on error."""
+    if not HAVE_MINDSPORE:
+        pytest.skip(mindspore_missing() or "")
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env.update(GLOG_v="3", PYTHONPATH=str(REPO))  # MindSpore logs errors only; this checkout's mpickpt
     proc = subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=cwd,
+        [str(MINDSPORE_PYTHON), "-c", script, *args],
+        cwd=Path(cwd).resolve(),
         env=env,
         capture_output=True,
         text=True,

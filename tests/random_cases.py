@@ -8,11 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
+from layout_reference import reference_slice
 from mpickpt.ckpt import save_checkpoint
 from mpickpt.layout import Layouts
 from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, save_strategy
 
 DTYPES = {"Float32": np.float32, "Float16": np.float16, "BFloat16": np.uint16, "Int32": np.int32}
+EXTRAS = [  # parameters outside the strategy, the same on every rank
+    ("global_step", "Int32", (1,), np.array([7], dtype=np.int32)),
+    ("learning_rate", "Float32", (), np.array(0.01, dtype=np.float32)),
+]
 DEVICE_PAIRS = [(8, 4), (4, 8), (8, 2), (2, 8), (4, 4), (8, 8), (1, 4), (4, 1), (2, 2), (8, 1)]
 
 
@@ -103,30 +108,27 @@ def write_case(case: RandomCase, root: Path) -> None:
     save_strategy(case.src, root / "src_strategy.ckpt")
     save_strategy(case.dst, root / "dst_strategy.ckpt")
     layouts = Layouts.from_strategy(case.src)
-    extras = [
-        ("global_step", "Int32", (1,), np.array([7], dtype=np.int32)),
-        ("learning_rate", "Float32", (), np.array(0.01, dtype=np.float32)),
-    ]
     for rank in range(layouts.device_count):
         tensors = []
         for name, (dtype, full) in case.tensors.items():
             box = layouts.slice_box(name, full.shape, rank)
             piece = np.ascontiguousarray(full[tuple(slice(a, b) for a, b in zip(box.start, box.stop))])
             tensors.append((name, dtype, piece.shape, piece))
-        tensors += extras
+        tensors += EXTRAS
         path = root / "src" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt"
         path.parent.mkdir(parents=True)
         save_checkpoint(path, tensors)
 
 
 def target_slices(case: RandomCase) -> list[dict[str, np.ndarray]]:
-    """Ground truth: the full tensors split by the target layout, per target rank."""
-    layouts = Layouts.from_strategy(case.dst)
+    """Ground truth: the full tensors split by the target layout, per target rank, as the independent
+    layout model (``tests/layout_reference.py``) cuts them."""
     result = []
-    for rank in range(layouts.device_count):
+    for rank in range(math.prod(case.dst.layout_items[0].dev_matrix)):
         slices = {}
         for name, (_, full) in case.tensors.items():
-            box = layouts.slice_box(name, full.shape, rank)
-            slices[name] = full[tuple(slice(a, b) for a, b in zip(box.start, box.stop))]
+            bounds = reference_slice(case.dst, name, full.shape, rank)
+            assert bounds is not None  # one pipeline stage: every rank holds every parameter
+            slices[name] = full[tuple(slice(a, b) for a, b in zip(*bounds))]
         result.append(slices)
     return result

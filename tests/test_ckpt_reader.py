@@ -8,20 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixture_cases import FIXTURES
+from fixture_cases import strategy_files
 
 from mpickpt._proto import checkpoint_pb2
 from mpickpt.ckpt import MAPTENSOR_DTYPE, dtype_itemsize, index_checkpoint, numpy_dtype, save_checkpoint
 from mpickpt.errors import CheckpointFormatError, SourceMissingError
 
-ALL_CKPT = sorted(FIXTURES.rglob("*.ckpt"))
-CHECKPOINTS = [p for p in ALL_CKPT if "strategy" not in p.name]
-STRATEGIES = [p for p in ALL_CKPT if "strategy" in p.name]
-SAMPLES = FIXTURES / "format_samples"
 
-
-def fixture_id(path: Path) -> str:
-    return str(path.relative_to(FIXTURES))
+def mindspore_checkpoints(root: Path) -> list[Path]:
+    """Every checkpoint MindSpore wrote for the session's cases and format samples."""
+    return sorted(p for p in root.rglob("*.ckpt") if p not in strategy_files(root))
 
 
 def pb_entry(tag: str, dtype: str, dims: tuple[int, ...], content: bytes) -> bytes:
@@ -65,32 +61,32 @@ def parse_with_protobuf(path: Path) -> list[tuple[str, str, tuple[int, ...], byt
     return out
 
 
-@pytest.mark.parametrize("path", CHECKPOINTS, ids=fixture_id)
-def test_fixture_matches_protobuf_parse(path: Path) -> None:
-    expected = parse_with_protobuf(path)
-    with index_checkpoint(path, verify_crc=True) as index:
-        got = [(e.name, e.dtype, e.dims, b"".join(index.raw(e.name))) for e in index.entries.values()]
-        assert got == expected
-        for name, dtype, dims, content in expected:
-            array = index.array(name)
-            assert array.tobytes() == content
-            if dtype != "str":
-                assert array.shape == dims and array.dtype == numpy_dtype(dtype)
+def test_mindspore_checkpoints_match_protobuf_parse(mindspore_root: Path, format_samples: Path) -> None:
+    paths = mindspore_checkpoints(mindspore_root)
+    # full + sources + targets: seed 1+8+4, dp_to_tp 1+8+4, pipeline 1+8+4+8 by stage, full_to_8 1+1+8,
+    # 8_to_full 1+8+1, and the 3 format samples
+    assert len(paths) == 70 and format_samples / "crc.ckpt" in paths
+    for path in paths:
+        expected = parse_with_protobuf(path)
+        with index_checkpoint(path, verify_crc=True) as index:
+            got = [(e.name, e.dtype, e.dims, b"".join(index.raw(e.name))) for e in index.entries.values()]
+            assert got == expected, path
+            for name, dtype, dims, content in expected:
+                array = index.array(name)
+                assert array.tobytes() == content, (path, name)
+                if dtype != "str":
+                    assert array.shape == dims and array.dtype == numpy_dtype(dtype), (path, name)
 
 
-def test_fixture_list_is_complete() -> None:
-    assert len(CHECKPOINTS) >= 60 and (SAMPLES / "crc.ckpt") in CHECKPOINTS
+def test_strategy_file_is_refused(mindspore_root: Path) -> None:
+    for path in strategy_files(mindspore_root):
+        with pytest.raises(CheckpointFormatError, match="not a MindSpore checkpoint") as err:
+            index_checkpoint(path)
+        assert str(path) in str(err.value)
 
 
-@pytest.mark.parametrize("path", STRATEGIES[:3], ids=fixture_id)
-def test_strategy_file_is_refused(path: Path) -> None:
-    with pytest.raises(CheckpointFormatError, match="not a MindSpore checkpoint") as err:
-        index_checkpoint(path)
-    assert str(path) in str(err.value)
-
-
-def test_all_dtypes_sample() -> None:
-    with index_checkpoint(SAMPLES / "all_dtypes.ckpt") as index:
+def test_all_dtypes_sample(format_samples: Path) -> None:
+    with index_checkpoint(format_samples / "all_dtypes.ckpt") as index:
         bf16 = index.array("p_BFloat16")
         assert bf16.dtype == np.dtype("<u2") and bf16.shape == (4, 6)
         as_f32 = (bf16.astype(np.uint32) << 16).view(np.float32)
@@ -102,8 +98,8 @@ def test_all_dtypes_sample() -> None:
         assert index.array("p_Int64").dtype == np.dtype("<i8")
 
 
-def test_views_are_zero_copy_and_read_only() -> None:
-    path = SAMPLES / "crc.ckpt"
+def test_views_are_zero_copy_and_read_only(format_samples: Path) -> None:
+    path = format_samples / "crc.ckpt"
     with index_checkpoint(path) as index:
         entry = index.entries["w"]
         view = index.array("w")
@@ -117,8 +113,8 @@ def test_views_are_zero_copy_and_read_only() -> None:
     assert float(view[0, 0]) == float(np.frombuffer(path.read_bytes()[offset : offset + 4], "<f4")[0])
 
 
-def test_append_info_str_and_int_values() -> None:
-    with index_checkpoint(SAMPLES / "append_info.ckpt") as index:
+def test_append_info_str_and_int_values(format_samples: Path) -> None:
+    with index_checkpoint(format_samples / "append_info.ckpt") as index:
         note = index.entries["note"]
         assert note.dtype == "str" and note.dims == (0,)
         value = index.array("note")
@@ -126,9 +122,9 @@ def test_append_info_str_and_int_values() -> None:
         assert int(index.array("epoch_num")) == 3 and index.entries["epoch_num"].dims == ()
 
 
-def test_crc_trailer_read_and_verified(tmp_path: Path) -> None:
-    data = (SAMPLES / "crc.ckpt").read_bytes()
-    with index_checkpoint(SAMPLES / "crc.ckpt", verify_crc=True) as index:
+def test_crc_trailer_read_and_verified(format_samples: Path, tmp_path: Path) -> None:
+    data = (format_samples / "crc.ckpt").read_bytes()
+    with index_checkpoint(format_samples / "crc.ckpt", verify_crc=True) as index:
         assert index.crc == zlib.crc32(data[:-17]) == int.from_bytes(data[-10:], "big")
     damaged = bytearray(data)
     damaged[100] ^= 0xFF  # inside the content of "w"
@@ -283,8 +279,8 @@ def _varint(value: int) -> bytes:
     return bytes(out + bytes([value]))
 
 
-def test_views_outlive_close() -> None:
-    index = index_checkpoint(SAMPLES / "append_info.ckpt")
+def test_views_outlive_close(format_samples: Path) -> None:
+    index = index_checkpoint(format_samples / "append_info.ckpt")
     view = index.array("w")
     expected = view.copy()
     index.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ckpt_reader import CHECKPOINTS, SAMPLES, fixture_id, pb_entry, pb_maptensor_entry
+from test_ckpt_reader import mindspore_checkpoints, pb_entry, pb_maptensor_entry
 
 from mpickpt.ckpt import CheckpointWriter, index_checkpoint, save_checkpoint
 from mpickpt.errors import CheckpointFormatError, DestinationError
@@ -30,20 +30,20 @@ def rewrite(src: Path, dst: Path, how: str) -> None:
                 writer.copy_entry(index, entry.name)
 
 
-@pytest.mark.parametrize("path", CHECKPOINTS, ids=fixture_id)
-def test_fixture_rewrites_byte_identically(tmp_path: Path, path: Path) -> None:
-    out = tmp_path / "out.ckpt"
-    rewrite(path, out, "buffer")
-    assert out.read_bytes() == path.read_bytes()
-    assert stat.S_IMODE(out.stat().st_mode) == 0o400
+def test_mindspore_checkpoints_rewrite_byte_identically(mindspore_root: Path, tmp_path: Path) -> None:
+    for index, path in enumerate(mindspore_checkpoints(mindspore_root)):
+        out = tmp_path / f"out{index}.ckpt"
+        rewrite(path, out, "buffer")
+        assert out.read_bytes() == path.read_bytes(), path
+        assert stat.S_IMODE(out.stat().st_mode) == 0o400
 
 
 @pytest.mark.parametrize("how", ["chunks", "copy"])
 @pytest.mark.parametrize("name", ["crc.ckpt", "all_dtypes.ckpt", "append_info.ckpt"])
-def test_sample_rewrites_byte_identically_streamed(tmp_path: Path, name: str, how: str) -> None:
+def test_sample_rewrites_byte_identically_streamed(format_samples: Path, tmp_path: Path, name: str, how: str) -> None:
     out = tmp_path / "out.ckpt"
-    rewrite(SAMPLES / name, out, how)
-    assert out.read_bytes() == (SAMPLES / name).read_bytes()
+    rewrite(format_samples / name, out, how)
+    assert out.read_bytes() == (format_samples / name).read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -98,9 +98,12 @@ def test_kernel_copy_falls_back_to_sendfile(tmp_path: Path, monkeypatch: pytest.
         raise OSError(errno.EXDEV, "cross-device")
 
     monkeypatch.setattr(os, "copy_file_range", no_copy_file_range)
+    src = tmp_path / "src.ckpt"
+    save_checkpoint(src, [("w", "Float32", (64, 3), np.arange(192, dtype=np.float32)),
+                          ("b", "BFloat16", (5,), np.arange(5, dtype=np.uint16)), ("s", "Int64", (), np.int64(3))])
     out = tmp_path / "copied.ckpt"
-    rewrite(SAMPLES / "all_dtypes.ckpt", out, "copy")
-    assert out.read_bytes() == (SAMPLES / "all_dtypes.ckpt").read_bytes()
+    rewrite(src, out, "copy")
+    assert out.read_bytes() == src.read_bytes()
 
 
 def test_maptensor_copies_through(tmp_path: Path) -> None:

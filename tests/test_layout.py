@@ -1,16 +1,22 @@
 """Layout geometry: exact boxes for hand-checked layouts, typed errors for impossible ones, and the
-MindSpore fixtures (slicing the full model by a layout reproduces what MindSpore stored)."""
+MindSpore-made cases (slicing the full model by a layout reproduces what MindSpore stored). Expected boxes
+come from an independent reference model of FORMATS.md's layout rules (``reference_box``)."""
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fixture_cases import CASES, Case, case_params, requires_fixtures
+from fixture_cases import Case, case_params
 from mpickpt.ckpt import index_checkpoint
 from mpickpt.errors import LayoutError, StrategyFormatError
 from mpickpt.layout import Box, Layouts, ParamLayout
 from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, load_strategy
+from layout_reference import BoxBounds, reference_box, reference_slice
+from random_cases import make_case
 
 
 def item(name: str, dev: tuple[int, ...], *tensor_map: tuple[int, ...], size: int = 0, step: int = 0,
@@ -23,12 +29,24 @@ def strategy(*items: LayoutItem) -> Strategy:
     return Strategy(current_stage=0, strategy_items=(StrategyItem("MatMul-op0", 0, ((1, 1),)),), layout_items=items)
 
 
-def boxes(layouts: Layouts, name: str, shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+def boxes(layouts: Layouts, name: str, shape: tuple[int, ...]) -> list[BoxBounds | None]:
+    """What mpickpt says each rank holds."""
     result = []
     for rank in range(layouts.device_count):
         box = layouts.slice_box(name, shape, rank)
         result.append(None if box is None else (box.start, box.stop))
     return result
+
+
+def reference_boxes(layout: LayoutItem, shape: tuple[int, ...]) -> list[BoxBounds | None]:
+    """``reference_box`` of every rank of one stage."""
+    return [reference_box(layout, shape, rank) for rank in range(math.prod(layout.dev_matrix))]
+
+
+def check(layout: LayoutItem, shape: tuple[int, ...], expected: list[BoxBounds]) -> None:
+    """mpickpt's boxes equal the reference's, and the reference gives the hand-derived ``expected``."""
+    assert reference_boxes(layout, shape) == expected
+    assert boxes(Layouts.from_strategy(strategy(layout)), layout.name, shape) == expected
 
 
 # --- Box -----------------------------------------------------------------------------------------
@@ -48,67 +66,64 @@ def test_box_arithmetic() -> None:
 
 
 def test_data_parallel_replicates_and_tensor_parallel_splits() -> None:
-    dp = Layouts.from_strategy(strategy(item("w", (8, 1), (-1, -1))))
-    assert dp.device_count == 8 and boxes(dp, "w", (4, 8)) == [((0, 0), (4, 8))] * 8
-    tp = Layouts.from_strategy(strategy(item("w", (1, 4), (-1, 0))))
-    assert boxes(tp, "w", (4, 8)) == [((0, 2 * r), (4, 2 * r + 2)) for r in range(4)]
+    check(item("w", (8, 1), (-1, -1)), (4, 8), [((0, 0), (4, 8))] * 8)
+    check(item("w", (1, 4), (-1, 0)), (4, 8), [((0, 2 * r), (4, 2 * r + 2)) for r in range(4)])
 
 
 def test_tutorial_layouts() -> None:
     """The tutorial's layer1: 8 cards ((2,1),(1,2)) and 4 cards ((2,2),(2,1)) with optimizer parallel."""
-    src = Layouts.from_strategy(strategy(item("layer1.weight", (2, 2, 1, 2), (1, 0))))
-    assert boxes(src, "layer1.weight", (784, 512)) == [((0, 256 * (r % 2)), (784, 256 * (r % 2) + 256))
-                                                       for r in range(8)]
-    dst = Layouts.from_strategy(strategy(item("layer1.weight", (2, 2, 1), (1, 0), size=-1, step=2)))
+    check(item("layer1.weight", (2, 2, 1, 2), (1, 0)), (784, 512),
+          [((0, 256 * (r % 2)), (784, 256 * (r % 2) + 256)) for r in range(8)])
     # dim 0: 2 model-parallel chunks (axis 1 = rank % 2), each cut into 2 optimizer pieces (replica rank // 2)
     rows = [(0, 196), (392, 588), (196, 392), (588, 784)]
-    assert boxes(dst, "layer1.weight", (784, 512)) == [((a, 0), (b, 512)) for a, b in rows]
+    check(item("layer1.weight", (2, 2, 1), (1, 0), size=-1, step=2), (784, 512), [((a, 0), (b, 512)) for a, b in rows])
 
 
 def test_nested_tensor_map_first_axis_outermost() -> None:
-    layouts = Layouts.from_strategy(strategy(item("w", (2, 2, 2), (2, 1), (0,))))
-    assert boxes(layouts, "w", (8, 4)) == [((2 * (r // 2), 2 * (r % 2)), (2 * (r // 2) + 2, 2 * (r % 2) + 2))
-                                           for r in range(8)]
-    swapped = Layouts.from_strategy(strategy(item("w", (2, 2, 2), (1, 2), (-1,))))
+    check(item("w", (2, 2, 2), (2, 1), (0,)), (8, 4),
+          [((2 * (r // 2), 2 * (r % 2)), (2 * (r // 2) + 2, 2 * (r % 2) + 2)) for r in range(8)])
     rows = [2 * (((r // 2) % 2) * 2 + r // 4) for r in range(8)]
-    assert boxes(swapped, "w", (8, 4)) == [((a, 0), (a + 2, 4)) for a in rows]
+    check(item("w", (2, 2, 2), (1, 2), (-1,)), (8, 4), [((a, 0), (a + 2, 4)) for a in rows])
 
 
 @pytest.mark.parametrize(("size", "pieces"), [(-1, [0, 0, 1, 1, 2, 2, 3, 3]), (2, [0, 0, 1, 1, 0, 0, 1, 1]),
                                               (1, [0] * 8)])
 def test_optimizer_sharding_cuts_dimension_0(size: int, pieces: list[int]) -> None:
-    layouts = Layouts.from_strategy(strategy(item("w", (4, 2), (-1, 0), size=size, step=2)))
-    n = max(pieces) + 1
-    rows = 16 // n
-    assert boxes(layouts, "w", (16, 6)) == [((p * rows, 3 * (r % 2)), (p * rows + rows, 3 * (r % 2) + 3))
-                                            for r, p in enumerate(pieces)]
-    assert layouts.full_shape("w", (rows, 3)) == (16, 6)
+    layout = item("w", (4, 2), (-1, 0), size=size, step=2)
+    rows = 16 // (max(pieces) + 1)
+    check(layout, (16, 6), [((p * rows, 3 * (r % 2)), (p * rows + rows, 3 * (r % 2) + 3)) for r, p in enumerate(pieces)])
+    assert Layouts.from_strategy(strategy(layout)).full_shape("w", (rows, 3)) == (16, 6)
 
 
 def test_optimizer_sharding_inside_the_model_parallel_slice() -> None:
     """Dimension 0 split by tensor parallel (axis 0) and then by optimizer pieces over the replicas."""
-    layouts = Layouts.from_strategy(strategy(item("w", (2, 2), (0,), size=-1, step=2)))
-    assert boxes(layouts, "w", (8,)) == [((0,), (2,)), ((4,), (6,)), ((2,), (4,)), ((6,), (8,))]
+    check(item("w", (2, 2), (0,), size=-1, step=2), (8,), [((0,), (2,)), ((4,), (6,)), ((2,), (4,)), ((6,), (8,))])
 
 
 def test_optimizer_sharding_over_one_replica_is_one_piece() -> None:
-    layouts = Layouts.from_strategy(strategy(item("w", (2,), (0,), size=-1, step=1)))
-    assert boxes(layouts, "w", (4,)) == [((0,), (2,)), ((2,), (4,))]
+    check(item("w", (2,), (0,), size=-1, step=1), (4,), [((0,), (2,)), ((2,), (4,))])
 
 
 def test_optimizer_sharding_needs_both_size_and_step() -> None:
-    layouts = Layouts.from_strategy(strategy(item("w", (4,), (-1,), size=-1, step=0)))
-    assert boxes(layouts, "w", (8,)) == [((0,), (8,))] * 4
+    check(item("w", (4,), (-1,), size=-1, step=0), (8,), [((0,), (8,))] * 4)
 
 
 def test_even_param_split_shape_is_accepted() -> None:
-    layouts = Layouts.from_strategy(strategy(item("w", (2,), (0, -1), split=(3, 3))))
-    assert boxes(layouts, "w", (6, 2)) == [((0, 0), (3, 2)), ((3, 0), (6, 2))]
+    check(item("w", (2,), (0, -1), split=(3, 3)), (6, 2), [((0, 0), (3, 2)), ((3, 0), (6, 2))])
 
 
 def test_scalar_parameter() -> None:
-    layouts = Layouts.from_strategy(strategy(item("lr", (4,), ())))
-    assert boxes(layouts, "lr", ()) == [((), ())] * 4
+    check(item("lr", (4,), ()), (), [((), ())] * 4)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_layouts_agree_with_the_reference(seed: int) -> None:
+    case = make_case(seed, params=6, any_axis_order=seed % 2 == 1)
+    for which in (case.src, case.dst):
+        layouts = Layouts.from_strategy(which)
+        for layout in which.layout_items:
+            shape = case.tensors[layout.name][1].shape
+            assert boxes(layouts, layout.name, shape) == reference_boxes(layout, shape), (seed, layout)
 
 
 def test_pipeline_merged_names_and_shared_parameters() -> None:
@@ -204,7 +219,7 @@ def test_full_shape_rejects_dims_of_the_wrong_rank() -> None:
         layouts.full_shape("w", (3,))
 
 
-# --- MindSpore fixtures ----------------------------------------------------------------------------
+# --- MindSpore-made cases ----------------------------------------------------------------------------
 
 
 def _arrays(path: object) -> dict[str, np.ndarray]:
@@ -212,40 +227,31 @@ def _arrays(path: object) -> dict[str, np.ndarray]:
         return {name: np.array(index.array(name)) for name in index.entries}
 
 
-def _cut(array: np.ndarray, box: Box) -> np.ndarray:
-    return array[(*(slice(a, b) for a, b in zip(box.start, box.stop)), ...)]
-
-
-def _layouts(case: Case, which: str) -> Layouts:
+def _check_sliced(case: Case, which: str, files: dict[int, Path]) -> None:
+    """Each file holds exactly the parameters its rank holds, each the full tensor cut by the reference
+    box, which is also mpickpt's box."""
+    full = _arrays(case.root / case.meta["full_checkpoint"])
     path = case.strategy(which)
-    return Layouts.from_strategy(None if path is None else load_strategy(path))
+    strategy = None if path is None else load_strategy(path)
+    layouts = Layouts.from_strategy(strategy)
+    for rank, file in files.items():
+        stored = _arrays(file)
+        bounds = {name: reference_slice(strategy, name, array.shape, rank) for name, array in full.items()}
+        assert sorted(stored) == sorted(name for name, box in bounds.items() if box is not None), (rank, file)
+        for name, data in stored.items():
+            start, stop = bounds[name]
+            if layouts.holds(name):
+                assert layouts.slice_box(name, full[name].shape, rank) == Box(start, stop), (rank, name)
+            cut = full[name][(*(slice(a, b) for a, b in zip(start, stop)), ...)]
+            np.testing.assert_array_equal(cut, data, err_msg=f"rank {rank} {name}")
 
 
-@requires_fixtures
 @case_params
 def test_full_model_sliced_by_source_layout_is_the_source_checkpoints(case: Case) -> None:
-    full = _arrays(case.root / case.meta["full_checkpoint"])
-    layouts = _layouts(case, "src")
-    for rank in range(layouts.device_count):
-        stored = _arrays(next((case.src_dir / f"rank_{rank}").glob("*.ckpt")))
-        for name, data in stored.items():
-            box = layouts.slice_box(name, full[name].shape, rank) if layouts.holds(name) else Box.full(data.shape)
-            assert box is not None, (rank, name)
-            np.testing.assert_array_equal(_cut(full[name], box), data, err_msg=f"rank {rank} {name}")
+    files = {rank: next((case.src_dir / f"rank_{rank}").glob("*.ckpt")) for rank in range(case.meta["src_ranks"])}
+    _check_sliced(case, "src", files)
 
 
-@requires_fixtures
 @case_params
 def test_full_model_sliced_by_target_layout_is_what_mindspore_wrote(case: Case) -> None:
-    full = _arrays(case.root / case.meta["full_checkpoint"])
-    layouts = _layouts(case, "dst")
-    for rank, path in case.expected_files().items():
-        for name, data in _arrays(path).items():
-            box = layouts.slice_box(name, full[name].shape, rank) if layouts.holds(name) else Box.full(data.shape)
-            np.testing.assert_array_equal(_cut(full[name], box), data, err_msg=f"rank {rank} {name}")
-
-
-def test_fixture_cases_were_found() -> None:
-    if not CASES:
-        pytest.skip("no fixtures")
-    assert {"seed_8to4", "pipeline_2x4_to_4", "8_to_full", "full_to_8"} <= {c.name for c in CASES}
+    _check_sliced(case, "dst", case.expected_files())

@@ -1,9 +1,11 @@
 """`mpickpt transform` under real MPI launchers, as `mpiexec -n K` subprocesses (MPI stays out of pytest).
 
 MPICH is the venv's (PyPI `mpich`); Open MPI is Debian's (`mpiexec.openmpi`), with mpi4py's wheel switched to
-it by mpickpt itself. Every fixture case gives the same bytes for K = 1..4 as the serial run; a process that
-raises or is killed ends the whole job quickly, leaves no partial output under a final name, and a rerun
-finishes the job.
+it by mpickpt itself. Every case written by mpickpt (``tests/written_cases.py``: the full tensors split by
+the target layout are known) and the MindSpore-made pipeline case (per-stage strategy folder; skipped
+without MindSpore) gives the same bytes for K = 1..4 as the serial run, whose content is the expected
+one; a process that raises or is killed ends the whole job quickly, leaves no partial output under a final
+name, and a rerun finishes the job.
 """
 
 from __future__ import annotations
@@ -14,23 +16,26 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fixture_cases import CASES, Case, case_params, requires_fixtures
 
+from fixture_cases import Case, assert_same_content
 from mpickpt.destination import LOCK_NAME
+from written_cases import WRITTEN
 
-pytestmark = requires_fixtures  # not pytest.mark.mpi: pytest-mpi skips those without --with-mpi
+# not pytest.mark.mpi: pytest-mpi skips those without --with-mpi
 
 REPO = Path(__file__).resolve().parents[1]
 MPICH_MPIEXEC = Path(sys.executable).parent / "mpiexec"
 FLAVORS = ["mpich", "openmpi"]
 TIMEOUT = 60  # a run that takes this long has hung
 ENDS_WITHIN = 30  # seconds from launch to every process gone after a failure
-KILL_CASE = next((c for c in CASES if c.name == "seed_8to4"), CASES[0] if CASES else None)
+KILL_CASE = "random_8to4"  # 4 targets
+MINDSPORE_PIPELINE = "pipeline_2x4_to_4"
+Serial = Callable[[Case], dict[str, bytes]]
 
 
 def launcher(flavor: str) -> list[str]:
@@ -133,31 +138,47 @@ def outputs(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in ("manifest.json", LOCK_NAME) and not p.name.endswith(".done.json")}
 
 
+@pytest.fixture(params=[*WRITTEN, MINDSPORE_PIPELINE])
+def conversion(request: pytest.FixtureRequest, written_cases: dict[str, Case]) -> Case:
+    """A case written by mpickpt, or the MindSpore-made pipeline case (skipped without MindSpore)."""
+    if request.param in written_cases:
+        return written_cases[request.param]
+    return request.getfixturevalue("mindspore_cases")[request.param]
+
+
 @pytest.fixture(scope="module")
-def serial(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, bytes]]:
-    """Serial outputs of every fixture case, made once (no launcher: one process runs all targets)."""
-    results = {}
-    for case in CASES:
-        dst = tmp_path_factory.mktemp(f"serial_{case.name}")
-        done = mpickpt(transform_args(case, dst) + ["--quiet"])
-        assert done.returncode == 0, done.output
-        assert done.output == ""
-        results[case.name] = outputs(dst)
-        assert json.loads((dst / "manifest.json").read_text())["world_size"] == 1
-    return results
+def serial(tmp_path_factory: pytest.TempPathFactory) -> Serial:
+    """The serial outputs of a case, made once (no launcher: one process runs all targets) and checked
+    against the case's expected files."""
+    made: dict[str, dict[str, bytes]] = {}
+
+    def outputs_of(case: Case) -> dict[str, bytes]:
+        if case.name not in made:
+            dst = tmp_path_factory.mktemp(f"serial_{case.name}")
+            done = mpickpt(transform_args(case, dst) + ["--quiet"])
+            assert done.returncode == 0, done.output
+            assert done.output == ""
+            for rank, expected in case.expected_files().items():
+                assert_same_content(dst / f"rank_{rank}" / expected.name, expected)
+            assert json.loads((dst / "manifest.json").read_text())["world_size"] == 1
+            made[case.name] = outputs(dst)
+        return made[case.name]
+
+    return outputs_of
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("processes", [1, 2, 3, 4])
-@case_params
-def test_mpiexec_gives_the_serial_bytes(case: Case, processes: int, flavor: str, tmp_path: Path,
-                                        serial: dict[str, dict[str, bytes]]) -> None:
+def test_mpiexec_gives_the_serial_bytes(conversion: Case, processes: int, flavor: str, tmp_path: Path,
+                                        serial: Serial) -> None:
+    case = conversion
     prefix = launcher(flavor) + ["-n", str(processes)]
     done = mpickpt(transform_args(case, tmp_path), prefix)
     assert done.returncode == 0, done.output
     got = outputs(tmp_path)
-    assert sorted(got) == sorted(serial[case.name])
-    for name, data in serial[case.name].items():
+    expected = serial(case)
+    assert sorted(got) == sorted(expected)
+    for name, data in expected.items():
         assert got[name] == data, f"{name} differs from the serial run ({flavor}, {processes} processes)"
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["world_size"] == processes
@@ -169,10 +190,10 @@ def test_mpiexec_gives_the_serial_bytes(case: Case, processes: int, flavor: str,
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_killed_process_ends_the_job_and_a_rerun_finishes_it(flavor: str, tmp_path: Path,
-                                                             serial: dict[str, dict[str, bytes]]) -> None:
-    case = KILL_CASE
-    expected = serial[case.name]
+def test_killed_process_ends_the_job_and_a_rerun_finishes_it(flavor: str, tmp_path: Path, serial: Serial,
+                                                             written_cases: dict[str, Case]) -> None:
+    case = written_cases[KILL_CASE]
+    expected = serial(case)
     prefix = launcher(flavor) + ["-n", "4"]
     killed = mpickpt(transform_args(case, tmp_path), prefix,
                      MPICKPT_TEST_FAIL="process=1,after_bytes=1,action=kill")
@@ -195,8 +216,9 @@ def test_killed_process_ends_the_job_and_a_rerun_finishes_it(flavor: str, tmp_pa
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_exception_in_one_process_names_it_and_ends_every_process(flavor: str, tmp_path: Path) -> None:
-    done = mpickpt(transform_args(KILL_CASE, tmp_path), launcher(flavor) + ["-n", "3"],
+def test_exception_in_one_process_names_it_and_ends_every_process(flavor: str, tmp_path: Path,
+                                                                  written_cases: dict[str, Case]) -> None:
+    done = mpickpt(transform_args(written_cases[KILL_CASE], tmp_path), launcher(flavor) + ["-n", "3"],
                    MPICKPT_TEST_FAIL="process=2,after_bytes=1")
     assert done.returncode != 0
     assert done.seconds < ENDS_WITHIN
@@ -207,14 +229,16 @@ def test_exception_in_one_process_names_it_and_ends_every_process(flavor: str, t
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_corrupt_source_is_refused_before_any_output_naming_file_and_parameter(flavor: str, tmp_path: Path) -> None:
+def test_corrupt_source_is_refused_before_any_output_naming_file_and_parameter(flavor: str, tmp_path: Path,
+                                                                            written_cases: dict[str, Case]) -> None:
+    case = written_cases[KILL_CASE]
     src = tmp_path / "src"
-    shutil.copytree(KILL_CASE.src_dir, src)
+    shutil.copytree(case.src_dir, src)
     victim = next((src / "rank_3").glob("*.ckpt"))
     victim.chmod(0o600)
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
-    done = mpickpt(transform_args(KILL_CASE, tmp_path / "dst", src), launcher(flavor) + ["-n", "2"])
+    done = mpickpt(transform_args(case, tmp_path / "dst", src), launcher(flavor) + ["-n", "2"])
     assert done.returncode != 0
     assert done.seconds < ENDS_WITHIN
     errors = {line for line in done.output.splitlines() if line.startswith("mpickpt: error:")}
@@ -225,8 +249,9 @@ def test_corrupt_source_is_refused_before_any_output_naming_file_and_parameter(f
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_destination_inside_a_source_is_refused_on_every_rank(flavor: str, tmp_path: Path) -> None:
-    case = next(c for c in CASES if c.name == "full_to_8")
+def test_destination_inside_a_source_is_refused_on_every_rank(flavor: str, tmp_path: Path,
+                                                              written_cases: dict[str, Case]) -> None:
+    case = written_cases["random_full_to_4"]
     src = tmp_path / "src"
     shutil.copytree(case.src_dir, src)
     before = sorted(p.relative_to(src) for p in src.rglob("*"))
@@ -234,19 +259,20 @@ def test_destination_inside_a_source_is_refused_on_every_rank(flavor: str, tmp_p
     assert done.returncode != 0
     assert done.output.count("mpickpt: error:") == 2, done.output  # both ranks, rank 0's message
     assert len({line for line in done.output.splitlines() if line.startswith("mpickpt: error:")}) == 1
-    assert "inside" in done.output or "equal" in done.output
+    assert f"{src / 'out'}: refusing to write inside source folder {src}" in done.output
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_locked_destination_is_refused_on_every_rank(flavor: str, tmp_path: Path) -> None:
+def test_locked_destination_is_refused_on_every_rank(flavor: str, tmp_path: Path,
+                                                     written_cases: dict[str, Case]) -> None:
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time; from mpickpt.destination import DestinationLock; "
         f"DestinationLock.acquire({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True, env=clean_env(PYTHONPATH=str(REPO)))
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
-        done = mpickpt(transform_args(KILL_CASE, tmp_path), launcher(flavor) + ["-n", "2"])
+        done = mpickpt(transform_args(written_cases[KILL_CASE], tmp_path), launcher(flavor) + ["-n", "2"])
     finally:
         holder.kill()
         holder.wait()
@@ -257,9 +283,9 @@ def test_locked_destination_is_refused_on_every_rank(flavor: str, tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
 
 
-def test_launcher_and_mpi_world_disagreeing_is_refused(tmp_path: Path) -> None:
+def test_launcher_and_mpi_world_disagreeing_is_refused(tmp_path: Path, written_cases: dict[str, Case]) -> None:
     """srun without --mpi=pmi2 would start N one-process worlds; mpickpt refuses instead of converting N times."""
-    case = KILL_CASE
+    case = written_cases[KILL_CASE]
     done = mpickpt(transform_args(case, tmp_path), SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="0")
     assert done.returncode != 0
     assert "the launcher started 2 processes but MPI formed a world of 1" in done.output
@@ -267,12 +293,12 @@ def test_launcher_and_mpi_world_disagreeing_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_mpirun_wrapper_script(flavor: str, tmp_path: Path, serial: dict[str, dict[str, bytes]]) -> None:
-    case = KILL_CASE
+def test_mpirun_wrapper_script(flavor: str, tmp_path: Path, serial: Serial, written_cases: dict[str, Case]) -> None:
+    case = written_cases[KILL_CASE]
     mpiexec = launcher(flavor)[0]
     cmd = ["bash", str(REPO / "launch" / "mpirun.sh"), "-n", "3", "--mpiexec", mpiexec, "--",
            *transform_args(case, tmp_path)]
     done = run(cmd, MPICKPT=str(Path(sys.executable).parent / "mpickpt"))
     assert done.returncode == 0, done.output
-    assert outputs(tmp_path) == serial[case.name]
+    assert outputs(tmp_path) == serial(case)
     assert json.loads((tmp_path / "manifest.json").read_text())["world_size"] == 3

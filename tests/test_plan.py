@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixture_cases import FIXTURES, Case, case_params, requires_fixtures
+from fixture_cases import Case, case_params
 from mpickpt.catalog import build_catalog
 from mpickpt.ckpt import index_checkpoint
 from mpickpt.errors import LayoutError, PlanError
@@ -257,7 +257,8 @@ def test_plans_are_json_and_count_bytes() -> None:
     assert data["source_ranks"] == [1, 0] and data["bytes_written"] == 16
     assert data["params"][0]["copies"][1] == {"src_rank": 1, "src_box": {"start": [0], "stop": [3]},
                                               "dst_box": {"start": [3], "stop": [6]}}
-    assert json.dumps(TensorInfo(F32, (2,), (0,)).to_dict())
+    info = TensorInfo(F32, (2,), (0,)).to_dict()
+    assert json.loads(json.dumps(info)) == info == {"dtype": "Float32", "shape": [2], "stages": [0]}
 
 
 # --- MindSpore fixtures ------------------------------------------------------------------------------
@@ -305,11 +306,10 @@ def _check_against(case: Case, planner: Planner, expected: dict[int, Path]) -> N
             assert got.tobytes() == want.tobytes(), (target, param.name)
 
 
-@requires_fixtures
 @case_params
 def test_rank_lists_never_exceed_mindspores(case: Case) -> None:
     src, dst = _strategy(case, "src"), _strategy(case, "dst")
-    theirs = case.meta.get("ms_rank_list_for_transform") or {str(t): [0] for t in range(case.meta["dst_ranks"])}
+    theirs = case.meta["ms_rank_list_for_transform"]
     planner = Planner(src, dst, _catalog(case, src, _all_ranks(src)))
     for target, listed in theirs.items():
         ours = rank_list_for_transform(int(target), src, dst)
@@ -318,7 +318,6 @@ def test_rank_lists_never_exceed_mindspores(case: Case) -> None:
         assert ours == sorted(ours, reverse=True) == planner.rank_list(int(target))
 
 
-@requires_fixtures
 @case_params
 def test_plans_rebuild_what_mindspore_wrote(case: Case) -> None:
     src, dst = _strategy(case, "src"), _strategy(case, "dst")
@@ -326,10 +325,9 @@ def test_plans_rebuild_what_mindspore_wrote(case: Case) -> None:
     _check_against(case, planner, case.expected_files())
 
 
-@requires_fixtures
 @pytest.mark.parametrize("stage", [0, 1])
-def test_stage_subnetwork_plans_rebuild_what_mindspore_wrote(stage: int) -> None:
-    case = Case(FIXTURES / "pipeline_2x4_to_4", json.loads((FIXTURES / "pipeline_2x4_to_4" / "case.json").read_text()))
+def test_stage_subnetwork_plans_rebuild_what_mindspore_wrote(stage: int, mindspore_cases: dict[str, Case]) -> None:
+    case = mindspore_cases["pipeline_2x4_to_4"]
     src = load_strategy(case.root / "src_pipeline_strategys" / f"src_strategy_{4 * stage}.ckpt")
     planner = Planner(src, _strategy(case, "dst"), _catalog(case, src, range(4 * stage, 4 * stage + 4), stage), src_stage=stage)
     expected = {t: case.root / "expected_by_stage" / f"rank_{t}" / f"checkpoint_{t}_part{stage}.ckpt" for t in range(4)}

@@ -1,8 +1,9 @@
 """launch/slurm_transform.sbatch on a real single-host Slurm (tools/slurm_local.py starts and stops it).
 
 Needs root (slurmd) and Debian's slurm-wlm + munge, which the fixture installs with apt-get when missing.
-Each job converts a fixture case with 4 tasks; the outputs must equal the serial run's and the manifest
-must show ONE MPI world of 4 processes (not four one-process worlds).
+Each job converts a case written by mpickpt (``tests/written_cases.py``, 8 -> 4 ranks) with 4 tasks; the
+outputs must equal the serial run's (whose content is the expected one) and the manifest must show ONE MPI
+world of 4 processes (not four one-process worlds).
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from fixture_cases import CASES, Case, requires_fixtures
+from fixture_cases import Case, assert_same_content
 from test_mpi import no_stale_segments  # noqa: F401 - autouse fixture: removes a killed job's segments
 
-pytestmark = [pytest.mark.slurm, requires_fixtures]
+pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "slurm_local.py"
 TEMPLATE = REPO / "launch" / "slurm_transform.sbatch"
 VENV_BIN = Path(sys.executable).parent
-CASE = next((c for c in CASES if c.name == "seed_8to4"), None)
+CASE = "random_8to4"
 TASKS = 4
 JOB_SECONDS = 120
 
@@ -65,13 +66,20 @@ def outputs(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def serial(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """The serial outputs of the case."""
-    assert CASE is not None
+def case(written_cases: dict[str, Case]) -> Case:
+    """The case every job converts."""
+    return written_cases[CASE]
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory: pytest.TempPathFactory, case: Case) -> dict[str, bytes]:
+    """The serial outputs of the case (checked against its expected files)."""
     dst = tmp_path_factory.mktemp("serial")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "PMIX_", "OMPI_"))}
-    subprocess.run([sys.executable, "-m", "mpickpt", "transform", *case_args(CASE, dst), "--quiet"],
+    subprocess.run([sys.executable, "-m", "mpickpt", "transform", *case_args(case, dst), "--quiet"],
                    check=True, env=env, timeout=120)
+    for rank, expected in case.expected_files().items():
+        assert_same_content(dst / f"rank_{rank}" / expected.name, expected)
     return outputs(dst)
 
 
@@ -104,13 +112,12 @@ def sbatch(env: dict[str, str], workdir: Path, args: list[str], **extra: str) ->
 
 
 @pytest.mark.parametrize(("mpi", "launcher"), [("mpich", "srun"), ("mpich", "mpiexec"), ("openmpi", "srun")])
-def test_sbatch_template_converts_in_one_mpi_world(slurm_env: dict[str, str], serial: dict[str, bytes],
+def test_sbatch_template_converts_in_one_mpi_world(slurm_env: dict[str, str], serial: dict[str, bytes], case: Case,
                                                    tmp_path: Path, mpi: str, launcher: str) -> None:
-    assert CASE is not None
     if mpi == "openmpi" and shutil.which("mpiexec.openmpi") is None:
         pytest.skip("Open MPI is not installed (apt-get install openmpi-bin libopenmpi-dev)")
     dst = tmp_path / "dst"
-    code, log, _ = sbatch(slurm_env, tmp_path, case_args(CASE, dst), MPICKPT_MPI=mpi, MPICKPT_LAUNCHER=launcher,
+    code, log, _ = sbatch(slurm_env, tmp_path, case_args(case, dst), MPICKPT_MPI=mpi, MPICKPT_LAUNCHER=launcher,
                           MPIEXEC=str(VENV_BIN / "mpiexec") if mpi == "mpich" else "mpiexec.openmpi")
     assert code == 0, log
     assert f"{TASKS} tasks on 1 node(s)" in log and f"{mpi} via {launcher}" in log
@@ -121,17 +128,16 @@ def test_sbatch_template_converts_in_one_mpi_world(slurm_env: dict[str, str], se
     assert f"by {TASKS} processes" in log
 
 
-def test_killed_task_fails_the_job_quickly_and_a_rerun_finishes(slurm_env: dict[str, str],
+def test_killed_task_fails_the_job_quickly_and_a_rerun_finishes(slurm_env: dict[str, str], case: Case,
                                                                 serial: dict[str, bytes], tmp_path: Path) -> None:
-    assert CASE is not None
     dst = tmp_path / "dst"
-    code, log, seconds = sbatch(slurm_env, tmp_path, case_args(CASE, dst),
+    code, log, seconds = sbatch(slurm_env, tmp_path, case_args(case, dst),
                                 MPICKPT_TEST_FAIL="process=2,after_bytes=1,action=kill")
     assert code != 0, log
     assert seconds < 30 + 5, f"the job took {seconds:.0f} s to end"  # 5 s: Slurm's own scheduling
     for name, data in outputs(dst).items():
         assert data == serial[name], f"{name} is incomplete under its final name"
     assert len(outputs(dst)) < len(serial)
-    code, log, _ = sbatch(slurm_env, tmp_path, case_args(CASE, dst))
+    code, log, _ = sbatch(slurm_env, tmp_path, case_args(case, dst))
     assert code == 0, log
     assert outputs(dst) == serial

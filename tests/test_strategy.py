@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from fixture_cases import FIXTURES, PIPELINE, STAGE_FILES, STRATEGY_FILES
+from fixture_cases import Case, strategy_files
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +33,16 @@ from mpickpt.strategy import (
 )
 
 
-needs_fixtures = pytest.mark.skipif(not STRATEGY_FILES, reason=f"no fixtures in {FIXTURES}")
+@pytest.fixture(scope="module")
+def pipeline(mindspore_cases: dict[str, Case]) -> Path:
+    """The MindSpore-made pipeline case's folder."""
+    return mindspore_cases["pipeline_2x4_to_4"].root
+
+
+@pytest.fixture(scope="module")
+def stage_files(pipeline: Path) -> Path:
+    """The pipeline case's per-rank stage strategy files."""
+    return pipeline / "src_pipeline_strategys"
 
 
 def _layout(name: str = "w", **changes: object) -> LayoutItem:
@@ -49,41 +58,41 @@ def _items(strategy: Strategy) -> tuple[list[str], list[str]]:
 # --- fixtures -----------------------------------------------------------------------------------
 
 
-@needs_fixtures
-@pytest.mark.parametrize("path", STRATEGY_FILES, ids=lambda p: str(p.relative_to(FIXTURES)))
-def test_fixture_round_trips(path: Path, tmp_path: Path) -> None:
-    strategy = load_strategy(path)
-    assert strategy.path == str(path)
-    assert strategy.layout_items and strategy.strategy_items
-    assert strategy_to_bytes(strategy, PROTOBUF) == path.read_bytes()
-    assert parse_strategy_bytes(strategy_to_bytes(strategy, JSON), "s.json") == strategy
-    for name in ("copy.ckpt", "copy.json"):
-        save_strategy(strategy, tmp_path / name)
-        assert load_strategy(tmp_path / name) == strategy
-    assert sorted(os.listdir(tmp_path)) == ["copy.ckpt", "copy.json"]
+def test_mindspore_files_round_trip(mindspore_root: Path, tmp_path: Path) -> None:
+    paths = strategy_files(mindspore_root)
+    assert len(paths) == 4 + 4 + 8  # source and target files (one merged) and the per-rank stage files
+    for index, path in enumerate(paths):
+        strategy = load_strategy(path)
+        assert strategy.path == str(path)
+        assert strategy.layout_items and strategy.strategy_items, path
+        assert strategy_to_bytes(strategy, PROTOBUF) == path.read_bytes(), path
+        assert parse_strategy_bytes(strategy_to_bytes(strategy, JSON), "s.json") == strategy, path
+        for name in (f"copy{index}.ckpt", f"copy{index}.json"):
+            save_strategy(strategy, tmp_path / name)
+            assert load_strategy(tmp_path / name) == strategy, path
+    assert len(os.listdir(tmp_path)) == 2 * len(paths)
 
 
-@needs_fixtures
-def test_pipeline_fixture_resolved_view() -> None:
-    merged = load_strategy(PIPELINE / "src_strategy.ckpt")
+def test_pipeline_fixture_resolved_view(pipeline: Path, stage_files: Path,
+                                        mindspore_cases: dict[str, Case]) -> None:
+    merged = load_strategy(pipeline / "src_strategy.ckpt")
     by_param = merged.layouts_by_param()
     assert by_param["layer1.weight"][0][0] == 0 and by_param["layer3.bias"][0][0] == 1
     assert all(len(entries) == 1 for entries in by_param.values())
     assert (merged.stage_count, merged.is_pipelined, merged.stage_device_count) == (2, True, 4)
-    stage0 = load_strategy(STAGE_FILES / "src_strategy_0.ckpt")
-    stage1 = load_strategy(STAGE_FILES / "src_strategy_7.ckpt")
+    stage0 = load_strategy(stage_files / "src_strategy_0.ckpt")
+    stage1 = load_strategy(stage_files / "src_strategy_7.ckpt")
     assert (stage0.stage, stage1.stage) == (0, 1)
     assert (stage1.stage_count, stage1.is_pipelined) == (1, False)
     params = {"layer2.weight", "layer2.bias", "layer3.weight", "layer3.bias"}
     assert set(stage1.layouts_by_param()) == params | {f"{kind}.{p}" for kind in ("accum", "stat") for p in params}
     assert {stage for entries in stage1.layouts_by_param().values() for stage, _ in entries} == {None}
-    assert load_strategy(FIXTURES / "seed_8to4" / "src_strategy.ckpt").stage_device_count == 8
+    assert load_strategy(mindspore_cases["seed_8to4"].strategy("src")).stage_device_count == 8
 
 
-@needs_fixtures
-def test_merge_matches_mindspore_fixture_in_any_order() -> None:
-    stages = [load_strategy(p) for p in sorted(STAGE_FILES.glob("*.ckpt"))]
-    expected = load_strategy(PIPELINE / "src_strategy.ckpt")
+def test_merge_matches_mindspore_fixture_in_any_order(pipeline: Path, stage_files: Path) -> None:
+    stages = [load_strategy(p) for p in sorted(stage_files.glob("*.ckpt"))]
+    expected = load_strategy(pipeline / "src_strategy.ckpt")
     results = {strategy_to_bytes(merge_strategies(order), PROTOBUF) for order in itertools.permutations(stages[3:6])}
     assert len(results) == 1  # the order of the inputs does not matter
     merged = merge_strategies(stages)
@@ -91,19 +100,18 @@ def test_merge_matches_mindspore_fixture_in_any_order() -> None:
     assert [layout.name[:2] for layout in merged.layout_items] == ["0-"] * 6 + ["1-"] * 12  # ordered by stage
 
 
-@needs_fixtures
-def test_merge_pipeline_strategys_is_reproducible(tmp_path: Path) -> None:
-    merge_pipeline_strategys(STAGE_FILES, tmp_path / "a" / "merged.ckpt")
+def test_merge_pipeline_strategys_is_reproducible(pipeline: Path, stage_files: Path, tmp_path: Path) -> None:
+    merge_pipeline_strategys(stage_files, tmp_path / "a" / "merged.ckpt")
     renamed = tmp_path / "renamed"
     renamed.mkdir()
-    for path in STAGE_FILES.glob("*.ckpt"):
+    for path in stage_files.glob("*.ckpt"):
         rank = int(path.stem.rsplit("_", 1)[1])
         shutil.copy(path, renamed / f"stage_file_{7 - rank}.ckpt")  # reversed listing
     merge_pipeline_strategys(str(renamed), str(renamed / "merged.ckpt"))
     merge_pipeline_strategys(renamed, renamed / "merged.ckpt")  # a rerun does not read its own output
     assert (tmp_path / "a" / "merged.ckpt").read_bytes() == (renamed / "merged.ckpt").read_bytes()
-    assert _items(load_strategy(renamed / "merged.ckpt")) == _items(load_strategy(PIPELINE / "src_strategy.ckpt"))
-    merge_pipeline_strategys(STAGE_FILES, tmp_path / "merged.json")
+    assert _items(load_strategy(renamed / "merged.ckpt")) == _items(load_strategy(pipeline / "src_strategy.ckpt"))
+    merge_pipeline_strategys(stage_files, tmp_path / "merged.json")
     assert load_strategy(tmp_path / "merged.json") == load_strategy(renamed / "merged.ckpt")
 
 
@@ -219,9 +227,8 @@ def test_bad_protobuf(data: bytes, message: str) -> None:
         parse_strategy_bytes(data, "bad.ckpt")
 
 
-@needs_fixtures
-def test_truncated_protobuf_names_file(tmp_path: Path) -> None:
-    data = (FIXTURES / "seed_8to4" / "src_strategy.ckpt").read_bytes()
+def test_truncated_protobuf_names_file(written_cases: dict[str, Case], tmp_path: Path) -> None:
+    data = Path(str(written_cases["random_8to4"].strategy("src"))).read_bytes()
     (tmp_path / "cut.ckpt").write_bytes(data[:-5])
     with pytest.raises(StrategyFormatError, match="cut.ckpt: not a protobuf strategy file"):
         load_strategy(tmp_path / "cut.ckpt")
@@ -297,9 +304,10 @@ def test_missing_unreadable_and_unwritable(tmp_path: Path) -> None:
         load_strategy(tmp_path / "absent.ckpt")
     with pytest.raises(StrategyFormatError, match="cannot read"):
         load_strategy(tmp_path)
-    with pytest.raises(DestinationError, match="no_folder"):
-        save_strategy(Strategy(0), tmp_path / "no_folder" / "s.ckpt")
-    assert not list(tmp_path.iterdir())
+    (tmp_path / "blocker").write_bytes(b"a file where a folder should be")
+    with pytest.raises(DestinationError, match="blocker/s.ckpt: cannot create a file here"):
+        save_strategy(Strategy(0), tmp_path / "blocker" / "s.ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
 
 
 def test_writing_refuses_what_cannot_be_read_back() -> None:

@@ -1,6 +1,6 @@
 """Strategy files against MindSpore itself, run in subprocesses (its protobuf files share our names).
 
-One MindSpore run (module fixture) merges the fixture's per-stage files (protobuf, and JSON made by
+One MindSpore run (module fixture) merges the MindSpore-made pipeline case's per-stage files (protobuf, and JSON made by
 us), dumps its schema descriptors, and reads every fixture file plus our JSON copies with its own
 readers; the tests compare that with mpickpt's results.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixture_cases import FIXTURES, PIPELINE, STAGE_FILES, STRATEGY_FILES
+from fixture_cases import Case, strategy_files
 from mindspore_helpers import requires_mindspore, run_mindspore
 
 from mpickpt._proto import checkpoint_pb2, node_strategy_pb2
@@ -26,11 +26,7 @@ from mpickpt.strategy import (
 )
 
 
-pytestmark = [
-    pytest.mark.mindspore,
-    requires_mindspore,
-    pytest.mark.skipif(not STRATEGY_FILES, reason=f"no fixtures in {FIXTURES}"),
-]
+pytestmark = [pytest.mark.mindspore, requires_mindspore]
 
 MINDSPORE_SCRIPT = r"""
 import json
@@ -87,13 +83,21 @@ def _handmade(json_flavour: bool) -> Strategy:
 
 
 @pytest.fixture(scope="module")
-def mindspore_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def pipeline(mindspore_cases: dict[str, Case]) -> Path:
+    """The MindSpore-made pipeline case's folder."""
+    return mindspore_cases["pipeline_2x4_to_4"].root
+
+
+@pytest.fixture(scope="module")
+def mindspore_run(tmp_path_factory: pytest.TempPathFactory, mindspore_root: Path,
+                  pipeline: Path) -> tuple[Path, dict[str, Any]]:
     work = tmp_path_factory.mktemp("mindspore")
+    stage_files = pipeline / "src_pipeline_strategys"
     (work / "json_stages").mkdir()
-    for path in STAGE_FILES.glob("*.ckpt"):
+    for path in stage_files.glob("*.ckpt"):
         save_strategy(load_strategy(path), work / "json_stages" / f"{path.stem}.json")
-    read = [str(p) for p in STRATEGY_FILES]
-    for path in STRATEGY_FILES:
+    read = [str(p) for p in strategy_files(mindspore_root)]
+    for path in strategy_files(mindspore_root):
         copy = work / f"{path.parent.name}__{path.stem}.json"
         save_strategy(load_strategy(path), copy)
         read.append(str(copy))
@@ -102,7 +106,7 @@ def mindspore_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     read += [str(work / "handmade.ckpt"), str(work / "handmade.json")]
     job = {
         "merge": [
-            [str(STAGE_FILES), str(work / "ms_merged.ckpt")],
+            [str(stage_files), str(work / "ms_merged.ckpt")],
             [str(work / "json_stages"), str(work / "ms_merged.json")],
         ],
         "read": read,
@@ -123,20 +127,22 @@ def test_schema_equals_mindspore(mindspore_run: tuple[Path, dict[str, Any]]) -> 
         assert module.DESCRIPTOR.serialized_pb == (work / f"{module.DESCRIPTOR.name}.desc").read_bytes()
 
 
-def test_protobuf_merge_equals_mindspore(mindspore_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_protobuf_merge_equals_mindspore(mindspore_run: tuple[Path, dict[str, Any]], pipeline: Path,
+                                        tmp_path: Path) -> None:
     work, _ = mindspore_run
-    merge_pipeline_strategys(STAGE_FILES, tmp_path / "ours.ckpt")
+    merge_pipeline_strategys(pipeline / "src_pipeline_strategys", tmp_path / "ours.ckpt")
     ours, theirs = load_strategy(tmp_path / "ours.ckpt"), load_strategy(work / "ms_merged.ckpt")
     assert ours.current_stage == theirs.current_stage == 1
-    assert _items(ours) == _items(theirs) == _items(load_strategy(PIPELINE / "src_strategy.ckpt"))
+    assert _items(ours) == _items(theirs) == _items(load_strategy(pipeline / "src_strategy.ckpt"))
 
 
-def test_json_merge_equals_mindspore(mindspore_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_json_merge_equals_mindspore(mindspore_run: tuple[Path, dict[str, Any]], pipeline: Path,
+                                    tmp_path: Path) -> None:
     work, _ = mindspore_run
     merge_pipeline_strategys(work / "json_stages", tmp_path / "ours.json")
     ours, theirs = load_strategy(tmp_path / "ours.json"), load_strategy(work / "ms_merged.json")
     assert ours.current_stage == theirs.current_stage == 1
-    assert _items(ours) == _items(theirs) == _items(load_strategy(PIPELINE / "src_strategy.ckpt"))
+    assert _items(ours) == _items(theirs) == _items(load_strategy(pipeline / "src_strategy.ckpt"))
 
 
 def _as_mindspore_reads(layout: LayoutItem, from_json: bool) -> dict[str, Any]:
@@ -156,9 +162,9 @@ def _as_mindspore_reads(layout: LayoutItem, from_json: bool) -> dict[str, Any]:
     }
 
 
-def test_mindspore_reads_our_files_as_we_do(mindspore_run: tuple[Path, dict[str, Any]]) -> None:
+def test_mindspore_reads_our_files_as_we_do(mindspore_run: tuple[Path, dict[str, Any]], mindspore_root: Path) -> None:
     _, read = mindspore_run
-    assert len(read) == 2 * len(STRATEGY_FILES) + 2
+    assert len(read) == 2 * len(strategy_files(mindspore_root)) + 2
     for path, theirs in read.items():
         ours = load_strategy(path)
         from_json = path.endswith(".json")
