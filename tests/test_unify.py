@@ -29,11 +29,8 @@ from mpickpt.unify import (
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "tiny_llama"
-FIXTURES = Path(os.environ.get("MPICKPT_FIXTURES", ROOT.parent.parent / "shared" / "fixtures"))
-PIPELINE = FIXTURES / "pipeline_2x4_to_4"
 MS_PYTHON = Path(os.environ.get("MPICKPT_MINDSPORE_PYTHON", ROOT / ".venv-mindspore" / "bin" / "python"))
 requires_mindspore = pytest.mark.skipif(not MS_PYTHON.exists(), reason=f"no MindSpore interpreter at {MS_PYTHON}")
-requires_pipeline = pytest.mark.skipif(not PIPELINE.is_dir(), reason=f"no fixture {PIPELINE}")
 
 
 def run_mindspore(script: str, cwd: Path) -> str:
@@ -99,16 +96,26 @@ def test_unified_safetensors_equals_mindspore(tiny_st: Path, tmp_path: Path, cho
     assert ("head.w" in names) == (choice is not None)
 
 
-@requires_mindspore
-@requires_pipeline
-def test_pipeline_ckpt_sources_equal_mindspore(tmp_path: Path) -> None:
+def test_pipeline_ckpt_sources_equal_mindspore(mindspore_cases: dict, tmp_path: Path) -> None:
     """.ckpt sources of two pipeline stages with their per-stage strategy folder, against MindSpore on the
     same checkpoint as safetensors with the merged strategy."""
-    ckpt_to_safetensors(PIPELINE / "src_checkpoints", tmp_path / "st")
-    run_mindspore(f"import mindspore as ms\nms.parallel.unified_safetensors('st', "
-                  f"{str(PIPELINE / 'src_strategy.ckpt')!r}, 'theirs')", tmp_path)
-    unified_safetensors(str(PIPELINE / "src_checkpoints"), str(PIPELINE / "src_pipeline_strategys"),
+    case = mindspore_cases["pipeline_2x4_to_4"]
+    ckpt_to_safetensors(case.src_dir, tmp_path / "st")
+    run_mindspore(f"import mindspore as ms\nms.parallel.unified_safetensors('st', {case.strategy('src')!r}, "
+                  f"'theirs')", tmp_path)
+    unified_safetensors(str(case.src_dir), str(case.root / case.meta["src_pipeline_strategy_dir"]),
                         str(tmp_path / "ours"))
+    assert_same_folder(tmp_path / "ours", tmp_path / "theirs")
+
+
+def test_redundancy_removed_by_mindspore_equal_mindspore(redundancy_removed_case: tuple, tmp_path: Path) -> None:
+    """Sources MindSpore's own functions made redundancy-removed (.ckpt), against MindSpore's unify of them
+    as safetensors with merge_with_redundancy=False."""
+    case, reduced = redundancy_removed_case
+    ckpt_to_safetensors(reduced, tmp_path / "st")
+    run_mindspore(f"import mindspore as ms\nms.parallel.unified_safetensors('st', {case.strategy('src')!r}, "
+                  f"'theirs', merge_with_redundancy=False)", tmp_path)
+    unified_safetensors(str(reduced), case.strategy("src"), str(tmp_path / "ours"))
     assert_same_folder(tmp_path / "ours", tmp_path / "theirs")
 
 
