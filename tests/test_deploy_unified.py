@@ -246,3 +246,29 @@ def test_shape_disagreeing_with_the_target_strategy(cases: dict[str, Path], tmp_
                                               dst_strategy=str(DST)))
     assert repr(name) in str(caught.value) and str(DST) in str(caught.value)
     assert not (tmp_path / "out" / "rank_0").exists()
+
+
+@requires_mindspore
+def test_load_distributed_checkpoint_to_a_pipeline_strategy_equals_mindspore(mindspore_cases: dict,
+                                                                               tmp_path: Path) -> None:
+    """Each rank holds the parameters of its pipeline stage only (plus hyper_param.safetensors)."""
+    case = mindspore_cases["pipeline_2x4_to_4"]
+    ckpt_to_safetensors(case.src_dir, tmp_path / "st")
+    mpickpt.unified_safetensors(str(tmp_path / "st"), case.strategy("src"), str(tmp_path / "u"))
+    script = (f"import mindspore as ms\nms.load_distributed_checkpoint(None, predict_strategy="
+              f"{case.strategy('src')!r}, format='safetensors', unified_safetensors_dir='u', "
+              f"dst_safetensors_dir='theirs', max_process_num=2)")
+    proc = subprocess.run([str(MS_PYTHON), "-c", script], cwd=tmp_path, capture_output=True, text=True, check=False,
+                          env=dict(os.environ, GLOG_v="3"), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    mpickpt.load_distributed_checkpoint(None, predict_strategy=case.strategy("src"), format="safetensors",
+                                        unified_safetensors_dir=str(tmp_path / "u"),
+                                        dst_safetensors_dir=str(tmp_path / "ours"))
+    ranks = sorted(os.listdir(tmp_path / "theirs"))
+    assert ranks == sorted(os.listdir(tmp_path / "ours")) and len(ranks) == 8
+    sizes = set()
+    for rank in ranks:
+        ours = content(tmp_path / "ours" / rank / "net.safetensors")
+        assert ours == content(tmp_path / "theirs" / rank / "net.safetensors"), rank
+        sizes.add(len(ours))
+    assert len(sizes) == 2  # the two stages hold different parameters
