@@ -79,6 +79,9 @@ class UnifiedIndex:
         self.entries: dict[str, TensorEntry] = {name: shards[file].entries[name] for name, file in owner.items()}
         self.metadata: dict[str, str] = {}
         self.crc: int | None = None
+        # MindSpore's hyper_param.safetensors keeps rank 0's stored value (a slice of accu_grads*, say):
+        # such a parameter can be copied whole, never laid out by a target strategy.
+        self.as_stored = frozenset(n for n, file in owner.items() if file == HYPER_PARAM)
         self._owner = owner
         self._stack = stack
 

@@ -272,3 +272,34 @@ def test_load_distributed_checkpoint_to_a_pipeline_strategy_equals_mindspore(min
         assert ours == content(tmp_path / "theirs" / rank / "net.safetensors"), rank
         sizes.add(len(ours))
     assert len(sizes) == 2  # the two stages hold different parameters
+
+
+def test_a_hyper_param_the_target_strategy_lays_out_is_refused(cases: dict[str, Path], tmp_path: Path) -> None:
+    """MindSpore's hyper_param.safetensors holds rank 0's stored value (for accu_grads*, a slice): a target
+    strategy laying it out would slice a slice, so the deploy refuses it; load_distributed_checkpoint copies
+    it whole, as MindSpore does."""
+    folder = tmp_path / "ms"
+    shutil.copytree(cases["ms"], folder)
+    for file in folder.iterdir():
+        file.chmod(0o644)
+    index = json.loads((folder / "param_name_map.json").read_text())
+    name = "model.layers.0.attention.wq.weight"
+    part = folder / index["weight_map"].pop(name)
+    kept = content(part)[name]
+    rewrite_shard(folder, part.name, {}, drop=name)
+    (folder / "param_name_map.json").write_text(json.dumps(index))
+    from mpickpt.formats import TensorSpec
+    from mpickpt.formats.safetensors import SafetensorsWriter
+
+    hyper = content(folder / "hyper_param.safetensors") | {name: kept}
+    with SafetensorsWriter(folder / "hyper_param.safetensors", sync=False) as writer:
+        writer.declare([TensorSpec(n, d, dims, len(data)) for n, (d, dims, data) in hyper.items()])
+        for n, (d, dims, data) in hyper.items():
+            writer.write_tensor(n, d, dims, data)
+    done = transform(folder, tmp_path / "out")
+    assert done.returncode == 2 and "hyper_param.safetensors" in done.stderr and repr(name) in done.stderr
+    assert not list((tmp_path / "out").glob("rank_*/*.ckpt"))
+    mpickpt.load_distributed_checkpoint(None, predict_strategy=str(DST), format="safetensors",
+                                        unified_safetensors_dir=str(folder), dst_safetensors_dir=str(tmp_path / "l"),
+                                        rank_id=2)
+    assert content(tmp_path / "l" / "rank_2" / "net.safetensors")[name] == kept
