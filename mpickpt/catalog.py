@@ -166,9 +166,10 @@ def _check_every_slice_held(layouts: Layouts, name: str, held: set[int], where: 
             owners.setdefault(int(box_id), []).append(stage * per_stage + local)
         for ranks in owners.values():
             if not held.intersection(ranks):
+                files = ", ".join(where(r) for r in ranks[:2]) + (", ..." if len(ranks) > 2 else "")
                 raise PlanError(f"parameter {name!r}: no source file holds the slice of source ranks "
-                                f"{_ranks(ranks)} (their files lack it; each rank's file must hold its slices, "
-                                f"or one replica's file must)")
+                                f"{_ranks(ranks)}: {files} lack{'s' if len(ranks) == 1 else ''} it (each rank's "
+                                f"file must hold its slices, or one replica's file must)")
 
 
 def _ranks(ranks: Sequence[int]) -> str:

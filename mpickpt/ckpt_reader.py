@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import numpy as np
 
@@ -389,7 +390,7 @@ class CheckpointIndex:
         self._fd: int | None = fd
         self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
 
-    def __enter__(self) -> CheckpointIndex:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

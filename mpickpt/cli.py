@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ BROKEN_PIPE = 141  # 128 + SIGPIPE, as shells report a command whose reader went
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mpickpt` command; returns the exit status."""
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"mpickpt: warning: {message}\n"
     try:
         args = build_parser().parse_args(argv)
         status = int(args.run(args) or 0)

@@ -264,4 +264,4 @@ def run_convert(file_path: str | os.PathLike[str], save_path: str | os.PathLike[
     except BaseException as exc:
         fail(comm, exc, f"process {comm.rank}" + (f" ({current[0]})" if current else ""))
     comm.flush()
-    return comm.bcast(pairs if comm.rank == 0 else None, root=0)
+    return comm.bcast(pairs, root=0)  # every rank already has rank 0's list: the bcast is the end barrier

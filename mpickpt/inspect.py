@@ -8,8 +8,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .ckpt import index_checkpoint
 from .errors import CheckpointFormatError, MpickptError, StrategyFormatError
+from .formats import format_of, open_index
 from .strategy import LayoutItem, Strategy, describe_strategy, load_strategy
 
 
@@ -30,8 +30,10 @@ def describe_file(path: str | os.PathLike[str], *, verify_crc: bool = False) -> 
 
 
 def describe_checkpoint(path: str, *, verify_crc: bool = False) -> dict[str, Any]:
-    """Name, dtype, shape, bytes and pieces of every parameter of a checkpoint, with totals."""
-    with index_checkpoint(path, verify_crc=verify_crc) as index:
+    """Name, dtype, shape, bytes and pieces of every parameter of a checkpoint (any format), with totals."""
+    fmt = format_of(path)
+    with open_index(path, verify_crc=verify_crc, fmt=fmt) as index:
+        metadata = dict(index.metadata)
         params = [
             {
                 "name": e.name,
@@ -44,6 +46,8 @@ def describe_checkpoint(path: str, *, verify_crc: bool = False) -> dict[str, Any
         ]
     return {
         "kind": "checkpoint",
+        "format": fmt,
+        "metadata": metadata,
         "path": path,
         "file_bytes": os.path.getsize(path),
         "crc_verified": verify_crc,

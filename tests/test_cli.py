@@ -224,3 +224,16 @@ def test_closed_pipe_ends_quietly(tmp_path: Path) -> None:
 @pytest.mark.parametrize("flag", ["--help", "--version"])
 def test_help_and_version(flag: str) -> None:
     assert "mpickpt" in mpickpt(flag).stdout
+
+
+def test_inspect_lists_a_safetensors_file(tmp_path: Path) -> None:
+    from mpickpt.formats import TensorSpec, open_writer
+
+    path = tmp_path / "c.safetensors"
+    with open_writer(path, "safetensors") as writer:
+        writer.declare([TensorSpec("w", "BFloat16", (2, 2), 8)])
+        writer.write_tensor("w", "BFloat16", (2, 2), np.zeros((2, 2), np.uint16))
+    data = json.loads(mpickpt("inspect", "--json", str(path)).stdout)
+    assert (data["format"], data["metadata"]) == ("safetensors", {"format": "ms"})
+    assert [(p["name"], p["dtype"], p["shape"], p["bytes"]) for p in data["parameters"]] == [
+        ("w", "BFloat16", [2, 2], 8)]

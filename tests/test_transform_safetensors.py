@@ -113,3 +113,44 @@ def test_str_values_cannot_go_to_safetensors(tmp_path: Path) -> None:
                                               output_format="safetensors"))
     assert not (tmp_path / "dst").exists() or not list((tmp_path / "dst").rglob("*.safetensors"))
     assert checkpoint_content(src)  # the source is untouched and readable
+
+
+def test_pipeline_subnetwork_parts_from_safetensors_sources(mindspore_cases: dict, tmp_path: Path) -> None:
+    import mpickpt
+
+    pipeline = mindspore_cases["pipeline_2x4_to_4"].root
+    sources = tmp_path / "st_src"
+    ckpt_to_safetensors(str(pipeline / "src_checkpoints"), str(sources))
+    out = tmp_path / "by_stage"
+    for stage_file in ("src_strategy_0.ckpt", "src_strategy_4.ckpt"):
+        mpickpt.transform_checkpoints(str(sources), str(out), "checkpoint_",
+                                      str(pipeline / "src_pipeline_strategys" / stage_file),
+                                      str(pipeline / "dst_strategy.ckpt"), output_format="safetensors")
+    assert sorted(p.name for p in out.glob("rank_0/*")) == ["checkpoint_0_part0.safetensors",
+                                                             "checkpoint_0_part1.safetensors"]
+    for rank in range(4):
+        merged = mpickpt.load_segmented_checkpoints(str(out / f"rank_{rank}"))
+        whole = mpickpt.load_segmented_checkpoints(str(pipeline / "expected" / f"rank_{rank}"))
+        assert sorted(merged) == sorted(whole)
+        assert all(merged[n].tobytes() == a.tobytes() and merged[n].shape == a.shape for n, a in whole.items())
+
+
+def test_verify_accepts_good_safetensors_outputs_and_names_a_flipped_byte(tmp_path: Path) -> None:
+    from mpickpt.mpi import SerialComm
+    from mpickpt.verify import verify_outputs
+
+    _convert(EXAMPLE / "src", tmp_path / "dst", output_format="safetensors")
+    options = TransformOptions(str(EXAMPLE / "src"), str(tmp_path / "dst"), output_format="safetensors",
+                               **STRATEGIES)  # type: ignore[arg-type]
+    assert verify_outputs(options, SerialComm()).ok
+    victim = tmp_path / "dst" / "rank_2" / "checkpoint_2.safetensors"
+    with open_index(victim) as index:
+        name, entry = next(iter(index.entries.items()))
+        offset = entry.pieces[0][0] + entry.nbytes // 2
+    data = bytearray(victim.read_bytes())
+    data[offset] ^= 0x40
+    victim.chmod(0o600)
+    victim.write_bytes(bytes(data))
+    verdict = verify_outputs(options, SerialComm())
+    assert not verdict.ok
+    assert any("checkpoint_2.safetensors" in line and name in line for line in verdict.lines())
