@@ -303,3 +303,11 @@ def test_a_hyper_param_the_target_strategy_lays_out_is_refused(cases: dict[str, 
                                         unified_safetensors_dir=str(folder), dst_safetensors_dir=str(tmp_path / "l"),
                                         rank_id=2)
     assert content(tmp_path / "l" / "rank_2" / "net.safetensors")[name] == kept
+
+
+def test_unify_a_unified_folder_into_the_other_layout(cases: dict[str, Path], tmp_path: Path) -> None:
+    """A MindSpore unified folder (its hyper_param.safetensors included) re-laid out as Hugging Face shards."""
+    run_unify(UnifyOptions(str(cases["ms"]), str(tmp_path / "hf"), layout="hf", max_shard_size=2 << 20),
+              SerialComm(), sync=False)
+    assert content(tmp_path / "hf") == content(cases["ms"])
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
