@@ -13,9 +13,11 @@ import glob
 import os
 import secrets
 import socket
+from abc import abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from .errors import DestinationError
 
@@ -88,7 +90,29 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-class AtomicFile:
+class CommitOnExit:
+    """A context manager that commits on a clean exit and aborts on an exception."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Put the result in place."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop what was written."""
+
+
+class AtomicFile(CommitOnExit):
     """A file being written under a temporary name; :meth:`commit` puts it in place, :meth:`abort` drops it.
 
     ``mode`` is applied before the rename (0o400 for checkpoints, as MindSpore); a read-only file already
@@ -111,16 +135,6 @@ class AtomicFile:
             self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise DestinationError(f"{self.path}: cannot create a file here: {err.strerror or err}") from err
-
-    def __enter__(self) -> AtomicFile:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
     @property
     def fd(self) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Self
 import numpy as np
 
 from mpickpt.dtypes import DTYPES, dtype_itemsize, numpy_dtype
-from mpickpt.errors import CheckpointFormatError, SourceMissingError
+from mpickpt.errors import CheckpointFormatError
+from mpickpt.source_file import open_source_file
 
 CRC_MARK = b"crc_num"
 CRC_TRAILER_SIZE = len(CRC_MARK) + 10
@@ -502,17 +502,8 @@ def index_checkpoint(path: str | os.PathLike[str], verify_crc: bool = False) -> 
     nothing to verify and ``CheckpointIndex.crc`` is None.
     """
     path = Path(path)
+    fd, size = open_source_file(path, "checkpoint file")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SourceMissingError(f"{path}: checkpoint file does not exist") from None
-    except OSError as err:
-        raise CheckpointFormatError(f"{path}: cannot open checkpoint: {err}") from err
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointFormatError(f"{path}: cannot open checkpoint: not a regular file")
-        size = info.st_size
         crc = _crc_trailer(fd, size)
         data_end = size if crc is None else size - CRC_TRAILER_SIZE
         _refuse_foreign(path, fd, data_end)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import math
 import operator
 import os
@@ -24,21 +23,19 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
+from mpickpt.atomic import AtomicFile, CommitOnExit
 from mpickpt.ckpt_reader import CRC_MARK, CheckpointIndex
 from mpickpt.dtypes import DTYPES, dtype_itemsize
 from mpickpt.errors import CheckpointFormatError, DestinationError
-from mpickpt.atomic import AtomicFile
 from mpickpt.formats.base import TensorSpec
+from mpickpt.formats.offsets import COPY_CHUNK, byte_view, copy_range
 
 PIECE_SIZE = 512 * 1024 * 1024
 """Largest content of one entry; MindSpore's save_checkpoint splits bigger tensors at this size."""
 
 _SMALL = 64 * 1024  # writes below this are gathered in a buffer
 _FLUSH_AT = 1 << 20
-_COPY_CHUNK = 8 << 20  # user-space copy chunk when a CRC must see the bytes
-_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
 def _varint(value: int) -> bytes:
@@ -77,39 +74,16 @@ _Segment = memoryview | _FileRange
 
 
 def _byte_view(path: Path, name: str, data: object) -> memoryview:
-    view = memoryview(data)  # type: ignore[arg-type]
-    if not view.c_contiguous:
-        raise CheckpointFormatError(f"{path}: data of parameter {name!r} is not C-contiguous")
-    if view.nbytes == 0:
-        return memoryview(b"")  # an empty array of several dims cannot be cast
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    try:
+        return byte_view(data)
+    except ValueError:
+        raise CheckpointFormatError(f"{path}: data of parameter {name!r} is not C-contiguous") from None
 
 
 def _write_all(fd: int, data: memoryview | bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _kernel_copy(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
-    """Copy file-to-file without a user-space buffer; return how many bytes the source had."""
-    end = offset + count
-    use_copy_file_range = hasattr(os, "copy_file_range")
-    while offset < end:
-        try:
-            if use_copy_file_range:
-                got = os.copy_file_range(src_fd, dst_fd, end - offset, offset)
-            else:
-                got = os.sendfile(dst_fd, src_fd, offset, end - offset)
-        except OSError as err:
-            if use_copy_file_range and err.errno in _NO_COPY_FILE_RANGE:
-                use_copy_file_range = False
-                continue
-            raise
-        if got == 0:
-            break
-        offset += got
-    return count - (end - offset)
 
 
 # Dirty bytes after which a synced writer asks the kernel to start writing them back (so the final
@@ -138,7 +112,7 @@ def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
 _start_writeback = _load_sync_file_range()
 
 
-class CheckpointWriter:
+class CheckpointWriter(CommitOnExit):
     """Streams parameters into ``path`` atomically; a context manager that commits on clean exit.
 
     ``crc`` appends MindSpore's ``crc_num`` trailer; ``sync=False`` skips the fsyncs; a target
@@ -164,17 +138,6 @@ class CheckpointWriter:
         self._names: set[str] = set()
         self._written_back = 0  # file offset up to which writeback was started
         self._file = AtomicFile(self.path, sync=sync, mode=0o400, forbidden_dirs=forbidden_dirs)
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
     # -- public writing API -------------------------------------------------------------------
 
@@ -322,14 +285,14 @@ class CheckpointWriter:
             self._copy_through_buffer(name, segment, start, count)
         else:
             self._flush()
-            if _kernel_copy(segment.fd, self._open_fd(), segment.offset + start, count) != count:
+            if copy_range(segment.fd, segment.offset + start, self._open_fd(), None, count) != count:
                 raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early")
 
     def _copy_through_buffer(self, name: str, segment: _FileRange, start: int, count: int) -> None:
         offset = segment.offset + start
         end = offset + count
         while offset < end:
-            data = os.pread(segment.fd, min(_COPY_CHUNK, end - offset), offset)
+            data = os.pread(segment.fd, min(COPY_CHUNK, end - offset), offset)
             if not data:
                 raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early")
             self._emit(data)

@@ -218,6 +218,8 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], to_fo
             for new, entry in renamed:
                 if entry.kind != "tensor":
                     writer.write_maptensor(new, index.raw(entry.name))
+                elif not entry.pieces:  # a value with no byte run in the file (e.g. an HDF5 string)
+                    writer.write_tensor_chunks(new, entry.dtype, entry.dims, entry.nbytes, index.raw(entry.name))
                 else:
                     writer.copy_tensor_segments(new, entry.dtype, entry.dims,
                                                 [(index.fileno(), offset, length) for offset, length in entry.pieces])

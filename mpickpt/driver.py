@@ -173,7 +173,7 @@ def run_transform(options: TransformOptions, comm: Comm, *, sync: bool = True, o
     """
     started = time.monotonic()
     started_at = utc_now()
-    job, lock = _broadcast_job(options, comm, stream)
+    job, lock = _broadcast_job(options, comm, stream, sync)
     try:
         return run_job(job, comm, sync=sync, overwrite=overwrite, quiet=quiet, stream=stream, started=started,
                        started_at=started_at)
@@ -182,7 +182,8 @@ def run_transform(options: TransformOptions, comm: Comm, *, sync: bool = True, o
             lock.release()
 
 
-def _broadcast_job(options: TransformOptions, comm: Comm, stream: TextIO) -> tuple[Job, DestinationLock | None]:
+def _broadcast_job(options: TransformOptions, comm: Comm, stream: TextIO,
+                   sync: bool) -> tuple[Job, DestinationLock | None]:
     """Rank 0's prepared job on every rank (and rank 0's lock on rank 0), or rank 0's error raised on every rank."""
     job: TransformJob | None = None
     lock: DestinationLock | None = None
@@ -190,7 +191,7 @@ def _broadcast_job(options: TransformOptions, comm: Comm, stream: TextIO) -> tup
     if comm.rank == 0:
         try:
             lock = lock_destination(options, stream)
-            job = TransformJob.prepare(options)
+            job = TransformJob.prepare(options, sync=sync)
             refuse_outputs_beside_sources([t.path for t in job.tasks], {f for t in job.tasks for f in t.source_files})
         except Exception as exc:
             if lock is not None:

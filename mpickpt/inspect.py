@@ -18,6 +18,8 @@ def describe_file(path: str | os.PathLike[str], *, verify_crc: bool = False) -> 
     path = str(path)
     if path.endswith(".json"):
         return describe_strategy_file(load_strategy(path))
+    if _is_hdf5(path):
+        return describe_h5(path, verify_crc=verify_crc)
     try:
         return describe_checkpoint(path, verify_crc=verify_crc)
     except CheckpointFormatError as as_checkpoint:
@@ -51,6 +53,32 @@ def describe_checkpoint(path: str, *, verify_crc: bool = False) -> dict[str, Any
         "path": path,
         "file_bytes": os.path.getsize(path),
         "crc_verified": verify_crc,
+        "parameters": params,
+        "total_parameters": len(params),
+        "total_bytes": sum(p["bytes"] for p in params),
+    }
+
+
+def _is_hdf5(path: str) -> bool:
+    """Whether ``path`` is named or starts like an HDF5 file."""
+    try:
+        return format_of(path) == "h5"
+    except MpickptError:
+        return False
+
+
+def describe_h5(path: str, *, verify_crc: bool = False) -> dict[str, Any]:
+    """Name, MindSpore dtype, shape and bytes of every dataset of an HDF5 file, its attributes, totals."""
+    with open_index(path, verify_crc=verify_crc, fmt="h5") as index:
+        params = [{"name": e.name, "dtype": e.dtype, "shape": list(e.dims), "bytes": e.nbytes}
+                  for e in index.entries.values()]
+        attributes = dict(index.metadata)
+    return {
+        "kind": "hdf5",
+        "path": path,
+        "file_bytes": os.path.getsize(path),
+        "crc_verified": verify_crc,
+        "attributes": attributes,
         "parameters": params,
         "total_parameters": len(params),
         "total_bytes": sum(p["bytes"] for p in params),
@@ -91,6 +119,8 @@ def format_description(description: dict[str, Any]) -> str:
     """A human-readable table of `describe_file`'s result."""
     if description["kind"] == "checkpoint":
         return _checkpoint_table(description)
+    if description["kind"] == "hdf5":
+        return _h5_table(description)
     return _strategy_table(description)
 
 
@@ -100,6 +130,21 @@ def _checkpoint_table(d: dict[str, Any]) -> str:
     lines.append(f"{d['total_parameters']} parameters, {d['total_bytes']:,} bytes of tensors, "
                  f"{d['file_bytes']:,} bytes on disk" + (", CRC verified" if d["crc_verified"] else ""))
     return "\n".join(lines)
+
+
+def _h5_table(d: dict[str, Any]) -> str:
+    rows = [(p["name"], p["dtype"], _shape(p["shape"]), f"{p['bytes']:,}") for p in d["parameters"]]
+    lines = _table(("name", "dtype", "shape", "bytes"), rows, right={3})
+    lines.append(f"{d['total_parameters']} datasets, {d['total_bytes']:,} bytes of tensors, "
+                 f"{d['file_bytes']:,} bytes on disk" + (", CRC verified" if d["crc_verified"] else ""))
+    lines.extend(f"attribute {key}: {_clipped(value)}" for key, value in d["attributes"].items())
+    return "\n".join(lines)
+
+
+def _clipped(text: str, limit: int = 200) -> str:
+    """One line of at most ``limit`` characters (long JSON attributes are cut: see ``--json``)."""
+    text = text.replace("\n", " ")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _strategy_table(d: dict[str, Any]) -> str:

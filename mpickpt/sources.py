@@ -8,8 +8,9 @@ import re
 from pathlib import Path
 
 from .errors import MpickptError, SourceMissingError
-from .formats import FORMATS, suffix_of
+from .formats import suffix_of
 
+RANK_FORMATS = ("ckpt", "safetensors")  # what MindSpore saves per rank (and so what rank folders are searched for)
 _RANK_DIR = re.compile(r"rank_(\d+)")
 _NUMBER = re.compile(r"\d+")
 
@@ -25,8 +26,8 @@ def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = No
     root = Path(src_dir).absolute()
     if not root.is_dir():
         raise SourceMissingError(f"source checkpoint folder {root} is not a directory")
-    if src_format is not None:
-        suffix_of(src_format)  # rejects unknown names
+    if src_format is not None and src_format not in RANK_FORMATS:
+        raise MpickptError(f"--src-format {src_format!r}: rank folders hold {' or '.join(RANK_FORMATS)} files")
     files: dict[int, str] = {}
     for folder in root.iterdir():
         match = _RANK_DIR.fullmatch(folder.name)
@@ -38,7 +39,7 @@ def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = No
         unified = _unified_source(root)
         if unified is not None:
             return {0: unified}
-        looked = " or ".join(f"rank_<r>/*{suffix_of(f)}" for f in ([src_format] if src_format else FORMATS))
+        looked = " or ".join(f"rank_<r>/*{suffix_of(f)}" for f in ([src_format] if src_format else RANK_FORMATS))
         raise SourceMissingError(f"{root} holds no {looked} checkpoint files")
     return dict(sorted(files.items()))
 
@@ -56,11 +57,11 @@ def _unified_source(root: Path) -> str | None:
 
 def _pick(folder: Path, src_format: str | None) -> Path | None:
     """The checkpoint file MindSpore would take from one rank folder."""
-    found = {fmt: [p for p in folder.glob(f"*{suffix_of(fmt)}") if p.is_file()] for fmt in FORMATS}
-    present = [fmt for fmt in FORMATS if found[fmt]]
+    found = {fmt: [p for p in folder.glob(f"*{suffix_of(fmt)}") if p.is_file()] for fmt in RANK_FORMATS}
+    present = [fmt for fmt in RANK_FORMATS if found[fmt]]
     if src_format is None and len(present) > 1:
         raise MpickptError(f"{folder} holds both {' and '.join(present)} checkpoints; choose one with "
-                           f"--src-format ({'|'.join(FORMATS)})")
+                           f"--src-format ({'|'.join(RANK_FORMATS)})")
     fmt = src_format or (present[0] if present else None)
     if fmt is None or not found[fmt]:
         return None

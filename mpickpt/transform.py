@@ -94,7 +94,7 @@ class TransformJob:
         return state
 
     @classmethod
-    def prepare(cls, options: TransformOptions, *, write_merged: bool = True) -> TransformJob:
+    def prepare(cls, options: TransformOptions, *, write_merged: bool = True, sync: bool = True) -> TransformJob:
         """Coordinator only: validate the whole job (paths, both strategies, the headers of every source
         file) and plan every target; merged pipeline strategy folders are kept in dst_dir when write_merged."""
         check_prefix(options.prefix)
@@ -118,8 +118,8 @@ class TransformJob:
                          f"{src_stage}{suffix_of(options.output_format)}")
         rank_files = _ranks_of_strategy(src, src_stage, rank_files, src_dir)
         headers = {r: headers[r] for r in rank_files}
-        src = _kept(src, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY)
-        dst = _kept(dst, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY)
+        src = _kept(src, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY, sync)
+        dst = _kept(dst, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY, sync)
         catalog = build_catalog(src, {r: h.rows for r, h in headers.items()}, lambda r: rank_files[r],
                                 src_stage=src_stage)
         _check_output_format(catalog.params, headers, options.output_format)
@@ -225,12 +225,13 @@ def _strategy(file: str | None, folder: str | None) -> Strategy | None:
     return load_strategy(file) if file else None
 
 
-def _kept(strategy: Strategy | None, folder: str | None, keep_in: str | None, merged_name: str) -> Strategy | None:
+def _kept(strategy: Strategy | None, folder: str | None, keep_in: str | None, merged_name: str,
+          sync: bool) -> Strategy | None:
     """A strategy merged from a folder, saved in `keep_in` (when given) as `merged_name`."""
     if strategy is None or not folder or keep_in is None:
         return strategy
     target = Path(keep_in) / merged_name
-    save_strategy(strategy, target)
+    save_strategy(strategy, target, sync=sync)
     return replace(strategy, path=str(target))
 
 

@@ -451,7 +451,7 @@ def test_job_that_cannot_be_broadcast_aborts_instead_of_hanging(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     job = FakeJob(tmp_path, 2)
     job.unpicklable = lambda: None  # type: ignore[attr-defined]
-    monkeypatch.setattr(driver.TransformJob, "prepare", classmethod(lambda cls, options: job))
+    monkeypatch.setattr(driver.TransformJob, "prepare", classmethod(lambda cls, options, **_: job))
     stream = io.StringIO()
     aborted: list[int] = []
 

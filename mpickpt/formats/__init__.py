@@ -13,8 +13,8 @@ from mpickpt.formats.base import SourceIndex, TensorEntry, TensorSpec, TensorWri
 __all__ = ["FORMATS", "SourceIndex", "TensorEntry", "TensorSpec", "TensorWriter", "format_of", "open_index",
            "open_writer", "suffix_of"]
 
-FORMATS = ("ckpt", "safetensors")
-_SUFFIXES = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
+FORMATS = ("ckpt", "safetensors", "h5")
+_SUFFIXES = {"ckpt": ".ckpt", "safetensors": ".safetensors", "h5": ".h5"}
 
 
 def suffix_of(fmt: str) -> str:
@@ -38,11 +38,15 @@ def format_of(path: str | os.PathLike[str]) -> str:
         raise SourceMissingError(f"{path}: file does not exist") from None
     except OSError as err:
         raise CheckpointFormatError(f"{path}: cannot read: {err.strerror or err}") from err
+    from mpickpt.formats.hdf5 import SIGNATURE
+
+    if head[:8] == SIGNATURE:
+        return "h5"
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100 << 20:
         return "safetensors"
     if head[:1] == b"\x0a":
         return "ckpt"
-    raise CheckpointFormatError(f"{path}: neither a MindSpore .ckpt nor a safetensors file")
+    raise CheckpointFormatError(f"{path}: neither a MindSpore .ckpt, a safetensors nor an HDF5 file")
 
 
 def open_index(path: str | os.PathLike[str], *, verify_crc: bool = False, fmt: str | None = None) -> SourceIndex:
@@ -61,6 +65,10 @@ def open_index(path: str | os.PathLike[str], *, verify_crc: bool = False, fmt: s
         from mpickpt.formats.safetensors import index_safetensors
 
         return index_safetensors(path, verify_crc=verify_crc)
+    if fmt == "h5":
+        from mpickpt.formats.hdf5 import index_h5
+
+        return index_h5(path, verify_crc=verify_crc)
     raise MpickptError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
@@ -75,4 +83,8 @@ def open_writer(path: str | os.PathLike[str], fmt: str, *, crc: bool = False, sy
         from mpickpt.formats.safetensors import SafetensorsWriter
 
         return SafetensorsWriter(path, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs)
+    if fmt == "h5":
+        from mpickpt.formats.hdf5 import H5Writer
+
+        return H5Writer(path, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs)
     raise MpickptError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")

@@ -20,24 +20,21 @@ up to that key order (same size, same offsets, same data).
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import operator
 import os
-import stat
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from mpickpt.atomic import AtomicFile
+from mpickpt.atomic import AtomicFile, CommitOnExit
 from mpickpt.ckpt_reader import CheckpointIndex, TensorEntry
 from mpickpt.dtypes import dtype_itemsize
-from mpickpt.errors import CheckpointFormatError, DestinationError, SourceMissingError
+from mpickpt.errors import CheckpointFormatError, DestinationError
 from mpickpt.formats.base import TensorSpec
+from mpickpt.formats.offsets import COPY_CHUNK, OffsetWriter, Region, Slot, byte_view, pwrite_all
+from mpickpt.source_file import open_source_file
 
 __all__ = ["MAX_HEADER_SIZE", "SafetensorsIndex", "SafetensorsWriter", "crc32_combine", "index_safetensors"]
 
@@ -58,8 +55,6 @@ _CRC_KEY = "crc_num"
 _CRC_PLACEHOLDER = "0" * 10  # widest decimal CRC-32; the real one may be shorter
 _MAX_DIMS = 64
 _MAX_BYTES = (1 << 63) - 1
-_COPY_CHUNK = 8 << 20
-_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
 # -- CRC-32 of concatenations -----------------------------------------------------------------
@@ -279,8 +274,8 @@ class SafetensorsIndex(CheckpointIndex):
             entry = self.entries[name]
             (view,) = self.raw(name)
             data_crc = 0
-            for start in range(0, len(view), _COPY_CHUNK):
-                data_crc = zlib.crc32(view[start : start + _COPY_CHUNK], data_crc)
+            for start in range(0, len(view), COPY_CHUNK):
+                data_crc = zlib.crc32(view[start : start + COPY_CHUNK], data_crc)
             crc = _crc_link(crc, name, entry.dtype, entry.dims, data_crc, len(view), bytes(view[:8]))
             self.release(name)
         return crc
@@ -290,17 +285,8 @@ def index_safetensors(path: str | os.PathLike[str], verify_crc: bool = False) ->
     """Index a safetensors file reading only its header; ``verify_crc`` checks MindSpore's ``crc_num``
     when the metadata holds one (the whole file is read once)."""
     path = Path(path)
+    fd, size = open_source_file(path, "safetensors file")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SourceMissingError(f"{path}: safetensors file does not exist") from None
-    except OSError as err:
-        raise CheckpointFormatError(f"{path}: cannot open safetensors file: {err.strerror or err}") from err
-    try:
-        info = os.fstat(fd)
-        size = info.st_size
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointFormatError(f"{path}: cannot open safetensors file: not a regular file")
         try:
             raw, data_start = _read_header(fd, size)
             entries, metadata = _parse_header(raw, data_start, size)
@@ -320,45 +306,18 @@ def index_safetensors(path: str | os.PathLike[str], verify_crc: bool = False) ->
 # -- writer -------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Slot:
-    """A declared tensor: where its data goes and how much of it has arrived."""
-
-    spec: TensorSpec
-    offset: int  # relative to the start of the data
-    written: int = 0
-    crc: int = 0
-    started: bool = False
-    scalar: bytes = b""  # the content of a 0-d tensor (MindSpore's CRC reads integer ones as a count)
-
-
-def _header_json(slots: Sequence[_Slot], metadata: Mapping[str, str] | None) -> bytes:
+def _header_json(regions: Mapping[str, Region], metadata: Mapping[str, str] | None) -> bytes:
     """The JSON header padded with spaces to a multiple of 8 bytes, as the official package writes it."""
     header: dict[str, object] = {} if metadata is None else {"__metadata__": dict(metadata)}
-    for slot in slots:
-        spec = slot.spec
-        header[spec.name] = {"dtype": _TO_SAFETENSORS[spec.dtype], "shape": list(spec.dims),
-                             "data_offsets": [slot.offset, slot.offset + spec.nbytes]}
+    for name, region in regions.items():
+        offset = region.offset or 0
+        header[name] = {"dtype": _TO_SAFETENSORS[region.dtype], "shape": list(region.dims),
+                        "data_offsets": [offset, offset + region.nbytes]}
     text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return text + b" " * (-len(text) % 8)
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        done = os.pwrite(fd, data, offset)
-        data, offset = data[done:], offset + done
-
-
-def _byte_view(data: object) -> memoryview:
-    view = memoryview(data)  # type: ignore[arg-type]
-    if not view.c_contiguous:
-        raise ValueError("not C-contiguous")
-    if view.nbytes == 0:
-        return memoryview(b"")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
-class SafetensorsWriter:
+class SafetensorsWriter(OffsetWriter, CommitOnExit):
     """Streams declared tensors into a safetensors file at ``path``, committed atomically (mode 0400).
 
     :meth:`declare` fixes the layout and the header; each tensor is then given once, in any order,
@@ -372,28 +331,18 @@ class SafetensorsWriter:
     def __init__(self, path: str | os.PathLike[str], *, crc: bool = False, sync: bool = True,
                  forbidden_dirs: Iterable[str | os.PathLike[str]] = (),
                  metadata: Mapping[str, str] | None = None) -> None:
-        self.path = Path(path)
-        self._crc = crc
+        super().__init__(Path(path), crc)
         self._base_metadata = dict(metadata) if metadata is not None else {"format": "ms"}
-        self._slots: dict[str, _Slot] | None = None
-        self._data_start = 0
         self._file = AtomicFile(self.path, sync=sync, mode=0o400, forbidden_dirs=forbidden_dirs)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
+    def _fd(self) -> int:
+        return self._file.fd
 
     # -- declaring ----------------------------------------------------------------------------
 
     def declare(self, tensors: Sequence[TensorSpec]) -> None:
         """Fix the file's tensors (any order; laid out as the official package does) and its header."""
-        if self._slots is not None:
+        if self._regions is not None:
             raise CheckpointFormatError(f"{self.path}: tensors were already declared")
         specs = [self._checked_spec(spec) for spec in tensors]
         names = [spec.name for spec in specs]
@@ -401,15 +350,16 @@ class SafetensorsWriter:
             twice = sorted({n for n in names if names.count(n) > 1})
             raise CheckpointFormatError(f"{self.path}: tensor {twice[0]!r} is declared twice")
         specs.sort(key=lambda s: (_LAYOUT_RANK[_TO_SAFETENSORS[s.dtype]], s.name))
-        offset, slots = 0, {}
+        offset, regions = 0, {}
         for spec in specs:
-            slots[spec.name] = _Slot(spec, offset)
+            regions[spec.name] = Region(spec.dtype, spec.dims, offset, spec.nbytes)
             offset += spec.nbytes
-        self._slots = slots
+        self._regions = regions
         header = self._header(_CRC_PLACEHOLDER)
         if len(header) > MAX_HEADER_SIZE:
-            raise CheckpointFormatError(f"{self.path}: the header of {len(slots)} tensors would take {len(header)} "
-                                        f"bytes, over the {MAX_HEADER_SIZE}-byte limit of safetensors readers")
+            raise CheckpointFormatError(f"{self.path}: the header of {len(regions)} tensors would take "
+                                        f"{len(header)} bytes, over the {MAX_HEADER_SIZE}-byte limit of "
+                                        f"safetensors readers")
         self._data_start = 8 + len(header)
         if not self._crc:
             self._put_header(header)
@@ -438,154 +388,50 @@ class SafetensorsWriter:
         return TensorSpec(name, spec.dtype, dims, spec.nbytes, spec.kind)
 
     def _header(self, crc_text: str) -> bytes:
-        assert self._slots is not None
-        slots = list(self._slots.values())
-        if not slots:
-            return _header_json(slots, None)  # MindSpore saves an empty dict without metadata
+        assert self._regions is not None
+        if not self._regions:
+            return _header_json(self._regions, None)  # MindSpore saves an empty dict without metadata
         metadata = dict(self._base_metadata)
-        metadata.update((s.spec.name, _INT4) for s in sorted(slots, key=lambda s: s.spec.name)
-                        if s.spec.dtype == _INT4)
+        metadata.update((name, _INT4) for name in sorted(self._regions) if self._regions[name].dtype == _INT4)
         if self._crc:
             metadata[_CRC_KEY] = crc_text
-        return _header_json(slots, metadata)
+        return _header_json(self._regions, metadata)
 
     def _put_header(self, header: bytes) -> None:
-        self._pwrite(memoryview(len(header).to_bytes(8, "little") + header), 0, None)
+        self._pwrite("the header", memoryview(len(header).to_bytes(8, "little") + header), 0)
 
     # -- writing ------------------------------------------------------------------------------
 
-    def write_tensor(self, name: str, dtype: str, dims: Sequence[int], data: object) -> None:
-        """Write a declared tensor whose content is the buffer ``data``."""
-        view = self._view(name, data)
-        slot = self._start(name, dtype, dims, len(view))
-        self._append(slot, view)
-        self._finish(slot)
-
-    def write_tensor_chunks(self, name: str, dtype: str, dims: Sequence[int], nbytes: int,
-                            chunks: Iterable[object]) -> None:
-        """Write a declared tensor from buffers that concatenate to exactly ``nbytes`` bytes."""
-        slot = self._start(name, dtype, dims, nbytes)
-        for chunk in chunks:
-            self._append(slot, self._view(name, chunk))
-        self._finish(slot)
-
     def _view(self, name: str, data: object) -> memoryview:
         try:
-            return _byte_view(data)
+            return byte_view(data)
         except (TypeError, ValueError) as err:
             raise CheckpointFormatError(f"{self.path}: data of parameter {name!r} is not a contiguous buffer: "
                                         f"{err}") from None
-
-    def copy_tensor_from(self, name: str, dtype: str, dims: Sequence[int], src_fd: int, src_offset: int,
-                         nbytes: int) -> None:
-        """Write a declared tensor whose content is ``nbytes`` at ``src_offset`` of file ``src_fd``."""
-        self.copy_tensor_segments(name, dtype, dims, [(src_fd, src_offset, nbytes)])
 
     def copy_tensor_ranges(self, name: str, dtype: str, dims: Sequence[int], src_fd: int,
                            ranges: Sequence[tuple[int, int]]) -> None:
         """Write a declared tensor from (offset, length) ranges of one file, concatenated."""
         self.copy_tensor_segments(name, dtype, dims, [(src_fd, offset, length) for offset, length in ranges])
 
-    def copy_tensor_segments(self, name: str, dtype: str, dims: Sequence[int],
-                             segments: Sequence[tuple[int, int, int]]) -> None:
-        """Write a declared tensor from (fd, offset, length) ranges of files, concatenated; copied in the
-        kernel, or through a buffer when a CRC must see the bytes."""
-        slot = self._start(name, dtype, dims, sum(length for _, _, length in segments))
-        for fd, offset, length in segments:
-            if self._crc:
-                self._copy_through_buffer(slot, fd, offset, length)
-            else:
-                self._copy_in_kernel(slot, fd, offset, length)
-        self._finish(slot)
-
     def write_maptensor(self, name: str, payloads: Sequence[object]) -> None:
         """Refused: safetensors has no MapTensor."""
         raise CheckpointFormatError(f"{self.path}: parameter {name!r} is a MapTensor; safetensors cannot hold it")
 
-    def _start(self, name: str, dtype: str, dims: Sequence[int], nbytes: int) -> _Slot:
-        if self._slots is None:
-            raise CheckpointFormatError(f"{self.path}: declare() must come before parameter {name!r} is written")
-        slot = self._slots.get(name)
-        if slot is None:
-            raise CheckpointFormatError(f"{self.path}: parameter {name!r} was not declared")
-        spec = slot.spec
-        if slot.started:
-            raise CheckpointFormatError(f"{self.path}: parameter {name!r} written twice")
-        if (dtype, tuple(dims), nbytes) != (spec.dtype, spec.dims, spec.nbytes):
-            raise CheckpointFormatError(
-                f"{self.path}: parameter {name!r} is given as {dtype} {list(dims)} ({nbytes} bytes) but was "
-                f"declared {spec.dtype} {list(spec.dims)} ({spec.nbytes} bytes)")
-        slot.started = True
-        return slot
-
-    def _room(self, slot: _Slot, length: int) -> int:
-        """File offset of the next ``length`` bytes of the slot (refusing more than declared)."""
-        if slot.written + length > slot.spec.nbytes:
-            raise CheckpointFormatError(f"{self.path}: parameter {slot.spec.name!r} got more than "
-                                        f"{slot.spec.nbytes} bytes")
-        return self._data_start + slot.offset + slot.written
-
-    def _append(self, slot: _Slot, view: memoryview) -> None:
-        self._pwrite(view, self._room(slot, len(view)), slot.spec.name)
-        if self._crc:
-            slot.crc = zlib.crc32(view, slot.crc)
-            if not slot.spec.dims:
-                slot.scalar += bytes(view)
-        slot.written += len(view)
-
-    def _finish(self, slot: _Slot) -> None:
-        if slot.written != slot.spec.nbytes:
-            raise CheckpointFormatError(f"{self.path}: parameter {slot.spec.name!r} got {slot.written} bytes "
-                                        f"of {slot.spec.nbytes}")
-
-    def _copy_through_buffer(self, slot: _Slot, fd: int, offset: int, length: int) -> None:
-        end = offset + length
-        while offset < end:
-            data = os.pread(fd, min(_COPY_CHUNK, end - offset), offset)
-            if not data:
-                raise CheckpointFormatError(f"{self.path}: source of parameter {slot.spec.name!r} ends early")
-            self._append(slot, memoryview(data))
-            offset += len(data)
-
-    def _copy_in_kernel(self, slot: _Slot, fd: int, offset: int, length: int) -> None:
-        dst = self._room(slot, length)
-        end, use_kernel = offset + length, hasattr(os, "copy_file_range")
-        try:
-            while offset < end:
-                if use_kernel:
-                    try:
-                        got = os.copy_file_range(fd, self._file.fd, end - offset, offset, dst)
-                    except OSError as err:
-                        if err.errno not in _NO_COPY_FILE_RANGE:
-                            raise
-                        use_kernel = False
-                        continue
-                else:
-                    data = os.pread(fd, min(_COPY_CHUNK, end - offset), offset)
-                    got = len(data)
-                    _pwrite_all(self._file.fd, memoryview(data), dst)
-                if got == 0:
-                    raise CheckpointFormatError(f"{self.path}: source of parameter {slot.spec.name!r} ends early")
-                offset, dst, slot.written = offset + got, dst + got, slot.written + got
-        except OSError as err:
-            raise DestinationError(f"{self.path}: cannot write parameter {slot.spec.name!r}: "
-                                   f"{err.strerror or err}") from err
-
-    def _pwrite(self, view: memoryview, offset: int, name: str | None) -> None:
-        try:
-            _pwrite_all(self._file.fd, view, offset)
-        except OSError as err:
-            what = f"parameter {name!r}" if name is not None else "the header"
-            raise DestinationError(f"{self.path}: cannot write {what}: {err.strerror or err}") from err
+    def _append(self, slot: Slot, view: memoryview) -> None:
+        super()._append(slot, view)
+        if self._crc and not slot.region.dims:
+            slot.kept += view  # the content of a 0-d tensor (MindSpore's CRC reads integer ones as a count)
 
     # -- finishing ----------------------------------------------------------------------------
 
     def commit(self) -> None:
         """Check every declared tensor arrived, write the CRC header if any, and commit atomically."""
         try:
-            if self._slots is None:
+            if self._regions is None:
                 raise CheckpointFormatError(f"{self.path}: nothing was declared")
-            missing = [s.spec.name for s in self._slots.values() if s.written != s.spec.nbytes or not s.started]
+            missing = [name for name, region in self._regions.items()
+                       if name not in self._slots or self._slots[name].written != region.nbytes]
             if missing:
                 raise CheckpointFormatError(f"{self.path}: declared parameter {missing[0]!r} was not (fully) "
                                             f"written ({len(missing)} incomplete)")
@@ -601,12 +447,11 @@ class SafetensorsWriter:
         self._file.abort()
 
     def _content_crc(self) -> int:
-        assert self._slots is not None
         crc = 0
         for name in sorted(self._slots):
             slot = self._slots[name]
-            spec = slot.spec
-            crc = _crc_link(crc, name, spec.dtype, spec.dims, slot.crc, spec.nbytes, slot.scalar)
+            dtype, dims, _, nbytes = slot.region
+            crc = _crc_link(crc, name, dtype, dims, slot.crc, nbytes, bytes(slot.kept))
         return crc
 
     def _put_crc_header(self) -> None:
@@ -618,17 +463,17 @@ class SafetensorsWriter:
 
     def _move_data_down(self, shift: int) -> None:
         """Move the data ``shift`` bytes toward the start (the real header is shorter than reserved)."""
-        assert self._slots is not None
+        assert self._regions is not None
         src = self._data_start
-        end = src + sum(s.spec.nbytes for s in self._slots.values())
+        end = src + sum(region.nbytes for region in self._regions.values())
         try:
             reader = os.open(self._file.tmp, os.O_RDONLY | os.O_CLOEXEC)  # the temporary is write-only
             try:
                 while src < end:
-                    data = os.pread(reader, min(_COPY_CHUNK, end - src), src)
+                    data = os.pread(reader, min(COPY_CHUNK, end - src), src)
                     if not data:
                         raise CheckpointFormatError(f"{self.path}: temporary file shrank while being written")
-                    _pwrite_all(self._file.fd, memoryview(data), src - shift)
+                    pwrite_all(self._file.fd, memoryview(data), src - shift)
                     src += len(data)
             finally:
                 os.close(reader)
