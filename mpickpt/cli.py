@@ -122,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     strategy = unify.add_mutually_exclusive_group()
     strategy.add_argument("--src-strategy", help="source strategy file, .ckpt protobuf or .json")
     strategy.add_argument("--src-strategy-dir", help="folder of per-stage source strategy files to merge")
-    unify.add_argument("--dst", required=True, help="output folder")
-    unify.add_argument("--format", default="safetensors", choices=["safetensors"], help="output format")
+    unify.add_argument("--dst", required=True, help="output folder (with --format h5: the output file, e.g. model.h5)")
+    unify.add_argument("--format", default="safetensors", choices=["safetensors", "h5"],
+                       help="safetensors files in --layout, or one HDF5 file of every full tensor written by all "
+                            "processes at once (default: safetensors)")
     unify.add_argument("--layout", default="mindspore", choices=["mindspore", "hf"],
                        help="mindspore: part<i>.safetensors + hyper_param.safetensors + param_name_map.json, as "
                             "MindSpore's unified_safetensors; hf: model-0000i-of-0000N.safetensors + "
@@ -294,7 +296,7 @@ def _run_unify(args: argparse.Namespace) -> int:
     options = UnifyOptions(src_dir=args.src_dir, dst=args.dst, src_strategy=args.src_strategy,
                            src_strategy_dir=args.src_strategy_dir, layout=args.layout,
                            max_shard_size=parse_size(args.max_shard_size), params=tuple(args.params),
-                           exclude=tuple(args.exclude), src_format=args.src_format)
+                           exclude=tuple(args.exclude), src_format=args.src_format, fmt=args.format)
     comm = world()
     summary = run_unify(options, comm, sync=not args.no_sync)
     if comm.rank == 0:

@@ -46,13 +46,16 @@ def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = No
 
 def _unified_source(root: Path) -> str | None:
     """A folder without rank folders holding one full checkpoint: a unified folder (index file: the folder
-    is the source) or a single `model.safetensors` (that file)."""
+    is the source), a single `model.safetensors` or a single `*.h5` file (that file)."""
     from .unified import is_unified_folder
 
     if is_unified_folder(root):
         return str(root)
     single = root / "model.safetensors"
-    return str(single) if single.is_file() else None
+    if single.is_file():
+        return str(single)
+    h5 = [p for p in root.glob("*.h5") if p.is_file()]
+    return str(h5[0]) if len(h5) == 1 else None
 
 
 def _pick(folder: Path, src_format: str | None) -> Path | None:

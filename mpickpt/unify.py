@@ -41,10 +41,10 @@ from typing import Any, cast
 
 from .atomic import write_bytes_atomic
 from .collective import broadcast_prepared, deal_by_size, fail
-from .destination import check_destination
-from .errors import MpickptError, PlanError
+from .destination import check_destination, refuse_destination_inside
+from .errors import DestinationError, MpickptError, PlanError
 from .execute import SourceFiles, write_plan
-from .formats import TensorSpec, TensorWriter, open_index
+from .formats import TensorSpec, open_index
 from .layout import Box, Layouts
 from .manifest import write_manifest
 from .mpi import Comm
@@ -95,6 +95,7 @@ class UnifyOptions:
     exclude: tuple[str, ...] = ()  # fnmatch patterns of the parameters to leave out
     src_format: str | None = None
     split_dst_file: tuple[int, ...] = ()  # mindspore layout: (i, n) writes the i-th of n shares of the parts
+    fmt: str = "safetensors"  # or "h5": `dst` is one HDF5 file of every full tensor (layout ignored)
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,15 @@ def plan_unify(options: UnifyOptions, choice_func: ChoiceFunc | None = None) -> 
     """Coordinator only: check sources and strategy, plan the full tensors, split them into output files."""
     if options.layout not in LAYOUTS:
         raise MpickptError(f"unknown layout {options.layout!r} (known: {', '.join(LAYOUTS)})")
+    if options.fmt not in ("safetensors", "h5"):
+        raise MpickptError(f"unknown unify format {options.fmt!r} (known: safetensors, h5)")
     read_dirs = [d for d in (options.src_dir, options.src_strategy_dir) if d]
-    check_destination(options.dst, read_dirs)
+    if options.fmt == "h5":
+        if os.path.isdir(options.dst):
+            raise DestinationError(f"{options.dst}: the HDF5 output is a file, and this is a folder")
+        refuse_destination_inside(options.dst, read_dirs)
+    else:
+        check_destination(options.dst, read_dirs)
     job = TransformJob.prepare(TransformOptions(
         src_dir=options.src_dir, dst_dir=options.dst, src_strategy=options.src_strategy,
         src_strategy_dir=options.src_strategy_dir, output_format="safetensors", src_format=options.src_format),
@@ -173,6 +181,9 @@ def plan_unify(options: UnifyOptions, choice_func: ChoiceFunc | None = None) -> 
     job.forbidden_dirs = tuple(os.path.abspath(d) for d in read_dirs)
     full = job.planner().plan(0).params
     chosen = _selection(options)
+    if options.fmt == "h5":
+        return _plan_h5(options, job, [p for p in full if chosen(p.name)],
+                        tuple(p.name for p in full if not chosen(p.name)))
     if options.layout == "hf":
         return _plan_hf(options, job, [p for p in full if chosen(p.name)],
                         tuple(p.name for p in full if not chosen(p.name)))
@@ -209,6 +220,15 @@ def _plan_hf(options: UnifyOptions, job: TransformJob, params: Sequence[ParamPla
     index = {"metadata": {"total_size": sum(p.nbytes for p in params)},
              "weight_map": dict(sorted(weight_map.items()))}
     return UnifyPlan(job, options.dst, files, {}, {}, os.path.join(options.dst, HF_INDEX), index, 2, left_out)
+
+
+def _plan_h5(options: UnifyOptions, job: TransformJob, params: Sequence[ParamPlan],
+             left_out: tuple[str, ...]) -> UnifyPlan:
+    """One file of every selected full tensor (its parameters are dealt to processes, not the file)."""
+    if not params:
+        raise PlanError(f"{options.src_dir}: no parameter left to unify")
+    file = OutputFile(os.path.abspath(options.dst), tuple(p.name for p in params), sum(p.nbytes for p in params))
+    return UnifyPlan(job, os.path.dirname(file.path), (file,), {}, {}, None, None, 0, left_out)
 
 
 def _plan_mindspore(options: UnifyOptions, job: TransformJob, full: Sequence[ParamPlan],
@@ -333,18 +353,22 @@ def clear_outputs(plan: UnifyPlan) -> None:
 
 
 
-class _Renaming:
-    """A writer seen through a renaming of its tensors (choice_func's new names)."""
+class Adapted:
+    """A writer seen through a renaming of its tensors (choice_func's new names); with ``declared``, one
+    whose tensors were declared elsewhere (an HDF5 region writer), so ``declare`` does nothing."""
 
-    def __init__(self, writer: TensorWriter, renames: Mapping[str, str]) -> None:
+    def __init__(self, writer: Any, renames: Mapping[str, str], *, declared: bool = False) -> None:
         self._writer = writer
         self._renames = renames
+        self._declared = declared
 
     def _new(self, name: str) -> str:
         return self._renames.get(name, name)
 
     def declare(self, tensors: Sequence[TensorSpec]) -> None:
-        self._writer.declare([TensorSpec(self._new(t.name), t.dtype, t.dims, t.nbytes, t.kind) for t in tensors])
+        if not self._declared:
+            self._writer.declare([TensorSpec(self._new(t.name), t.dtype, t.dims, t.nbytes, t.kind)
+                                  for t in tensors])
 
     def write_tensor(self, name: str, *args: Any) -> None:
         self._writer.write_tensor(self._new(name), *args)
@@ -371,7 +395,7 @@ def write_file(plan: UnifyPlan, file: OutputFile, *, sync: bool = True) -> tuple
     with SourceFiles(paths) as sources, SafetensorsWriter(file.path, sync=sync, metadata=file.metadata,
                                                           forbidden_dirs=plan.job.forbidden_dirs) as writer:
         renames = {n: plan.renames[n] for n in file.names if n in plan.renames}
-        written = write_plan(target, sources, _Renaming(writer, renames) if renames else writer)  # type: ignore[arg-type]
+        written = write_plan(target, sources, Adapted(writer, renames) if renames else writer)  # type: ignore[arg-type]
     return target.bytes_read(), written
 
 
@@ -379,7 +403,12 @@ def run_unify(options: UnifyOptions, comm: Comm, *, sync: bool = True, choice_fu
               manifest: bool = True) -> UnifySummary:
     """Called on every process: rank 0 plans, the output files are dealt by size, each process writes its
     share; rank 0 then writes the index (and manifest.json) and every process returns the summary."""
+    if options.fmt == "h5":
+        from .unify_h5 import run_unify_h5
+
+        return run_unify_h5(options, comm, sync=sync, manifest=manifest)
     started = time.monotonic()
+
     def prepare() -> UnifyPlan:
         plan = plan_unify(options, choice_func)
         if not options.split_dst_file:
@@ -393,7 +422,7 @@ def run_unify(options: UnifyOptions, comm: Comm, *, sync: bool = True, choice_fu
                               comm.rank, sync)
         comm.send(report, 0)
         if comm.rank == 0:
-            summary = _finish(plan, _collect(comm), started, sync, manifest)
+            summary = _finish(plan, collect(comm), started, sync, manifest)
     except BaseException as exc:
         fail(comm, exc, f"process {comm.rank}")
     comm.flush()
@@ -411,7 +440,7 @@ def _write_share(plan: UnifyPlan, files: Sequence[OutputFile], process: int, syn
             "bytes_written": written, "seconds": round(time.monotonic() - began, 6)}
 
 
-def _collect(comm: Comm) -> list[dict[str, Any]]:
+def collect(comm: Comm) -> list[dict[str, Any]]:
     """Rank 0: every process's report, in process order."""
     reports: dict[int, dict[str, Any]] = {}
     while len(reports) < comm.size:

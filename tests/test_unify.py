@@ -308,3 +308,39 @@ def test_a_rerun_leaves_no_file_of_the_earlier_run(tiny_st: Path, tmp_path: Path
     run_unify(hf_options(tiny_st, out), SerialComm(), sync=False)
     assert sorted(os.listdir(out)) == ["manifest.json", "model-00001-of-00001.safetensors",
                                        "model.safetensors.index.json", "notes.txt"]
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec at {MPIEXEC}")
+def test_h5_by_two_processes_equals_serial(tiny_st: Path, tiny_full: dict, tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    flags = ["unify", "--src-dir", str(tiny_st), "--src-strategy", str(TINY / "src_strategy.ckpt"), "--format", "h5",
+             "--no-sync"]
+    serial = subprocess.run([sys.executable, "-m", "mpickpt", *flags, "--dst", str(tmp_path / "serial.h5")],
+                            capture_output=True, text=True, check=False)
+    assert serial.returncode == 0, serial.stderr
+    mpi = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-m", "mpickpt", *flags, "--dst",
+                          str(tmp_path / "mpi.h5")], capture_output=True, text=True, check=False, timeout=300,
+                         env=clean_env())
+    assert mpi.returncode == 0, mpi.stderr
+    assert (tmp_path / "serial.h5").read_bytes() == (tmp_path / "mpi.h5").read_bytes()
+    manifest = json.loads((tmp_path / "mpi.h5.manifest.json").read_text())
+    assert [p["process"] for p in manifest["processes"]] == [0, 1]
+    assert all(p["bytes_written"] > 0 for p in manifest["processes"])  # both wrote a share of the file
+    assert content(tmp_path / "mpi.h5") == tiny_full
+    with h5py.File(tmp_path / "mpi.h5", "r") as f:  # an ordinary HDF5 file
+        name = "model.norm_out.weight"
+        assert f[name][()].tobytes() == tiny_full[name][2]
+
+
+def test_h5_selection_and_refusals(tiny_st: Path, tiny_full: dict, tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    options = UnifyOptions(str(tiny_st), str(tmp_path / "w.h5"), str(TINY / "src_strategy.ckpt"), fmt="h5",
+                           exclude=("adam_*",))
+    summary = run_unify(options, SerialComm(), sync=False)
+    assert set(content(tmp_path / "w.h5")) == {n for n in tiny_full if not n.startswith("adam_")}
+    assert summary.left_out and all(n.startswith("adam_") for n in summary.left_out)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DestinationError, match="is a file"):
+        plan_unify(UnifyOptions(str(tiny_st), str(tmp_path / "folder"), str(TINY / "src_strategy.ckpt"), fmt="h5"))
+    with pytest.raises(DestinationError):
+        plan_unify(UnifyOptions(str(tiny_st), str(tiny_st / "x.h5"), str(TINY / "src_strategy.ckpt"), fmt="h5"))
