@@ -8,7 +8,8 @@ The case's sources are first converted to safetensors (MindSpore's unify reads o
 then unifies that folder, `--repeat` times round-robin, each from a warm page cache with earlier writes
 flushed and its output removed. mpickpt's outputs (mindspore layout, `--no-sync`) must be byte-identical
 run to run and across process counts, and hold the same tensors as MindSpore's and as the hf layout's
-(200 MB shards, so that two processes share the work: the mindspore layout of 1 GB is one part). Prints a table and saves it
+(200 MB shards, so that two processes share the work: the mindspore layout of 1 GB is one part) and the
+HDF5 file's (one file, its parameters dealt to the processes). Prints a table and saves it
 to benchmarks/results/unify_<case>.md.
 """
 
@@ -59,6 +60,12 @@ def contenders(src: Path, strategy: Path, procs: list[int], mindspore: bool) -> 
         found[f"mpiexec -n {n} mpickpt --no-sync, hf 200MB shards"] = [
             str(BIN / "mpiexec"), "-n", str(n), sys.executable, "-I", "-S", str(BENCH_DIR / "_measure.py"),
             "STATS/rank_{rank}.json", "--", str(BIN / "mpickpt"), *hf]
+    h5 = [a if a != "OUT" else "OUT/model.h5" for a in unify] + ["--format", "h5"]
+    found["mpickpt serial --no-sync, h5"] = [str(BIN / "mpickpt"), *h5]
+    for n in procs:
+        found[f"mpiexec -n {n} mpickpt --no-sync, h5"] = [
+            str(BIN / "mpiexec"), "-n", str(n), sys.executable, "-I", "-S", str(BENCH_DIR / "_measure.py"),
+            "STATS/rank_{rank}.json", "--", str(BIN / "mpickpt"), *h5]
     found["cp -r"] = ["cp", "-r", str(src), "OUT"]
     if mindspore:
         script = (f"import mindspore as ms; ms.parallel.unified_safetensors({str(src)!r}, {str(strategy)!r}, "
@@ -76,8 +83,8 @@ def run_once(name: str, cmd: list[str], scratch: Path, src: Path) -> tuple[float
     stats_dir.mkdir()
     subprocess.run(["sync"], check=True)
     warm(src)
-    cmd = [str(out) if a == "OUT" else a.replace("STATS", str(stats_dir)).replace("'OUT'", repr(str(out)))
-           for a in cmd]
+    cmd = [str(out) if a == "OUT" else str(out / "model.h5") if a == "OUT/model.h5" else
+           a.replace("STATS", str(stats_dir)).replace("'OUT'", repr(str(out))) for a in cmd]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_"))}
     env["GLOG_v"] = "3"
     wall, stats = run_wrapped(cmd, str(scratch / "outer.json"), env=env, log=str(scratch / "log.txt"))
@@ -126,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 wall, peak, out = run_once(name, cmd, scratch, src)
                 times[name].append(wall)
                 rss[name] = max(rss[name], peak)
-                if name.startswith(("mpickpt", "mpiexec")) and "hf" in name:
-                    if tensors(out) != reference:
+                if name.startswith(("mpickpt", "mpiexec")) and ("hf" in name or "h5" in name):
+                    if tensors(out / "model.h5" if "h5" in name else out) != reference:
                         raise RuntimeError(f"{name}: tensors differ from the mindspore layout's")
                 elif name.startswith(("mpickpt", "mpiexec")):
                     got = files(out)
