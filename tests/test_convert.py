@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_safetensors import header, requires_mindspore, run_mindspore
+from mindspore_helpers import requires_mindspore, run_mindspore
+from test_safetensors import header
 
 from mpickpt.ckpt import CheckpointWriter, index_checkpoint, save_checkpoint
 from mpickpt.convert import (
@@ -79,7 +80,7 @@ getattr(ms, sys.argv[1])(**kwargs)
 
 
 def mindspore_convert(cwd: Path, function: str, **kwargs: object) -> None:
-    run_mindspore(MS_CONVERT, cwd, function, json.dumps(kwargs))
+    run_mindspore(MS_CONVERT, cwd, [function, json.dumps(kwargs)])
 
 
 # -- against MindSpore --------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def test_our_outputs_load_in_mindspore(tmp_path: Path) -> None:
     ckpt_to_safetensors(src / "rank_1" / "net_1.ckpt", tmp_path / "out", processes_num=2)
     out = run_mindspore("import sys, mindspore as ms; p = ms.load_checkpoint(sys.argv[1], format='safetensors');"
                         "print(sorted((k, str(v.dtype)) for k, v in p.items()))", tmp_path,
-                        str(tmp_path / "out" / "net_1.safetensors"))
+                        [str(tmp_path / "out" / "net_1.safetensors")])
     assert "('q', 'Int4')" in out and "('emb', 'BFloat16')" in out
 
 

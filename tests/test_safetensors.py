@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 import zlib
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import safetensors
 import safetensors.numpy as official
 
+from mindspore_helpers import requires_mindspore, run_mindspore
 from mpickpt.errors import CheckpointFormatError, MpickptError
 from mpickpt.formats import TensorSpec, format_of
 from mpickpt.formats.safetensors import (
@@ -30,25 +30,6 @@ NUMPY_DTYPES = {"Bool": np.bool_, "UInt8": np.uint8, "Int8": np.int8, "Int16": n
 ODD_NAMES = ("a", "b.c", "x\ny", "é", '"q"', "\\s", "z/1", "\x01", "\x7f", "\u2028", "Ω", "\t\b\f\r\x1f", "")
 
 
-def mindspore_python() -> Path:
-    """The interpreter that runs MindSpore (with numpy < 2): $MPICKPT_MINDSPORE_PYTHON or .venv-mindspore."""
-    return Path(os.environ.get("MPICKPT_MINDSPORE_PYTHON", ROOT / ".venv-mindspore" / "bin" / "python"))
-
-
-requires_mindspore = pytest.mark.skipif(
-    not mindspore_python().exists(),
-    reason=f"no MindSpore interpreter at {mindspore_python()} (set MPICKPT_MINDSPORE_PYTHON)")
-
-
-def run_mindspore(script: str, cwd: Path, *args: str) -> str:
-    """Run ``script`` with MindSpore's interpreter in ``cwd``; its stdout (the test fails on error)."""
-    proc = subprocess.run([str(mindspore_python()), "-c", script, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900, check=False, env=dict(os.environ, GLOG_v="3"))
-    if proc.returncode:
-        pytest.fail(f"MindSpore subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}", pytrace=False)
-    return proc.stdout
-
-
 DUMP = """
 import json, sys, mindspore as ms
 out = {}
@@ -62,7 +43,7 @@ print(json.dumps(out))
 def mindspore_load(paths: list[Path], fmt: str = "safetensors", crc: bool = False) -> dict[str, dict[str, list]]:
     """name -> [dtype, shape, content hex] of each file as MindSpore loads it."""
     cwd = paths[0].parent
-    out = run_mindspore(DUMP, cwd, fmt + (":crc" if crc else ""), *map(str, paths))
+    out = run_mindspore(DUMP, cwd, [fmt + (":crc" if crc else ""), *map(str, paths)])
     return json.loads(out.strip().splitlines()[-1])
 
 
