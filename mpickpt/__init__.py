@@ -13,12 +13,14 @@ __version__ = "0.1.0"
 
 _API = (
     "ckpt_to_safetensors",
+    "load_distributed_checkpoint",
     "load_segmented_checkpoints",
     "merge_pipeline_strategys",
     "rank_list_for_transform",
     "safetensors_to_ckpt",
     "transform_checkpoint_by_rank",
     "transform_checkpoints",
+    "unified_safetensors",
 )
 
 __all__ = ["MpickptError", "__version__", *_API]

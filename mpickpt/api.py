@@ -17,15 +17,19 @@ from .plan import rank_list_for_transform as _rank_list
 from .strategy import load_strategy
 from .strategy import merge_pipeline_strategys as _merge_pipeline_strategys
 from .transform import OutputTask, TransformJob, TransformOptions
+from .unified import load_distributed_checkpoint
+from .unify import unified_safetensors
 
 __all__ = [
     "ckpt_to_safetensors",
+    "load_distributed_checkpoint",
     "load_segmented_checkpoints",
     "merge_pipeline_strategys",
     "rank_list_for_transform",
     "safetensors_to_ckpt",
     "transform_checkpoint_by_rank",
     "transform_checkpoints",
+    "unified_safetensors",
 ]
 
 

@@ -413,6 +413,10 @@ class CheckpointIndex:
             raise CheckpointFormatError(f"{self.path}: index is closed")
         return self._fd
 
+    def fd_of(self, name: str) -> int:
+        """Read-only descriptor of the file holding ``name``'s pieces: this file's (see :meth:`fileno`)."""
+        return self.fileno()
+
     def entry(self, name: str) -> TensorEntry:
         """The entry of ``name``; CheckpointFormatError naming the file when it is absent."""
         try:

@@ -117,6 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
                     "1 when one does not, 2 when the check cannot run.")
     _add_job_flags(verify, need_src=False, need_dst=True)
     verify.set_defaults(run=_run_verify)
+
+    unify = commands.add_parser(
+        "unify", help="merge a distributed checkpoint into full tensors (MindSpore's unified_safetensors layout "
+                      "or Hugging Face shards; output files dealt to processes by size under mpirun)")
+    unify.add_argument("--src-dir", required=True, help="folder of rank_<r>/*.ckpt or *.safetensors checkpoints")
+    strategy = unify.add_mutually_exclusive_group()
+    strategy.add_argument("--src-strategy", help="source strategy file, .ckpt protobuf or .json")
+    strategy.add_argument("--src-strategy-dir", help="folder of per-stage source strategy files to merge")
+    unify.add_argument("--dst", required=True, help="output folder (with --format h5: the output file, e.g. model.h5)")
+    unify.add_argument("--format", default="safetensors", choices=["safetensors", "h5"],
+                       help="safetensors files in --layout, or one HDF5 file of every full tensor written by all "
+                            "processes at once (default: safetensors)")
+    unify.add_argument("--layout", default="mindspore", choices=["mindspore", "hf"],
+                       help="mindspore: part<i>.safetensors + hyper_param.safetensors + param_name_map.json, as "
+                            "MindSpore's unified_safetensors; hf: model-0000i-of-0000N.safetensors + "
+                            "model.safetensors.index.json (default: mindspore)")
+    unify.add_argument("--max-shard-size", default="5GB",
+                       help="hf layout: largest shard, e.g. 5GB, 500MB (powers of 1000), 2GiB (default: 5GB)")
+    unify.add_argument("--params", action="append", default=[], metavar="GLOB",
+                       help="keep only parameters matching this fnmatch pattern (repeatable)")
+    unify.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                       help="leave out parameters matching this fnmatch pattern (repeatable), e.g. 'adam_*'")
+    unify.add_argument("--src-format", choices=["ckpt", "safetensors"],
+                       help="which source files to read when rank folders hold both formats")
+    unify.add_argument("--no-sync", action="store_true", help="do not fsync outputs (scratch filesystems)")
+    unify.set_defaults(run=_run_unify)
     return parser
 
 
@@ -264,4 +290,19 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print()
     else:
         print(format_description(description))
+    return 0
+
+
+def _run_unify(args: argparse.Namespace) -> int:
+    from .mpi import world
+    from .unify import UnifyOptions, parse_size, run_unify
+
+    options = UnifyOptions(src_dir=args.src_dir, dst=args.dst, src_strategy=args.src_strategy,
+                           src_strategy_dir=args.src_strategy_dir, layout=args.layout,
+                           max_shard_size=parse_size(args.max_shard_size), params=tuple(args.params),
+                           exclude=tuple(args.exclude), src_format=args.src_format, fmt=args.format)
+    comm = world()
+    summary = run_unify(options, comm, sync=not args.no_sync)
+    if comm.rank == 0:
+        print(summary.line(), file=sys.stderr)
     return 0

@@ -144,15 +144,21 @@ def write_target(
     progress: Progress | None = None,
 ) -> int:
     """Write one target rank's file in format `fmt` atomically; returns the bytes of tensor content written."""
-    order = output_order(plan, sources)
-    specs = [_spec(param, sources) for param in order]
-    written = 0
     with open_writer(Path(out_path), fmt, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs) as writer:
-        writer.declare(specs)
-        for param in order:
-            written += _write_param(writer, param, sources)
-            if progress is not None:
-                progress(written)
+        return write_plan(plan, sources, writer, progress=progress)
+
+
+def write_plan(plan: TargetPlan, sources: SourceFiles, writer: TensorWriter, *,
+               progress: Progress | None = None) -> int:
+    """Declare and write every parameter of a plan into an opened writer (it commits on its own exit);
+    returns the bytes of tensor content written."""
+    order = output_order(plan, sources)
+    writer.declare([_spec(param, sources) for param in order])
+    written = 0
+    for param in order:
+        written += _write_param(writer, param, sources)
+        if progress is not None:
+            progress(written)
     return written
 
 
@@ -244,7 +250,7 @@ def _copy_whole(
     """Copy one stored tensor unchanged (file to file where it is one piece)."""
     if len(source.pieces) == 1:
         offset, length = source.pieces[0]
-        writer.copy_tensor_from(source.name, dtype, dims, index.fileno(), offset, length)
+        writer.copy_tensor_from(source.name, dtype, dims, index.fd_of(source.name), offset, length)
     else:
         writer.write_tensor_chunks(source.name, dtype, dims, source.nbytes, index.raw(source.name))
     return source.nbytes
@@ -255,6 +261,13 @@ def _check_copies(param: ParamPlan, sources: SourceFiles) -> None:
     file's shapes before planning; this guards files changed since)."""
     for copy in param.copies:
         entry = sources.entry(copy.src_rank, param.name)
+        sliced = len(param.copies) > 1 or tuple(param.dims) != tuple(entry.dims)
+        if sliced and param.name in getattr(sources.index(copy.src_rank), "as_stored", ()):
+            raise CheckpointFormatError(
+                f"{sources.path(copy.src_rank)}: parameter {param.name!r} is in hyper_param.safetensors, which "
+                f"holds rank 0's stored value (maybe a slice), so the target strategy cannot lay it out; "
+                f"load_distributed_checkpoint copies it whole"
+            )
         if entry.dtype != param.dtype:
             raise CheckpointFormatError(
                 f"{sources.path(copy.src_rank)}: parameter {param.name!r} has dtype {entry.dtype}, "
@@ -289,7 +302,7 @@ def _file_segments(param: ParamPlan, sources: SourceFiles) -> list[tuple[int, in
         dst_run = _contiguous_run(copy.dst_box, param.dims, itemsize)
         if len(entry.pieces) != 1 or src_run is None or dst_run is None:
             return None
-        fd = sources.index(copy.src_rank).fileno()
+        fd = sources.index(copy.src_rank).fd_of(param.name)
         runs.append((dst_run[0], fd, entry.pieces[0][0] + src_run[0], src_run[1]))
     runs.sort()
     return [(fd, offset, length) for _, fd, offset, length in runs]

@@ -16,7 +16,8 @@ _NUMBER = re.compile(r"\d+")
 
 
 def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = None) -> dict[int, str]:
-    """Map source rank -> its checkpoint file (absolute path), from `src_dir/rank_<r>/`.
+    """Map source rank -> its checkpoint file (absolute path), from `src_dir/rank_<r>/`; without rank
+    folders, a unified checkpoint (MindSpore's or Hugging Face's) is the one source rank 0.
 
     With several files in one rank folder, MindSpore takes the lexicographically last `.ckpt`, and the
     `.safetensors` whose last two numbers are largest (compared as numbers: `x-10_1875` over `x-9_1875`).
@@ -35,9 +36,26 @@ def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = No
             if chosen is not None:
                 files[int(match.group(1))] = str(chosen)
     if not files:
+        unified = _unified_source(root)
+        if unified is not None:
+            return {0: unified}
         looked = " or ".join(f"rank_<r>/*{suffix_of(f)}" for f in ([src_format] if src_format else RANK_FORMATS))
         raise SourceMissingError(f"{root} holds no {looked} checkpoint files")
     return dict(sorted(files.items()))
+
+
+def _unified_source(root: Path) -> str | None:
+    """A folder without rank folders holding one full checkpoint: a unified folder (index file: the folder
+    is the source), a single `model.safetensors` or a single `*.h5` file (that file)."""
+    from .unified import is_unified_folder
+
+    if is_unified_folder(root):
+        return str(root)
+    single = root / "model.safetensors"
+    if single.is_file():
+        return str(single)
+    h5 = [p for p in root.glob("*.h5") if p.is_file()]
+    return str(h5[0]) if len(h5) == 1 else None
 
 
 def _pick(folder: Path, src_format: str | None) -> Path | None:

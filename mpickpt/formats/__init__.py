@@ -50,7 +50,12 @@ def format_of(path: str | os.PathLike[str]) -> str:
 
 
 def open_index(path: str | os.PathLike[str], *, verify_crc: bool = False, fmt: str | None = None) -> SourceIndex:
-    """Index a source file of any known format (headers only; ``verify_crc`` checks its stored checksum)."""
+    """Index a source file of any known format (headers only; ``verify_crc`` checks its stored checksum);
+    a folder is a unified checkpoint (:mod:`mpickpt.unified`)."""
+    if fmt is None and os.path.isdir(path):
+        from mpickpt.unified import open_unified
+
+        return open_unified(path, verify_crc=verify_crc)
     fmt = fmt or format_of(path)
     if fmt == "ckpt":
         from mpickpt.ckpt_reader import index_checkpoint

@@ -1,0 +1,94 @@
+"""Unify into one HDF5 file of full tensors, written by every process at once (``mpickpt unify --format h5``).
+
+Rank 0 plans (:func:`~mpickpt.unify.plan_unify`) and lays the file out under a temporary name
+(:meth:`~mpickpt.formats.hdf5.H5Writer.layout`), learning each dataset's byte offset; the region map is
+broadcast, the parameters are dealt to processes by size, each process assembles its parameters and writes
+them at their offsets (:func:`~mpickpt.formats.hdf5.open_regions`), and once every process has reported,
+rank 0 checks each parameter was written once and renames the file into place, then writes
+``<file>.manifest.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, cast
+
+from .collective import broadcast_prepared, deal_by_size, fail
+from .execute import SourceFiles, write_plan
+from .formats import TensorSpec
+from .manifest import write_json_atomic
+from .mpi import Comm
+from .plan import ParamPlan, TargetPlan
+from .unify import Adapted, UnifyOptions, UnifyPlan, UnifySummary, collect, plan_unify
+
+__all__ = ["run_unify_h5"]
+
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+def run_unify_h5(options: UnifyOptions, comm: Comm, *, sync: bool = True, manifest: bool = True) -> UnifySummary:
+    """Called on every process; returns the same summary on each."""
+    from .formats.hdf5 import H5Layout, H5Writer, open_regions
+
+    started = time.monotonic()
+    plan = broadcast_prepared(lambda: plan_unify(options), comm)
+    file = plan.files[0]
+    writer: H5Writer | None = None
+
+    def lay_out() -> H5Layout:
+        nonlocal writer
+        params = _params(plan)
+        writer = H5Writer(file.path, sync=sync, forbidden_dirs=plan.job.forbidden_dirs)
+        return writer.layout([TensorSpec(p.name, p.dtype, p.dims, p.nbytes) for p in params])
+
+    layout = broadcast_prepared(lay_out, comm)
+    summary = None
+    try:
+        began = time.monotonic()
+        mine = deal_by_size(_params(plan), lambda p: p.nbytes, comm.size)[comm.rank]
+        target = TargetPlan(0, tuple(mine), tuple(sorted({c.src_rank for p in mine for c in p.copies}, reverse=True)))
+        region = open_regions(file.path, layout, sync=sync)
+        try:
+            with SourceFiles({r: plan.job.rank_files[r] for r in target.source_ranks}) as sources:
+                written = write_plan(target, sources, Adapted(region, {}, declared=True))  # type: ignore[arg-type]
+        except BaseException:
+            region.abort()
+            raise
+        part = region.close()
+        report = {"process": comm.rank, "params": len(mine), "bytes_read": target.bytes_read(),
+                  "bytes_written": written, "seconds": round(time.monotonic() - began, 6), "part": part}
+        comm.send(report, 0)
+        if comm.rank == 0:
+            reports = collect(comm)
+            cast(H5Writer, writer).finish([r.pop("part") for r in reports])
+            summary = _summary(plan, reports, time.monotonic() - started, sync, manifest)
+    except BaseException as exc:
+        if writer is not None:
+            writer.abort()
+        fail(comm, exc, f"process {comm.rank} ({file.path})")
+    comm.flush()
+    return cast(UnifySummary, comm.bcast(summary, root=0))  # rank 0 always has one here
+
+
+def _params(plan: UnifyPlan) -> list[ParamPlan]:
+    """Every parameter of the file, planned whole, in plan order."""
+    return list(plan.target_plan(plan.files[0]).params)
+
+
+def _summary(plan: UnifyPlan, reports: list[dict[str, Any]], wall: float, sync: bool,
+             manifest: bool) -> UnifySummary:
+    """Rank 0: ``<file>.manifest.json`` in transform's form, and the summary."""
+    from . import __version__
+
+    file = plan.files[0]
+    path = None
+    if manifest:
+        path = Path(f"{file.path}{MANIFEST_SUFFIX}")
+        write_json_atomic(path, {"version": 1, "tool": f"mpickpt {__version__}", "command": "unify",
+                                 "world_size": len(reports), "wall_seconds": round(wall, 6),
+                                 "file": os.path.basename(file.path), "size": os.path.getsize(file.path),
+                                 "left_out": list(plan.left_out), "processes": reports}, sync=sync)
+    return UnifySummary(1, len(file.names), sum(r["bytes_written"] for r in reports), len(reports), wall,
+                        plan.left_out, str(path) if path else None)
