@@ -143,6 +143,7 @@ class Exchange:
         """Called on every process after its own targets: serve until every process is done."""
         barrier = self.comm.ibarrier()
         while True:
+            self._check_aborted()
             self.serve()
             if barrier.test() and not self._queue and all(req.test() for req, _, _ in self._sending):
                 break
@@ -151,6 +152,10 @@ class Exchange:
         for context in self._contexts:
             context.__exit__(None, None, None)
         self._contexts, self._indexes = [], {}
+
+    def _check_aborted(self) -> None:
+        if self.comm.aborted():
+            raise ExchangeError("another process failed; stopping the exchange")
 
     # --- fetching ---------------------------------------------------------------------------------
 
@@ -172,6 +177,7 @@ class Exchange:
         """Wait for one receive, serving others meanwhile; ExchangeError after `stall_seconds` idle."""
         deadline = time.monotonic() + self.stall_seconds
         while not request.test():
+            self._check_aborted()
             self.serve()
             if time.monotonic() > deadline:
                 raise ExchangeError(f"process {holder} sent nothing of {what} for {self.stall_seconds:.0f} s")
@@ -184,12 +190,17 @@ class RemoteSource:
     def __init__(self, exchange: Exchange, headers: Mapping[int, SourceHeaders]) -> None:
         self.exchange = exchange
         self._entries = {rank: _entries(found) for rank, found in headers.items()}
+        self._as_stored = {rank: found.as_stored for rank, found in headers.items()}
         self._holders: dict[int, int] = {}
         self._expected: deque[Piece] = deque()
 
     def entries(self, rank: int) -> dict[str, TensorEntry]:
         """A remote rank's parameters from its gathered headers."""
         return self._entries[rank]
+
+    def as_stored(self, rank: int) -> frozenset[str]:
+        """A remote rank's parameters stored as rank 0's value whatever the layout."""
+        return self._as_stored[rank]
 
     def ask(self, pieces: Sequence[Piece], target: int) -> None:
         """Send each holder the list of pieces asked of it."""

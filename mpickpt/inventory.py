@@ -20,6 +20,7 @@ class SourceHeaders:
     kinds: dict[str, str]
     nbytes: dict[str, int] = field(default_factory=dict)
     stamp: SourceStamp | None = None
+    as_stored: frozenset[str] = frozenset()  # parameters holding rank 0's value whatever the layout (unified)
 
 
 def read_headers(rank_files: Mapping[int, str]) -> dict[int, SourceHeaders]:
@@ -31,5 +32,5 @@ def read_headers(rank_files: Mapping[int, str]) -> dict[int, SourceHeaders]:
             entries = index.entries.values()
             found[rank] = SourceHeaders(path, tuple((e.name, e.dtype, tuple(e.dims)) for e in entries),
                                         {e.name: e.kind for e in entries}, {e.name: e.nbytes for e in entries},
-                                        stamp)
+                                        stamp, frozenset(getattr(index, "as_stored", ())))
     return found

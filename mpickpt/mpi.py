@@ -76,6 +76,10 @@ class Comm(Protocol):
         """End every process of the world with exit code `code`."""
         ...
 
+    def aborted(self) -> bool:
+        """Whether another process has aborted the world (where aborting does not end this process at once)."""
+        ...
+
 
 class SerialComm:
     """A world of one process: collectives return at once; messages to self are queued."""
@@ -122,6 +126,10 @@ class SerialComm:
     def abort(self, code: int) -> NoReturn:
         """Exit this (only) process."""
         sys.exit(code)
+
+    def aborted(self) -> bool:
+        """No other process to abort."""
+        return False
 
 
 class _Done:
@@ -215,6 +223,10 @@ class MpiComm:
         sys.stderr.flush()
         self._world.Abort(code)
         os._exit(code)  # Abort does not return; this only satisfies NoReturn
+
+    def aborted(self) -> bool:
+        """Never seen: MPI_Abort anywhere ends this process through the launcher."""
+        return False
 
 
 def launched(env: Mapping[str, str]) -> bool:

@@ -199,6 +199,9 @@ class ThreadComm:
     def ibarrier(self) -> _ThreadBarrier:
         return _ThreadBarrier(self.shared)
 
+    def aborted(self) -> bool:
+        return self.shared.barrier.broken
+
     def flush(self) -> None:
         pass
 
@@ -495,10 +498,10 @@ class AbortingComm(ThreadComm):
 
     def __init__(self, shared: ThreadWorld, rank: int, aborted: list[int]) -> None:
         super().__init__(shared, rank)
-        self.aborted = aborted
+        self.aborted_ranks = aborted
 
     def abort(self, code: int) -> None:
-        self.aborted.append(self.rank)
+        self.aborted_ranks.append(self.rank)
         self.shared.barrier.abort()
         raise SystemExit(code)
 

@@ -8,17 +8,20 @@ that other processes hold. In-process tests run the driver on threads (ThreadCom
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from fixture_cases import Case, assert_same_content
 from mindspore_cases import make_redundancy_removed
-from test_driver import ThreadComm, run_threads
+from test_driver import AbortingComm, ThreadComm, run_threads
 from test_mpi import (  # noqa: F401
     ENDS_WITHIN,
     FLAVORS,
@@ -152,6 +155,24 @@ def test_threads_with_split_sources_write_the_expected_bytes(name: str, size: in
     assert sum(p["bytes_sent"] for p in processes) == sum(p["bytes_received"] for p in processes) > 0
     assert sum(p["bytes_read"] for p in processes) == summaries[0].bytes_read  # each slice read once, somewhere
     assert summaries[0].exchanged and all(s == summaries[0] for s in summaries)
+
+
+def test_a_failing_thread_process_stops_the_others_mid_exchange(tmp_path: Path, written_cases: dict[str, Case],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where aborting does not end the others at once (threads), they see the abort and stop waiting."""
+    case = written_cases["random_8to4"]
+    base = split_sources(case, tmp_path / "src", 3)
+    options = options_for(case, str(base / SPLIT), str(tmp_path / "dst"))
+    monkeypatch.setenv("MPICKPT_TEST_FAIL", "process=1,after_bytes=1")
+    aborted: list[int] = []
+
+    def body(comm: ThreadComm) -> None:
+        with contextlib.suppress(SystemExit, threading.BrokenBarrierError):
+            run_transform(options, AbortingComm(comm.shared, comm.rank, aborted), stream=io.StringIO())
+
+    run_threads(3, body)  # fails if a thread is still running after 30 s
+    assert aborted[0] == 1 and sorted(aborted) == [0, 1, 2]
+    assert not (tmp_path / "dst" / "manifest.json").exists()
 
 
 def test_threads_write_into_per_process_destinations(tmp_path: Path, written_cases: dict[str, Case]) -> None:
