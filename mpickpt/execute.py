@@ -157,13 +157,6 @@ def _check_copies(param: ParamPlan, sources: SourceFiles) -> None:
     file's shapes before planning; this guards files changed since)."""
     for copy in param.copies:
         entry = sources.entry(copy.src_rank, param.name)
-        sliced = len(param.copies) > 1 or tuple(param.dims) != tuple(entry.dims)
-        if sliced and param.name in getattr(sources.index(copy.src_rank), "as_stored", ()):
-            raise CheckpointFormatError(
-                f"{sources.path(copy.src_rank)}: parameter {param.name!r} is in hyper_param.safetensors, which "
-                f"holds rank 0's stored value (maybe a slice), so the target strategy cannot lay it out; "
-                f"load_distributed_checkpoint copies it whole"
-            )
         if entry.dtype != param.dtype:
             raise CheckpointFormatError(
                 f"{sources.path(copy.src_rank)}: parameter {param.name!r} has dtype {entry.dtype}, "
