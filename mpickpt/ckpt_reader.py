@@ -387,6 +387,7 @@ class CheckpointIndex:
         self.size = size
         self.crc = crc  # stored CRC32 of the trailer, None when the file has none
         self.metadata: dict[str, str] = {}  # a .ckpt has no file-level metadata
+        self.as_stored: frozenset[str] = frozenset()
         self._fd: int | None = fd
         self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
 

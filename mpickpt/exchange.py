@@ -190,17 +190,12 @@ class RemoteSource:
     def __init__(self, exchange: Exchange, headers: Mapping[int, SourceHeaders]) -> None:
         self.exchange = exchange
         self._entries = {rank: _entries(found) for rank, found in headers.items()}
-        self._as_stored = {rank: found.as_stored for rank, found in headers.items()}
         self._holders: dict[int, int] = {}
         self._expected: deque[Piece] = deque()
 
     def entries(self, rank: int) -> dict[str, TensorEntry]:
         """A remote rank's parameters from its gathered headers."""
         return self._entries[rank]
-
-    def as_stored(self, rank: int) -> frozenset[str]:
-        """A remote rank's parameters stored as rank 0's value whatever the layout."""
-        return self._as_stored[rank]
 
     def ask(self, pieces: Sequence[Piece], target: int) -> None:
         """Send each holder the list of pieces asked of it."""

@@ -10,7 +10,7 @@ the same regions received over MPI, in the order `remote_pieces` lists them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,10 +53,6 @@ class Remote(Protocol):
 
     def entries(self, rank: int) -> dict[str, TensorEntry]:
         """The parameters of a remote rank's file, in file order (pieces are not file offsets)."""
-        ...
-
-    def as_stored(self, rank: int) -> Collection[str]:
-        """Parameters of a remote rank's file stored as rank 0's value whatever the layout."""
         ...
 
     def fill(self, piece: Piece, out: np.ndarray) -> None:
@@ -104,13 +100,6 @@ class SourceFiles:
             assert self.remote is not None
             return self.remote.entries(rank)
         return self.index(rank).entries
-
-    def as_stored(self, rank: int) -> Collection[str]:
-        """Parameters of a rank's file that hold rank 0's stored value whatever the layout (unified sources)."""
-        if self.is_remote(rank):
-            assert self.remote is not None
-            return self.remote.as_stored(rank)
-        return getattr(self.index(rank), "as_stored", ())
 
     def index(self, rank: int) -> SourceIndex:
         """The index of one source rank's file, opened on first use."""
@@ -272,13 +261,6 @@ def _check_copies(param: ParamPlan, sources: SourceFiles) -> None:
     file's shapes before planning; this guards files changed since)."""
     for copy in param.copies:
         entry = sources.entry(copy.src_rank, param.name)
-        sliced = len(param.copies) > 1 or tuple(param.dims) != tuple(entry.dims)
-        if sliced and param.name in sources.as_stored(copy.src_rank):
-            raise CheckpointFormatError(
-                f"{sources.path(copy.src_rank)}: parameter {param.name!r} is in hyper_param.safetensors, which "
-                f"holds rank 0's stored value (maybe a slice), so the target strategy cannot lay it out; "
-                f"load_distributed_checkpoint copies it whole"
-            )
         if entry.dtype != param.dtype:
             raise CheckpointFormatError(
                 f"{sources.path(copy.src_rank)}: parameter {param.name!r} has dtype {entry.dtype}, "

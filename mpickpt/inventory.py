@@ -7,30 +7,33 @@ from dataclasses import dataclass, field
 
 from .formats import open_index
 from .manifest import SourceStamp, stamp_sources
+from .sources import stamped_files
 
 
 @dataclass(frozen=True)
 class SourceHeaders:
     """What one source file holds: (name, dtype, dims) per parameter in file order, each one's kind
-    ("tensor", or "maptensor" for values only some formats can hold) and content bytes, and the file's
-    stamp as it was when read (so processes that do not see the file can record it)."""
+    ("tensor", or "maptensor" for values only some formats can hold) and content bytes, the values kept as
+    some rank stored them (a unified folder's hyper_param.safetensors), which may be copied whole but never
+    laid out, and the stamps of its files as they were when read (so processes that do not see them can
+    record them)."""
 
     path: str
     rows: tuple[tuple[str, str, tuple[int, ...]], ...]
     kinds: dict[str, str]
+    as_stored: frozenset[str] = frozenset()
     nbytes: dict[str, int] = field(default_factory=dict)
-    stamp: SourceStamp | None = None
-    as_stored: frozenset[str] = frozenset()  # parameters holding rank 0's value whatever the layout (unified)
+    stamps: tuple[SourceStamp, ...] = ()
 
 
 def read_headers(rank_files: Mapping[int, str]) -> dict[int, SourceHeaders]:
     """Index the headers of every source file (cheap: no tensor bytes are read)."""
     found = {}
     for rank, path in rank_files.items():
-        (stamp,) = stamp_sources([path])
+        stamps = stamp_sources(stamped_files(path))
         with open_index(path) as index:
             entries = index.entries.values()
             found[rank] = SourceHeaders(path, tuple((e.name, e.dtype, tuple(e.dims)) for e in entries),
-                                        {e.name: e.kind for e in entries}, {e.name: e.nbytes for e in entries},
-                                        stamp, frozenset(getattr(index, "as_stored", ())))
+                                        {e.name: e.kind for e in entries}, index.as_stored,
+                                        {e.name: e.nbytes for e in entries}, stamps)
     return found

@@ -17,15 +17,19 @@ _NUMBER = re.compile(r"\d+")
 
 def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = None) -> dict[int, str]:
     """Map source rank -> its checkpoint file (absolute path), from `src_dir/rank_<r>/`; without rank
-    folders, a unified checkpoint (MindSpore's or Hugging Face's) is the one source rank 0.
+    folders, a unified checkpoint (MindSpore's or Hugging Face's folder, or one `.h5`/`.safetensors` file,
+    also given directly as `src_dir`) is the one source rank 0.
 
     With several files in one rank folder, MindSpore takes the lexicographically last `.ckpt`, and the
     `.safetensors` whose last two numbers are largest (compared as numbers: `x-10_1875` over `x-9_1875`).
     A folder holding both formats is an error unless `src_format` picks one.
     """
     root = Path(src_dir).absolute()
+    if root.is_file() and root.suffix in (".h5", ".safetensors"):
+        return {0: str(root)}  # one unified file
     if not root.is_dir():
-        raise SourceMissingError(f"source checkpoint folder {root} is not a directory")
+        raise SourceMissingError(f"source checkpoint folder {root} is not a directory (nor a unified .h5 or "
+                                 f".safetensors file)")
     if src_format is not None and src_format not in RANK_FORMATS:
         raise MpickptError(f"--src-format {src_format!r}: rank folders hold {' or '.join(RANK_FORMATS)} files")
     files: dict[int, str] = {}
@@ -77,3 +81,12 @@ def _last_two_numbers(path: Path) -> tuple[int, int, str]:
     numbers = [int(n) for n in _NUMBER.findall(path.stem)][-2:]
     numbers = [0] * (2 - len(numbers)) + numbers
     return numbers[0], numbers[1], path.name
+
+
+def stamped_files(source: str) -> list[str]:
+    """The files whose size and time stand for a source: the file itself, or every file of a unified folder
+    (so a shard edited in place makes a rerun redo what it made)."""
+    path = Path(source)
+    if not path.is_dir():
+        return [str(path.absolute())]
+    return sorted(str(p.absolute()) for p in path.iterdir() if p.is_file() and not p.name.startswith("."))

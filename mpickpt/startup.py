@@ -34,6 +34,7 @@ from .transform import (
     Sources,
     TransformJob,
     TransformOptions,
+    check_values_kept_as_stored,
     load_strategies,
     output_path,
     source_dirs,
@@ -90,7 +91,7 @@ def start_job(options: TransformOptions, comm: Comm,
 def _view(options: TransformOptions, process: int, host: str, per_process: bool) -> ProcessView:
     """The rank files this process sees (with placeholders, a missing or empty folder sees none)."""
     folder = os.path.abspath(options.src_dir)
-    if per_process and not os.path.isdir(folder):
+    if per_process and not os.path.exists(folder):
         return ProcessView(process, host, folder, {})
     try:
         files = find_rank_files(folder, options.src_format)
@@ -112,7 +113,7 @@ def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None,
                                  f"({placement.describe()})")
     where = f"{template} (seen as {placement.describe()})" if per_process else options.src_dir
     sources = Sources.check(src, dst, rank_files, headers, options, where)
-    stamps = {r: h.stamp for r, h in sources.headers.items() if h.stamp is not None}
+    stamps = {r: h.stamps for r, h in sources.headers.items()}
     mine = placement.views[comm.rank].rank_files
     read_dirs = source_dirs(options)
 
@@ -124,6 +125,7 @@ def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None,
         planned.append(TransformJob.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix,
                                          read_dirs, sources.src_stage, catalog=sources.catalog, options=options,
                                          notes=sources.notes, targets=targets, stamps=stamps))
+        check_values_kept_as_stored(planned[0]._plans.values(), sources.headers)
         return planned[0]
 
     shares = agree(lambda: plan_share().tasks, comm)

@@ -19,14 +19,14 @@ from typing import Any
 from . import __version__
 from .catalog import SourceCatalog, build_catalog
 from .destination import check_destination, check_prefix
-from .errors import MpickptError, PlanError, SourceMissingError
+from .errors import CheckpointFormatError, MpickptError, PlanError, SourceMissingError
 from .execute import SourceFiles, write_target
 from .formats import open_index, suffix_of
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
 from .manifest import SourceStamp
 from .plan import Planner, TargetPlan, TensorInfo
-from .sources import find_rank_files
+from .sources import find_rank_files, stamped_files
 from .strategy import (
     PROTOBUF,
     Strategy,
@@ -116,8 +116,8 @@ class TransformJob:
         check_prefix(options.prefix)
         suffix_of(options.output_format)
         src_dir = Path(options.src_dir)
-        if not src_dir.is_dir():
-            raise SourceMissingError(f"src_checkpoints_dir {src_dir} is not a directory")
+        if not src_dir.exists():
+            raise SourceMissingError(f"src_checkpoints_dir {src_dir} does not exist")
         read_dirs = source_dirs(options)
         keep_in = options.dst_dir if write_merged else None
         if keep_in is not None:
@@ -125,8 +125,10 @@ class TransformJob:
         rank_files = find_rank_files(src_dir, options.src_format)
         src, dst = load_strategies(options, keep_in, sync)
         sources = Sources.check(src, dst, rank_files, read_headers(rank_files), options, str(src_dir))
-        return cls.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix, read_dirs, sources.src_stage,
-                        catalog=sources.catalog, options=options, notes=sources.notes)
+        job = cls.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix, read_dirs, sources.src_stage,
+                       catalog=sources.catalog, options=options, notes=sources.notes)
+        check_values_kept_as_stored(job._plans.values(), sources.headers)
+        return job
 
     @classmethod
     def plan(
@@ -144,7 +146,7 @@ class TransformJob:
         options: TransformOptions | None = None,
         notes: tuple[str, ...] = (),
         targets: Iterable[int] | None = None,
-        stamps: Mapping[int, SourceStamp] | None = None,
+        stamps: Mapping[int, tuple[SourceStamp, ...]] | None = None,
     ) -> TransformJob:
         """Plan the targets of a conversion whose source files are known (their headers are read here
         unless a catalog of them is given): every target, or `targets` only."""
@@ -177,11 +179,11 @@ class TransformJob:
                     target_rank=target,
                     path=os.path.abspath(path),
                     source_ranks=plan.source_ranks,
-                    source_files=tuple(os.path.abspath(rank_files[r]) for r in plan.source_ranks),
+                    source_files=tuple(f for r in plan.source_ranks for f in stamped_files(rank_files[r])),
                     read_bytes=plan.bytes_read(),
                     write_bytes=plan.bytes_written(),
                     job_key=_job_key(strategies, prefix, output_format, job.crc, src_stage, plan),
-                    source_stamps=tuple(stamps[r] for r in plan.source_ranks) if stamps else (),
+                    source_stamps=tuple(s for r in plan.source_ranks for s in stamps[r]) if stamps else (),
                 )
             )
         job.tasks = tuple(tasks)
@@ -376,6 +378,23 @@ def _subnetwork_stage(src: Strategy | None, dst: Strategy | None,
                             f"incomplete (a per-stage strategy file of a pipeline run? give the folder of all "
                             f"stages with --src-strategy-dir)")
     return src.stage
+
+
+def check_values_kept_as_stored(plans: Iterable[TargetPlan], headers: Mapping[int, SourceHeaders]) -> None:
+    """A value kept as some rank stored it (a unified folder's hyper_param.safetensors: maybe a slice) may be
+    copied whole, but a target strategy must not lay it out (that would slice a slice)."""
+    for plan in plans:
+        for param in plan.params:
+            for copy in param.copies:
+                found = headers[copy.src_rank]
+                if param.name not in found.as_stored:
+                    continue
+                stored = next(dims for name, _, dims in found.rows if name == param.name)
+                if len(param.copies) > 1 or tuple(param.dims) != stored:
+                    raise CheckpointFormatError(
+                        f"{found.path}: parameter {param.name!r} is in hyper_param.safetensors, which holds rank "
+                        f"0's stored value (maybe a slice), so the target strategy cannot lay it out; "
+                        f"load_distributed_checkpoint copies it whole")
 
 
 def _check_output_format(params: Mapping[str, TensorInfo], headers: Mapping[int, SourceHeaders],

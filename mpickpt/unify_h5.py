@@ -10,6 +10,7 @@ rank 0 checks each parameter was written once and renames the file into place, t
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from .formats import TensorSpec
 from .manifest import write_json_atomic
 from .mpi import Comm
 from .plan import ParamPlan, TargetPlan
+from .strategy import describe_strategy
 from .unify import Adapted, UnifyOptions, UnifyPlan, UnifySummary, collect, plan_unify
 
 __all__ = ["run_unify_h5"]
@@ -40,7 +42,7 @@ def run_unify_h5(options: UnifyOptions, comm: Comm, *, sync: bool = True, manife
     def lay_out() -> H5Layout:
         nonlocal writer
         params = _params(plan)
-        writer = H5Writer(file.path, sync=sync, forbidden_dirs=plan.job.forbidden_dirs)
+        writer = H5Writer(file.path, sync=sync, forbidden_dirs=plan.job.forbidden_dirs, attrs=_file_attrs(plan))
         return writer.layout([TensorSpec(p.name, p.dtype, p.dims, p.nbytes) for p in params])
 
     layout = broadcast_prepared(lay_out, comm)
@@ -70,6 +72,12 @@ def run_unify_h5(options: UnifyOptions, comm: Comm, *, sync: bool = True, manife
         fail(comm, exc, f"process {comm.rank} ({file.path})")
     comm.flush()
     return cast(UnifySummary, comm.bcast(summary, root=0))  # rank 0 always has one here
+
+
+def _file_attrs(plan: UnifyPlan) -> dict[str, object]:
+    """File attributes beside mpickpt's version: the source strategy's per-parameter layout, as JSON."""
+    src = plan.job.src
+    return {"source_layouts": json.dumps(describe_strategy(src) if src is not None else [])}
 
 
 def _params(plan: UnifyPlan) -> list[ParamPlan]:

@@ -314,12 +314,14 @@ def test_unify_a_unified_folder_into_the_other_layout(cases: dict[str, Path], tm
 
 
 def test_deploy_an_h5_file(cases: dict[str, Path], tmp_path: Path) -> None:
-    """A folder holding one HDF5 file of full tensors (from unify --format h5) deploys like the sources."""
+    """A folder holding one HDF5 file of full tensors (from unify --format h5), or the file itself, deploys
+    like the sources."""
     pytest.importorskip("h5py")
     run_unify(UnifyOptions(str(cases["st"]), str(tmp_path / "h5" / "model.h5"), str(TINY / "src_strategy.ckpt"),
                            fmt="h5"), SerialComm(), sync=False, manifest=False)
-    done = transform(tmp_path / "h5", tmp_path / "out", "--output-format", "safetensors")
-    assert done.returncode == 0, done.stderr
-    for rank in range(4):
-        name = f"rank_{rank}/checkpoint_{rank}.safetensors"
-        assert (tmp_path / "out" / name).read_bytes() == (cases["direct"] / name).read_bytes()
+    for source, out in ((tmp_path / "h5", "out"), (tmp_path / "h5" / "model.h5", "out_from_file")):
+        done = transform(source, tmp_path / out, "--output-format", "safetensors")
+        assert done.returncode == 0, done.stderr
+        for rank in range(4):
+            name = f"rank_{rank}/checkpoint_{rank}.safetensors"
+            assert (tmp_path / out / name).read_bytes() == (cases["direct"] / name).read_bytes()

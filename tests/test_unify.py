@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from mpickpt.convert import ckpt_to_safetensors
 from mpickpt.errors import DestinationError, MpickptError
 from mpickpt.formats import open_index
 from mpickpt.mpi import SerialComm
+from mpickpt.strategy import describe_strategy, load_strategy
 from mpickpt.unify import (
     UnifyOptions,
     _share,
@@ -330,6 +332,15 @@ def test_h5_by_two_processes_equals_serial(tiny_st: Path, tiny_full: dict, tmp_p
     with h5py.File(tmp_path / "mpi.h5", "r") as f:  # an ordinary HDF5 file
         name = "model.norm_out.weight"
         assert f[name][()].tobytes() == tiny_full[name][2]
+        assert f[name].attrs["mindspore_dtype"] in (b"BFloat16", "BFloat16")
+        layouts = json.loads(f.attrs["source_layouts"])
+        assert {row["name"] for row in layouts} == {row["name"] for row in
+                                                    describe_strategy(load_strategy(TINY / "src_strategy.ckpt"))}
+        assert "mpickpt_version" in f.attrs
+    dump = subprocess.run(["h5dump", "-H", str(tmp_path / "mpi.h5")], capture_output=True, text=True, check=False) \
+        if shutil.which("h5dump") else None
+    if dump is not None:
+        assert dump.returncode == 0 and f'DATASET "{name}"' in dump.stdout
 
 
 def test_h5_selection_and_refusals(tiny_st: Path, tiny_full: dict, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ class SourceIndex(Protocol):
     entries: dict[str, TensorEntry]  # in file order; pieces are (file offset, length) runs of the content
     metadata: dict[str, str]  # format-level key/values (safetensors ``__metadata__``; empty for .ckpt)
     crc: int | None  # stored checksum, where the format has one
+    as_stored: frozenset[str]  # values kept as some rank stored them (maybe a slice): copy whole, never lay out
 
     def __enter__(self) -> Self: ...
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
