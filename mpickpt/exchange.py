@@ -78,7 +78,6 @@ class Exchange:
         self.stall_seconds = STALL_SECONDS if stall_seconds is None else stall_seconds
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.bytes_read = 0  # read from disk for other processes
         self._queue: deque[tuple[int, Piece, int, int]] = deque()  # (dest, piece, lo, hi) still to send
         self._sending: list[tuple[Request, int, Piece]] = []
         self._indexes: dict[int, SourceIndex] = {}
@@ -101,7 +100,6 @@ class Exchange:
             size = memoryview(data).nbytes  # type: ignore[arg-type]  # ndarray, memoryview or bytearray
             self._sending.append((self.comm.isend_bytes(data, dest, DATA_TAG), size, piece))
             in_flight += size
-            self.bytes_read += size
             self.bytes_sent += size
 
     def _prune(self) -> None:
