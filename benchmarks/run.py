@@ -98,6 +98,7 @@ class Contender:
     label: str
     group: str  # "mpickpt", "mindspore" or "copy"
     launch: Callable[[Path, Path], tuple[float, list[ProcStats], float | None]]
+    processes: int = 1  # mpickpt: the mpiexec process count (1: serial)
     runs: list[Run] = field(default_factory=list)
     failed: str = ""
 
@@ -298,11 +299,11 @@ def _mpickpt_for(case: Case, sync: bool) -> Callable[[Path], list[str]]:
 
 def contenders(case: Case, procs: list[int], mindspore: bool, copy: bool, script: Path) -> list[Contender]:
     cs = []
-    for n in [1, *procs]:
+    for n in sorted({1, *procs}):
         for sync in (True, False):
             label = ("mpickpt serial" if n == 1 else f"mpickpt mpiexec -n {n}") + ("" if sync else " --no-sync")
             cmd_for = _mpickpt_for(case, sync)
-            cs.append(Contender(label, "mpickpt", serial(cmd_for) if n == 1 else under_mpiexec(n, cmd_for)))
+            cs.append(Contender(label, "mpickpt", serial(cmd_for) if n == 1 else under_mpiexec(n, cmd_for), n))
     if mindspore:
         cs += [Contender("MindSpore transform_checkpoints", "mindspore", ms_whole(case, script)),
                Contender("MindSpore by_rank, one at a time", "mindspore", ms_by_rank(case, script, 1)),
@@ -424,6 +425,59 @@ def ratio_table(cs: list[Contender], case: Case) -> list[str]:
     return lines
 
 
+SYNCED, NO_SYNC = "mpickpt (synced)", "mpickpt --no-sync"
+REFERENCE_COLOURS = {"mindspore": "tab:red", "copy": "tab:green"}
+
+
+def plot_scaling(cs: list[Contender], path: Path, title: str) -> bool:
+    """Draw mpickpt's median wall time against its process count, MindSpore and the copy floors as reference
+    lines, and its speed-up over serial beside the ideal, into `path`; False, with a note, without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: matplotlib is not installed (pip install '.[bench]'), so {path.name} was not drawn")
+        return False
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from matplotlib.ticker import FormatStrFormatter
+
+    series: dict[str, dict[int, float]] = {SYNCED: {}, NO_SYNC: {}}
+    for c in cs:
+        if c.runs and c.group == "mpickpt":
+            series[NO_SYNC if c.label.endswith("--no-sync") else SYNCED][c.processes] = median(c)
+    references = [c for c in cs if c.runs and c.group in REFERENCE_COLOURS]
+    figure, (wall, speed) = pyplot.subplots(1, 2, figsize=(11, 4.5))
+    styles = ["--", ":", "-."]
+    for name, points in series.items():
+        if not points:
+            continue
+        counts = sorted(points)
+        line, = wall.plot(counts, [points[n] for n in counts], marker="o", label=name)
+        if 1 in points:
+            speed.plot(counts, [points[1] / points[n] for n in counts], marker="o", label=name, color=line.get_color())
+    for i, c in enumerate(references):
+        wall.axhline(median(c), color=REFERENCE_COLOURS[c.group], linestyle=styles[i % len(styles)], label=c.label)
+    counts = sorted({n for points in series.values() for n in points})
+    speed.plot(counts, counts, color="grey", linewidth=1, label="ideal (n processes, n times faster)")
+    walls = [t for points in series.values() for t in points.values()] + [median(c) for c in references]
+    if walls and max(walls) > 10 * min(walls):
+        wall.set_yscale("log")
+        wall.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        wall.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    speed.set_ylim(bottom=0)
+    for axes, label in ((wall, "median wall time (s)"), (speed, "speed-up over serial")):
+        axes.set_xlabel("processes (mpiexec -n)")
+        axes.set_ylabel(label)
+        axes.set_xticks(counts)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return True
+
+
 def sources_digest() -> str:
     """A digest of the mpickpt sources as they are now (uncommitted edits count)."""
     digest = hashlib.sha256()
@@ -498,9 +552,13 @@ def main(argv: list[str] | None = None) -> int:
     if sources_digest() != digest:
         checker.notes.append(f"mpickpt sources CHANGED during the run (started at sources {digest}): rerun")
     text = report(case, cs, checker, args.repeat, planned_read_bytes(case), code_version(digest))
-    print(text)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{case.name}_8to{args.target}.md").write_text(text)
+    stem = f"{case.name}_8to{args.target}"
+    if plot_scaling(cs, args.results / f"{stem}.png", f"{case.name}: {case.desc['src_ranks']} -> {case.dst_ranks} "
+                    f"ranks, median of {args.repeat}"):
+        text += f"\n![wall time and speed-up against process count]({stem}.png)\n"
+    print(text)
+    (args.results / f"{stem}.md").write_text(text)
     return 1 if any(c.failed for c in cs) or any("DIFFER" in r.check for c in cs for r in c.runs) else 0
 
 

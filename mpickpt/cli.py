@@ -14,7 +14,7 @@ from . import __version__
 from .errors import MpickptError
 
 if TYPE_CHECKING:
-    from .transform import TransformOptions
+    from .transform import OutputTask, TransformJob, TransformOptions
 
 # The commands import their modules when they run, so that a Ctrl-C while numpy and the rest load still
 # ends in main's handler.
@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--target", type=int, action="append", help="only these target ranks (repeatable)")
     plan.add_argument("--copies", action="store_true", help="also list every planned copy")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("--matrix", action="store_true",
+                      help="the source-rank x target-rank matrix of bytes read, as a table (ranks grouped "
+                           "beyond 64 sources or 16 targets)")
+    plan.add_argument("--out", metavar="FILE", help="with --matrix: also draw it as a heat map, FILE.svg "
+                                                    "(or FILE.png with matplotlib installed)")
     plan.set_defaults(run=_run_plan)
 
     rank_list = commands.add_parser("rank-list", help="source ranks one target rank needs")
@@ -229,6 +234,11 @@ def _run_plan(args: argparse.Namespace) -> int:
     if outside:
         raise MpickptError(f"--target {outside[0]}: the target ranks are {targets[0]}..{targets[-1]}")
     tasks = [t for t in job.tasks if not args.target or t.target_rank in args.target]
+    if args.out and not args.matrix:
+        raise MpickptError("--out draws the byte matrix: add --matrix")
+    if args.matrix:
+        _print_matrix(job, tasks, args.out)
+        return 0
     if args.json:
         rows = []
         for task in tasks:
@@ -258,6 +268,18 @@ def _run_plan(args: argparse.Namespace) -> int:
     total_written = sum(t.write_bytes for t in tasks)
     print(f"{len(tasks)} targets, {total_read:,} bytes read, {total_written:,} bytes written")
     return 0
+
+
+def _print_matrix(job: TransformJob, tasks: Sequence[OutputTask], out: str | None) -> None:
+    """Print the byte matrix of `tasks` (and draw it into `out`)."""
+    from .matrix import format_grid, make_grid, transfer_bytes, write_image
+
+    transfers = transfer_bytes(job.planner().plan(t.target_rank) for t in tasks)
+    grid = make_grid(transfers, sorted(job.rank_files), [t.target_rank for t in tasks])
+    print(format_grid(grid))
+    if out:
+        write_image(grid, out, f"bytes read: {len(job.rank_files)} source rank(s) -> {len(tasks)} target rank(s)")
+        print(f"mpickpt: wrote {out}", file=sys.stderr)
 
 
 def _run_rank_list(args: argparse.Namespace) -> int:

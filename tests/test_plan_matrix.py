@@ -1,0 +1,113 @@
+"""`mpickpt plan --matrix`: bytes per (source, target) from the plans, the text table, the SVG heat map."""
+
+from __future__ import annotations
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from test_cli import EXAMPLE, mpickpt
+
+from mpickpt.errors import MpickptError
+from mpickpt.matrix import (
+    Grid,
+    format_grid,
+    grid_svg,
+    make_grid,
+    transfer_bytes,
+    write_image,
+)
+from mpickpt.plan import Planner, TensorInfo
+from mpickpt.strategy import LayoutItem, Strategy, StrategyItem
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def split_rows(devices: int) -> Strategy:
+    """Tensor parallel over `devices`: the rows of "w" split, one block per rank."""
+    item = LayoutItem(name="w", dev_matrix=(devices,), tensor_map=((0,), (-1,)), param_split_shape=((),),
+                      opt_weight_shard_size=0, opt_weight_shard_step=0)
+    return Strategy(current_stage=0, strategy_items=(StrategyItem("MatMul-op0", 0, ((1, 1),)),),
+                    layout_items=(item,))
+
+
+def plans(src: int, dst: int | None, **catalog: TensorInfo) -> list:
+    planner = Planner(split_rows(src), split_rows(dst) if dst else None, catalog)
+    return [planner.plan(t) for t in planner.target_ranks]
+
+
+def test_two_to_one_reads_half_from_each_source() -> None:
+    # w float32 (4, 3): each source holds 2 rows = 24 bytes, the one target reads both
+    assert transfer_bytes(plans(2, None, w=TensorInfo("Float32", (4, 3)))) == {(0, 0): 24, (1, 0): 24}
+
+
+def test_four_to_two_tensor_parallel_with_a_step_copied_through() -> None:
+    # w float32 (8, 3): each source 2 rows (24 bytes); target t holds rows 4t..4t+3, from sources 2t and 2t+1;
+    # global_step int32 (1,) is outside the strategy: 4 bytes copied through whole, MindSpore's source t when
+    # the target reads it anyway (target 0: source 0), else the lowest source it reads (target 1: source 2)
+    got = plans(4, 2, w=TensorInfo("Float32", (8, 3)), global_step=TensorInfo("Int32", (1,)))
+    assert transfer_bytes(got) == {(0, 0): 24 + 4, (1, 0): 24, (2, 1): 24 + 4, (3, 1): 24}
+    for plan in got:
+        assert sum(v for (_, t), v in transfer_bytes(got).items() if t == plan.target_rank) == plan.bytes_read()
+
+
+def test_grid_lays_out_every_rank_and_groups_beyond_the_limit() -> None:
+    transfers = {(s, t): 10 * s + t for s in range(4) for t in range(6) if (s + t) % 2}
+    grid = make_grid(transfers, range(4), range(6))
+    assert (grid.sources, grid.targets, grid.note) == (("0", "1", "2", "3"), tuple(map(str, range(6))), "")
+    assert grid.cells[1] == (10, 0, 12, 0, 14, 0)
+    grouped = make_grid(transfers, range(4), range(6), max_sources=2, max_targets=4)
+    assert grouped.sources == ("0-1", "2-3") and grouped.targets == ("0-1", "2-3", "4-5")
+    assert grouped.cells[0] == (1 + 10, 3 + 12, 5 + 14)
+    assert sum(map(sum, grouped.cells)) == sum(transfers.values())
+    assert grouped.note == "source ranks grouped 2 to a row; target ranks grouped 2 to a column (cells summed)"
+
+
+def test_text_table() -> None:
+    grid = Grid(("0", "1"), ("0", "1"), ((3 << 20, 0), (0, 1 << 19)))
+    assert format_grid(grid).splitlines() == [
+        "bytes read by each target rank (columns) from each source rank's file (rows), in MiB",
+        "src\\tgt   0   1",
+        "      0 3.0   .",
+        "      1   . 0.5",
+    ]
+    assert format_grid(Grid(("0",), ("0",), ((7,),))).splitlines()[-1] == "      0 7"
+
+
+def test_svg_is_xml_with_one_cell_per_nonzero_entry() -> None:
+    transfers = transfer_bytes(plans(4, 2, w=TensorInfo("Float32", (8, 3)), global_step=TensorInfo("Int32", (1,))))
+    grid = make_grid(transfers, range(4), range(2))
+    root = ET.fromstring(grid_svg(grid, "4 -> 2 <tp>"))
+    cells = [e for e in root.iter(f"{SVG}rect") if e.get("class") == "cell"]
+    assert sorted(int(e.get("data-bytes")) for e in cells) == sorted(transfers.values())
+    titles = {e.find(f"{SVG}title").text: int(e.get("data-bytes")) for e in cells}
+    assert titles["source 0 -> target 0: 28 bytes"] == 28
+    texts = [e.text for e in root.iter(f"{SVG}text")]
+    assert {"target rank", "source rank", "4 -> 2 <tp>"} <= set(texts)
+
+
+def test_image_formats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    grid = Grid(("0",), ("0",), ((1,),))
+    write_image(grid, str(tmp_path / "m.svg"))
+    ET.parse(tmp_path / "m.svg")
+    with pytest.raises(MpickptError, match=r"write \.svg"):
+        write_image(grid, str(tmp_path / "m.pdf"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(MpickptError, match="PNG needs matplotlib.*write .svg instead"):
+        write_image(grid, str(tmp_path / "m.png"))
+
+
+def test_cli_prints_the_matrix_and_draws_it(tmp_path: Path) -> None:
+    flags = ["--src-dir", str(EXAMPLE / "src"), "--src-strategy", str(EXAMPLE / "src_strategy.ckpt"),
+             "--dst-strategy", str(EXAMPLE / "dst_strategy_4.ckpt")]
+    totals = {t["target_rank"]: t["bytes_read"] for t in json.loads(
+        mpickpt("plan", "--json", *flags).stdout)["targets"]}
+    out = tmp_path / "m.svg"
+    lines = mpickpt("plan", "--matrix", "--out", str(out), *flags).stdout.splitlines()
+    assert lines[1].split() == ["src\\tgt", "0", "1", "2", "3"] and len(lines) == 2 + 8
+    cells = [e for e in ET.parse(out).getroot().iter(f"{SVG}rect") if e.get("class") == "cell"]
+    assert sum(int(e.get("data-bytes")) for e in cells) == sum(totals.values())
+    refused = mpickpt("plan", "--out", str(out), *flags, check=False)
+    assert refused.returncode == 2 and "add --matrix" in refused.stderr
