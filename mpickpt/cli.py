@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.add_argument("--matrix", action="store_true",
                       help="the source-rank x target-rank matrix of bytes read, as a table (ranks grouped "
-                           "beyond 64 sources or 16 targets)")
+                           "beyond 64 sources or 16 targets), or with --json its nonzero entries")
     plan.add_argument("--out", metavar="FILE", help="with --matrix: also draw it as a heat map, FILE.svg "
                                                     "(or FILE.png with matplotlib installed)")
     plan.set_defaults(run=_run_plan)
@@ -236,8 +236,10 @@ def _run_plan(args: argparse.Namespace) -> int:
     tasks = [t for t in job.tasks if not args.target or t.target_rank in args.target]
     if args.out and not args.matrix:
         raise MpickptError("--out draws the byte matrix: add --matrix")
+    if args.matrix and args.copies:
+        raise MpickptError("--matrix sums the copies per source and target: drop --copies")
     if args.matrix:
-        _print_matrix(job, tasks, args.out)
+        _print_matrix(job, tasks, args.out, args.json)
         return 0
     if args.json:
         rows = []
@@ -270,13 +272,18 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_matrix(job: TransformJob, tasks: Sequence[OutputTask], out: str | None) -> None:
-    """Print the byte matrix of `tasks` (and draw it into `out`)."""
+def _print_matrix(job: TransformJob, tasks: Sequence[OutputTask], out: str | None, as_json: bool) -> None:
+    """Print the byte matrix of `tasks`, as a table or its nonzero entries in JSON (and draw it into `out`)."""
     from .matrix import format_grid, make_grid, transfer_bytes, write_image
 
     transfers = transfer_bytes(job.planner().plan(t.target_rank) for t in tasks)
     grid = make_grid(transfers, sorted(job.rank_files), [t.target_rank for t in tasks])
-    print(format_grid(grid))
+    if as_json:
+        entries = [{"source_rank": s, "target_rank": t, "bytes": size} for (s, t), size in transfers.items()]
+        json.dump({"matrix": entries}, sys.stdout, indent=1)
+        print()
+    else:
+        print(format_grid(grid))
     if out:
         write_image(grid, out, f"bytes read: {len(job.rank_files)} source rank(s) -> {len(tasks)} target rank(s)")
         print(f"mpickpt: wrote {out}", file=sys.stderr)

@@ -109,5 +109,9 @@ def test_cli_prints_the_matrix_and_draws_it(tmp_path: Path) -> None:
     assert lines[1].split() == ["src\\tgt", "0", "1", "2", "3"] and len(lines) == 2 + 8
     cells = [e for e in ET.parse(out).getroot().iter(f"{SVG}rect") if e.get("class") == "cell"]
     assert sum(int(e.get("data-bytes")) for e in cells) == sum(totals.values())
-    refused = mpickpt("plan", "--out", str(out), *flags, check=False)
-    assert refused.returncode == 2 and "add --matrix" in refused.stderr
+    entries = json.loads(mpickpt("plan", "--matrix", "--json", "--target", "1", *flags).stdout)["matrix"]
+    assert {e["target_rank"] for e in entries} == {1}
+    assert sum(e["bytes"] for e in entries) == totals[1]
+    for wrong, message in ((["--out", str(out)], "add --matrix"), (["--matrix", "--copies"], "drop --copies")):
+        refused = mpickpt("plan", *wrong, *flags, check=False)
+        assert refused.returncode == 2 and message in refused.stderr
