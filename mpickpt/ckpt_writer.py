@@ -14,8 +14,7 @@ folder is fsynced.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import functools
 import math
 import operator
 import os
@@ -91,12 +90,16 @@ WRITEBACK_CHUNK = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+@functools.cache
 def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
     """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE) through libc: start writeback, don't wait,
-    keep the pages cached (posix_fadvise would evict them). None where libc lacks it."""
+    keep the pages cached (posix_fadvise would evict them). None where libc lacks it. Loaded on first
+    use, by the symbols already in the process (ctypes.util.find_library would start a subprocess), so
+    runs that never sync pay nothing."""
+    import ctypes
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.sync_file_range
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -107,8 +110,6 @@ def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
 
     return start_writeback
 
-
-_start_writeback = _load_sync_file_range()
 
 
 class CheckpointWriter(CommitOnExit):
@@ -332,12 +333,13 @@ class CheckpointWriter(CommitOnExit):
 
     def _kick_writeback(self) -> None:
         """With sync on, start writing back what is dirty once WRITEBACK_CHUNK bytes have piled up."""
-        if not self._sync or _start_writeback is None:
+        start_writeback = _load_sync_file_range() if self._sync else None
+        if start_writeback is None:
             return
         end = os.lseek(self._open_fd(), 0, os.SEEK_CUR) + len(self._buf)
         if end - self._written_back >= WRITEBACK_CHUNK:
             self._flush()
-            _start_writeback(self._open_fd(), self._written_back, end - self._written_back)
+            start_writeback(self._open_fd(), self._written_back, end - self._written_back)
             self._written_back = end
 
     def _flush(self) -> None:
