@@ -14,12 +14,10 @@ folder is fsynced.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import functools
 import math
 import operator
 import os
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from mpickpt.ckpt_reader import CRC_MARK, CheckpointIndex
 from mpickpt.dtypes import DTYPES, dtype_itemsize
 from mpickpt.errors import CheckpointFormatError, DestinationError
 from mpickpt.formats.base import TensorSpec
-from mpickpt.formats.offsets import COPY_CHUNK, byte_view, copy_range
+from mpickpt.formats.offsets import COPY_CHUNK, byte_view, copy_range, crc32, crc32_of_range
 
 PIECE_SIZE = 512 * 1024 * 1024
 """Largest content of one entry; MindSpore's save_checkpoint splits bigger tensors at this size."""
@@ -92,12 +90,16 @@ WRITEBACK_CHUNK = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+@functools.cache
 def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
     """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE) through libc: start writeback, don't wait,
-    keep the pages cached (posix_fadvise would evict them). None where libc lacks it."""
+    keep the pages cached (posix_fadvise would evict them). None where libc lacks it. Loaded on first
+    use, by the symbols already in the process (ctypes.util.find_library would start a subprocess), so
+    runs that never sync pay nothing."""
+    import ctypes
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        call = libc.sync_file_range
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -108,8 +110,6 @@ def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
 
     return start_writeback
 
-
-_start_writeback = _load_sync_file_range()
 
 
 class CheckpointWriter(CommitOnExit):
@@ -133,7 +133,9 @@ class CheckpointWriter(CommitOnExit):
         self.path = Path(path)
         self._sync = sync
         self._piece_size = piece_size
-        self._crc: int | None = 0 if crc else None
+        self._with_trailer = crc
+        self._crc = 0  # CRC-32 of every byte emitted so far (the trailer's value, and the whole file's)
+        self._done = False
         self._buf = bytearray()
         self._names: set[str] = set()
         self._written_back = 0  # file offset up to which writeback was started
@@ -195,6 +197,12 @@ class CheckpointWriter(CommitOnExit):
         else:
             self.copy_tensor_ranges(name, entry.dtype, entry.dims, index.fileno(), entry.pieces)
 
+    @property
+    def file_crc(self) -> int | None:
+        """Once committed, the zlib CRC-32 of the whole file as written, computed from the bytes on their
+        way out (kernel-copied ranges: from their source), so nobody needs to read the file back."""
+        return self._crc if self._done else None
+
     def declare(self, tensors: Sequence[TensorSpec]) -> None:
         """Announce the tensors this file will hold (a ``.ckpt`` needs nothing in advance; names are
         checked as they are written)."""
@@ -202,13 +210,14 @@ class CheckpointWriter(CommitOnExit):
     def commit(self) -> None:
         """Finish the file: trailer, fsync, mode 0400, rename over the target, fsync the folder."""
         try:
-            if self._crc is not None:
+            if self._with_trailer:
                 self._emit(CRC_MARK + self._crc.to_bytes(10, "big"))
             self._flush()
         except OSError as err:
             self.abort()
             raise DestinationError(f"{self.path}: cannot finish the checkpoint: {err}") from err
         self._file.commit()
+        self._done = True
 
     def abort(self) -> None:
         """Drop the temporary file; the target is left as it was."""
@@ -281,12 +290,25 @@ class CheckpointWriter(CommitOnExit):
     def _put_segment(self, name: str, segment: _Segment, start: int, count: int) -> None:
         if isinstance(segment, memoryview):
             self._emit(segment[start : start + count])
-        elif self._crc is not None:
+        elif self._with_trailer:
             self._copy_through_buffer(name, segment, start, count)
         else:
-            self._flush()
-            if copy_range(segment.fd, segment.offset + start, self._open_fd(), None, count) != count:
+            self._copy_in_kernel(name, segment, start, count)
+
+    def _copy_in_kernel(self, name: str, segment: _FileRange, start: int, count: int) -> None:
+        """Copy file to file in COPY_CHUNK steps, each step's source bytes then fed to the CRC from a
+        mapping while they are still cached."""
+        self._flush()
+        offset, end = segment.offset + start, segment.offset + start + count
+        while offset < end:
+            step = min(COPY_CHUNK, end - offset)
+            if copy_range(segment.fd, offset, self._open_fd(), None, step) != step:
                 raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early")
+            try:
+                self._crc = crc32_of_range(segment.fd, offset, step, self._crc)
+            except ValueError:
+                raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early") from None
+            offset += step
 
     def _copy_through_buffer(self, name: str, segment: _FileRange, start: int, count: int) -> None:
         offset = segment.offset + start
@@ -300,8 +322,7 @@ class CheckpointWriter(CommitOnExit):
 
     def _emit(self, data: memoryview | bytes) -> None:
         """Append bytes to the file (small ones gathered), feeding the CRC."""
-        if self._crc is not None:
-            self._crc = zlib.crc32(data, self._crc)
+        self._crc = crc32(data, self._crc)
         if len(data) < _SMALL:
             self._buf += data
             if len(self._buf) >= _FLUSH_AT:
@@ -312,12 +333,13 @@ class CheckpointWriter(CommitOnExit):
 
     def _kick_writeback(self) -> None:
         """With sync on, start writing back what is dirty once WRITEBACK_CHUNK bytes have piled up."""
-        if not self._sync or _start_writeback is None:
+        start_writeback = _load_sync_file_range() if self._sync else None
+        if start_writeback is None:
             return
         end = os.lseek(self._open_fd(), 0, os.SEEK_CUR) + len(self._buf)
         if end - self._written_back >= WRITEBACK_CHUNK:
             self._flush()
-            _start_writeback(self._open_fd(), self._written_back, end - self._written_back)
+            start_writeback(self._open_fd(), self._written_back, end - self._written_back)
             self._written_back = end
 
     def _flush(self) -> None:

@@ -82,8 +82,8 @@ class Job(Protocol):
     notes: tuple[str, ...]  # lines for the summary and manifest.json
 
     def run_task(self, task: OutputTask, *, sync: bool = True,
-                 progress: Callable[[int], None] | None = None) -> None:
-        """Write one output atomically."""
+                 progress: Callable[[int], None] | None = None) -> str | None:
+        """Write one output atomically; its checksum (manifest.checksum's form) if known, else None."""
         ...
 
 
@@ -285,9 +285,9 @@ def _work(job: Job, tasks: Sequence[OutputTask], process: int, tracker: _Tracker
                 remove_record(task.path)
                 sources = task.source_stamps or stamp_sources(task.source_files)  # as they were before being read
                 start = time.monotonic()
-                job.run_task(task, sync=sync, progress=tracker.task_progress)
+                crc = job.run_task(task, sync=sync, progress=tracker.task_progress)
                 entries.append((task, reason, recorder.submit(_record, task, sources, time.monotonic() - start,
-                                                              sync)))
+                                                              sync, crc)))
             tracker.task_done(task)
         outcomes = []
         for entry in entries:
@@ -310,13 +310,15 @@ def _previous(task: OutputTask, overwrite: bool) -> tuple[CompletionRecord | Non
     return check.record, check.reason
 
 
-def _record(task: OutputTask, sources: tuple[SourceStamp, ...], seconds: float, sync: bool) -> CompletionRecord:
-    """Checksum a finished output, count its parameters and write its completion record beside it."""
+def _record(task: OutputTask, sources: tuple[SourceStamp, ...], seconds: float, sync: bool,
+            crc: str | None = None) -> CompletionRecord:
+    """Checksum a finished output (unless its writer computed `crc` from the bytes it wrote), count its
+    parameters and write its completion record beside it."""
     with open_index(task.path) as index:
         params = len(index.entries)
     record = CompletionRecord(file=os.path.basename(task.path), output=os.path.abspath(task.path),
                               target_rank=task.target_rank, job_key=task.job_key,
-                              size=os.stat(task.path).st_size, checksum=checksum(task.path), params=params,
+                              size=os.stat(task.path).st_size, checksum=crc or checksum(task.path), params=params,
                               source_ranks=tuple(task.source_ranks), sources=sources, seconds=seconds)
     write_record(task.path, record, sync=sync)
     return record

@@ -142,10 +142,16 @@ def write_target(
     sync: bool = True,
     forbidden_dirs: Iterable[str | os.PathLike[str]] = (),
     progress: Progress | None = None,
+    on_file_crc: Callable[[int], None] | None = None,
 ) -> int:
-    """Write one target rank's file in format `fmt` atomically; returns the bytes of tensor content written."""
+    """Write one target rank's file in format `fmt` atomically; returns the bytes of tensor content written.
+    `on_file_crc` is given the finished file's CRC-32 where the writer computed it on the way out."""
     with open_writer(Path(out_path), fmt, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs) as writer:
-        return write_plan(plan, sources, writer, progress=progress)
+        written = write_plan(plan, sources, writer, progress=progress)
+    file_crc = getattr(writer, "file_crc", None)
+    if on_file_crc is not None and file_crc is not None:
+        on_file_crc(file_crc)
+    return written
 
 
 def write_plan(plan: TargetPlan, sources: SourceFiles, writer: TensorWriter, *,

@@ -24,7 +24,7 @@ from .execute import SourceFiles, write_target
 from .formats import open_index, suffix_of
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
-from .manifest import SourceStamp
+from .manifest import SourceStamp, checksum_text
 from .plan import Planner, TargetPlan, TensorInfo
 from .sources import find_rank_files, stamped_files
 from .strategy import (
@@ -195,11 +195,14 @@ class TransformJob:
             self._planner = Planner(self.src, self.dst, self.catalog, src_stage=self.src_stage, holders=self.holders)
         return self._planner
 
-    def run_task(self, task: OutputTask, *, sync: bool = True, progress: Callable[[int], None] | None = None) -> None:
-        """Write one output atomically; progress(bytes) is called as bytes are written."""
+    def run_task(self, task: OutputTask, *, sync: bool = True,
+                 progress: Callable[[int], None] | None = None) -> str | None:
+        """Write one output atomically; progress(bytes) is called as bytes are written. Returns the
+        output's checksum (as manifest.checksum gives it) where the writer computed it, else None."""
         plan = self._plans.pop(task.target_rank, None) or self.planner().plan(task.target_rank)
         seen = self.rank_files if self.local_files is None else self.local_files
         paths = {r: seen[r] for r in plan.source_ranks if r in seen}
+        file_crcs: list[int] = []
         try:
             if self.verify_crc:
                 self._verify_sources(paths.values())
@@ -214,9 +217,10 @@ class TransformJob:
                 progress = _serving(self.exchange, progress)
             with SourceFiles(paths, remote) as sources:
                 write_target(plan, sources, task.path, fmt=self.output_format, crc=self.crc, sync=sync,
-                             forbidden_dirs=self.forbidden_dirs, progress=progress)
+                             forbidden_dirs=self.forbidden_dirs, progress=progress, on_file_crc=file_crcs.append)
         except MpickptError as error:
             raise type(error)(f"target rank {task.target_rank} ({task.path}): {error}") from error
+        return checksum_text(file_crcs[0]) if file_crcs else None
 
     def _verify_sources(self, paths: Iterable[str]) -> None:
         """Check the stored checksum of each source file once per process (a warning where it has none)."""

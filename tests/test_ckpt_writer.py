@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import mmap
 import socket
 import stat
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +93,27 @@ def test_split_into_exact_pieces(tmp_path: Path, how: str) -> None:
     assert len(got) == len(expected) + (17 if how == "copy-crc" else 0)
     with index_checkpoint(out, verify_crc=True) as index:
         assert [n for _, n in index.entries["w"].pieces] == [300, 300, 300, 124]
+    assert writer.file_crc == zlib.crc32(got)  # computed on the way out, kernel copies from their source
+
+
+def test_file_crc_covers_every_route(tmp_path: Path) -> None:
+    """The whole file's CRC-32, known to the writer once committed, for buffers, chunks, kernel copies of
+    ranges that cross the mapping granularity, several sources, MapTensors and empty tensors."""
+    data = np.random.default_rng(3).integers(0, 256, 3 * mmap.ALLOCATIONGRANULARITY + 999, np.uint8).tobytes()
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    out = tmp_path / "all.ckpt"
+    with src.open("rb") as f, src.open("rb") as g:
+        writer = CheckpointWriter(out, piece_size=5000)
+        with writer:
+            writer.write_tensor("a", "UInt8", (7,), data[:7])
+            writer.write_tensor_chunks("b", "UInt8", (300,), 300, [data[9:100], data[100:309]])
+            writer.copy_tensor_ranges("c", "UInt8", (len(data) - 4097,), f.fileno(), [(4097, len(data) - 4097)])
+            writer.copy_tensor_segments("d", "UInt8", (20, 2), [(f.fileno(), 13, 30), (g.fileno(), 5001, 10)])
+            writer.write_tensor("e", "Float32", (0, 3), np.empty((0, 3), np.float32))
+            writer.write_maptensor("m", [data[:50]])
+            assert writer.file_crc is None  # not before the file is complete
+    assert writer.file_crc == zlib.crc32(out.read_bytes())
 
 
 def test_kernel_copy_falls_back_to_sendfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -185,3 +185,25 @@ def test_source_rank_folder_linked_into_the_destination_is_refused(tmp_path: Pat
         run(options(case, dst, src_dir=tmp_path / "src"))
     assert (source.read_bytes(), source.stat().st_mtime_ns, source.stat().st_ino) == before
     assert sorted(p.name for p in (dst / "rank_0").iterdir()) == ["checkpoint_0.ckpt"]
+
+
+def test_records_computed_while_writing_match_the_files_and_catch_a_changed_byte(tmp_path: Path) -> None:
+    """The writer's checksum (no read-back) is the file's CRC-32, and a rerun still reads the file to
+    find one flipped byte."""
+    from mpickpt.manifest import OUTPUT_CHANGED, checksum, read_record
+
+    case = CASE["random_8to4"]
+    dst = tmp_path / "out"
+    run(options(case, dst))
+    files = sorted(p for p in dst.rglob("*.ckpt") if p.parent != dst)
+    assert files
+    for path in files:
+        record = read_record(str(path))
+        assert record is not None and record.checksum == checksum(path)
+    victim = files[-1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 1
+    victim.chmod(0o600)
+    victim.write_bytes(bytes(data))
+    summary = run(options(case, dst))
+    assert summary.redone == ((str(victim.relative_to(dst)), OUTPUT_CHANGED),)
