@@ -151,7 +151,7 @@ def write_image(grid: Grid, path: str, title: str = "") -> None:
 
 def _write_png(grid: Grid, path: str, title: str) -> None:
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found]  # optional (the bench extra)
     except ImportError:
         raise MpickptError(f"--out {path}: PNG needs matplotlib, which is not installed; write .svg instead") \
             from None
