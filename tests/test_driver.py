@@ -233,6 +233,19 @@ def run_threads(size: int, body: Callable[[ThreadComm], Any]) -> list[Any]:
     return results
 
 
+def transform_errors(options: TransformOptions, size: int) -> list[MpickptError | None]:
+    """Run `transform` on `size` threads; each rank's MpickptError, or None where it finished."""
+
+    def body(comm: ThreadComm) -> MpickptError | None:
+        try:
+            run_transform(options, comm, quiet=True)
+        except MpickptError as exc:
+            return exc
+        return None
+
+    return run_threads(size, body)
+
+
 # --- dealing -------------------------------------------------------------------------------------------
 
 def test_deal_one_target_each_when_counts_match() -> None:
@@ -481,14 +494,7 @@ def test_prepare_error_on_rank_0_reaches_every_rank(tmp_path: Path) -> None:
     (src / "rank_0").mkdir(parents=True)
     options = TransformOptions(src_dir=str(src), dst_dir=str(src))
 
-    def body(comm: ThreadComm) -> Exception | None:
-        try:
-            run_transform(options, comm, quiet=True)
-        except MpickptError as exc:
-            return exc
-        return None
-
-    errors = run_threads(3, body)
+    errors = transform_errors(options, 3)
     assert all(isinstance(e, DestinationError) for e in errors)
     assert len({str(e) for e in errors}) == 1
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from fixture_cases import Case, assert_same_content
 from mindspore_cases import make_redundancy_removed
-from test_driver import AbortingComm, ThreadComm, run_threads
+from test_driver import AbortingComm, ThreadComm, run_threads, transform_errors
 from test_mpi import (  # noqa: F401
     ENDS_WITHIN,
     FLAVORS,
@@ -193,14 +193,7 @@ def test_a_rank_held_by_no_process_is_named_before_any_output(tmp_path: Path,
     shutil.rmtree(base / "p0" / "rank_5")
     options = options_for(case, str(base / SPLIT), str(tmp_path / "dst"))
 
-    def body(comm: ThreadComm) -> Exception | None:
-        try:
-            run_transform(options, comm, quiet=True)
-        except MpickptError as exc:
-            return exc
-        return None
-
-    errors = run_threads(2, body)
+    errors = transform_errors(options, 2)
     assert all(isinstance(e, SourceMissingError) for e in errors) and len({str(e) for e in errors}) == 1
     text = str(errors[0])
     assert "the checkpoint files of ranks [2, 5] are missing" in text, text
