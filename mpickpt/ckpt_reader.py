@@ -29,7 +29,7 @@ from typing import Self
 
 import numpy as np
 
-from mpickpt.dtypes import DTYPES, dtype_itemsize, numpy_dtype
+from mpickpt.dtypes import DTYPES, MAX_DIMS, dtype_itemsize, numpy_dtype, shape_problem
 from mpickpt.errors import CheckpointFormatError
 from mpickpt.source_file import open_source_file
 
@@ -42,8 +42,6 @@ _CIPHER_MAGIC = {0x7F3A5ED8: "AES-GCM", 0x7F3A5ED9: "AES-CBC", 0x7F3A5EDA: "SM4-
 _WINDOW = 64 * 1024  # header bytes fetched per pread
 _MAX_TEXT = 1 << 20  # longest parameter name or dtype string accepted
 _CRC_CHUNK = 16 << 20
-_MAX_DIMS = 64  # numpy 2's NPY_MAXDIMS: an ndarray has at most 64 dimensions
-_MAX_NBYTES = (1 << 63) - 1  # numpy's limit on size * itemsize (NPY_MAX_INTP), zero dims left out
 _MAX_STR_CHARS = ((1 << 31) - 1) // 4  # longest numpy "<U{n}" dtype (its itemsize is a C int)
 _MAX_CODE_POINT = 0x10FFFF  # numpy refuses larger UTF-32 values when making a Python str
 _MAP_DTYPES = {
@@ -130,23 +128,9 @@ def _add_dim(dims: list[int], value: int) -> None:
     """Append one decoded dim, refusing negative ones and more than numpy allows."""
     if value >= 1 << 63:
         raise _Malformed("negative dimension")
-    if len(dims) == _MAX_DIMS:
-        raise _Malformed(f"more than {_MAX_DIMS} dims (numpy's limit)")
+    if len(dims) == MAX_DIMS:
+        raise _Malformed(f"more than {MAX_DIMS} dims (numpy's limit)")
     dims.append(value)
-
-
-def _shape_problem(dims: tuple[int, ...], itemsize: int) -> str | None:
-    """Why numpy cannot shape an array of ``dims`` (items of ``itemsize`` bytes), or None when it can.
-
-    numpy multiplies the non-zero dims and the itemsize and refuses a product over ``_MAX_NBYTES``,
-    even when another dim is 0 and the array holds nothing.
-    """
-    nbytes = itemsize
-    for dim in dims:
-        nbytes *= dim or 1
-        if nbytes > _MAX_NBYTES:
-            return f"dims {list(dims)} are too large for numpy"
-    return None
 
 
 def _parse_tensor(cur: _Cursor, pos: int, end: int) -> tuple[tuple[int, ...], str, tuple[int, int]]:
@@ -191,7 +175,7 @@ def _check_map_tensor(dims: tuple[int, ...], dtype: str, length: int) -> None:
         raise _Malformed(f"unknown dtype {dtype!r} in a MapTensor")
     if not dims:
         raise _Malformed("a MapTensor holds a 0-d tensor (MindSpore needs a first dim)")
-    problem = _shape_problem(dims, itemsize)
+    problem = shape_problem(dims, itemsize)
     if problem is not None:
         raise _Malformed(f"{problem} (in a MapTensor)")
     if math.prod(dims) * itemsize != length:
@@ -303,7 +287,7 @@ def _check_entry(path: Path, fd: int, entry: TensorEntry) -> None:
         return
     if entry.dtype not in DTYPES:
         raise CheckpointFormatError(f"{path}: parameter {entry.name!r} has unknown dtype {entry.dtype!r}")
-    problem = _shape_problem(entry.dims, dtype_itemsize(entry.dtype))
+    problem = shape_problem(entry.dims, dtype_itemsize(entry.dtype))
     if problem is not None:
         raise CheckpointFormatError(f"{path}: parameter {entry.name!r}: {problem}")
     if entry.dtype == "str":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mpickpt.atomic import AtomicFile, CommitOnExit
 from mpickpt.ckpt_reader import CRC_MARK, CheckpointIndex
-from mpickpt.dtypes import DTYPES, dtype_itemsize
+from mpickpt.dtypes import DTYPES, dtype_itemsize, shape_problem
 from mpickpt.errors import CheckpointFormatError, DestinationError
 from mpickpt.formats.base import TensorSpec
 from mpickpt.formats.offsets import COPY_CHUNK, byte_view, copy_range, crc32, crc32_of_range
@@ -246,6 +246,9 @@ class CheckpointWriter(CommitOnExit):
         checked = tuple(operator.index(d) for d in dims)
         if any(d < 0 or d >= 1 << 63 for d in checked):
             raise CheckpointFormatError(f"{self.path}: parameter {name!r} has invalid dims {list(checked)}")
+        problem = shape_problem(checked, dtype_itemsize(dtype))
+        if problem is not None:  # a file no reader (this one, MindSpore's numpy) could load
+            raise CheckpointFormatError(f"{self.path}: parameter {name!r}: {problem}")
         if dtype == "str":
             if nbytes % 4:
                 raise CheckpointFormatError(f"{self.path}: str value {name!r} must be UTF-32 ({nbytes} bytes)")

@@ -51,3 +51,23 @@ def numpy_dtype(dtype: str) -> np.dtype:
 def dtype_itemsize(dtype: str) -> int:
     """Bytes per stored element (per character for ``str``)."""
     return 4 if dtype == "str" else numpy_dtype(dtype).itemsize
+
+
+MAX_DIMS = 64  # numpy 2's NPY_MAXDIMS: an ndarray has at most 64 dimensions
+MAX_NBYTES = (1 << 63) - 1  # numpy's limit on size * itemsize (NPY_MAX_INTP), zero dims left out
+
+
+def shape_problem(dims: tuple[int, ...], itemsize: int) -> str | None:
+    """Why numpy cannot shape an array of ``dims`` (items of ``itemsize`` bytes), or None when it can.
+
+    numpy allows at most ``MAX_DIMS`` dims, and multiplies the non-zero dims and the itemsize, refusing
+    a product over ``MAX_NBYTES`` even when another dim is 0 and the array holds nothing.
+    """
+    if len(dims) > MAX_DIMS:
+        return f"{len(dims)} dims, more than numpy's {MAX_DIMS}"
+    nbytes = itemsize
+    for dim in dims:
+        nbytes *= dim or 1
+        if nbytes > MAX_NBYTES:
+            return f"dims {list(dims)} are too large for numpy"
+    return None

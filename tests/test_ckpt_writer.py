@@ -225,3 +225,11 @@ def test_use_after_commit_is_refused(tmp_path: Path) -> None:
     writer.commit()
     with pytest.raises(DestinationError, match="already closed"):
         writer.write_tensor("p", "Int8", (1,), b"1")
+
+
+@pytest.mark.parametrize(("dims", "problem"), [((1,) * 65, "65 dims, more than numpy's 64"),
+                                                ((0, 1 << 62), r"dims \[0, 4611686018427387904\] are too large")])
+def test_refuses_dims_no_reader_could_load(tmp_path: Path, dims: tuple[int, ...], problem: str) -> None:
+    with pytest.raises(CheckpointFormatError, match=problem), CheckpointWriter(tmp_path / "x.ckpt") as writer:
+        writer.write_tensor("w", "Float32", dims, b"")
+    assert not list(tmp_path.iterdir())
