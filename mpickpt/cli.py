@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     transform = commands.add_parser(
-        "transform", help="convert src_dir/rank_x/*.ckpt to dst_dir/rank_y/<prefix>y.ckpt (parallel under mpirun)"
+        "transform", help="convert src_dir/rank_x/*.ckpt|*.safetensors (or a unified checkpoint) to "
+                          "dst_dir/rank_y/<prefix>y.ckpt|.safetensors (parallel under mpirun)"
     )
     _add_job_flags(transform, need_src=True, need_dst=True)
     transform.add_argument("--no-sync", action="store_true", help="do not fsync outputs (scratch filesystems)")
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(run=_run_merge)
 
     inspect = commands.add_parser("inspect", help="describe a checkpoint or strategy file")
-    inspect.add_argument("file", help="a checkpoint (.ckpt) or strategy file (.ckpt protobuf or .json)")
+    inspect.add_argument("file", help="a checkpoint (.ckpt, .safetensors, .h5) or strategy file (.ckpt protobuf or .json)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--verify-crc", action="store_true", help="check a checkpoint's CRC trailer")
     inspect.set_defaults(run=_run_inspect)
@@ -157,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_job_flags(parser: argparse.ArgumentParser, *, need_src: bool, need_dst: bool) -> None:
     omit = "" if need_src else " (omit: compare the outputs with their completion records and manifest.json only)"
-    parser.add_argument("--src-dir", required=need_src, help=f"folder of rank_<r>/*.ckpt source checkpoints{omit}")
+    parser.add_argument("--src-dir", required=need_src,
+                        help=f"folder of rank_<r>/*.ckpt or *.safetensors source checkpoints, or a unified checkpoint "
+                             f"(MindSpore or Hugging Face folder, .h5 or .safetensors file){omit}")
     parser.add_argument("--dst-dir", required=need_dst, help="output folder")
     parser.add_argument("--prefix", default="checkpoint_", help="output name prefix (default: checkpoint_)")
     parser.add_argument("--src-strategy", help="source strategy file, .ckpt protobuf or .json (omit, with no "
