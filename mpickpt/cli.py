@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(run=_run_merge)
 
     inspect = commands.add_parser("inspect", help="describe a checkpoint or strategy file")
-    inspect.add_argument("file", help="a checkpoint (.ckpt, .safetensors, .h5) or strategy file (.ckpt protobuf or .json)")
+    inspect.add_argument("file", help="a checkpoint (.ckpt, .safetensors, .h5) or a strategy file "
+                                      "(.ckpt protobuf or .json)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--verify-crc", action="store_true", help="check a checkpoint's CRC trailer")
     inspect.set_defaults(run=_run_inspect)
