@@ -130,7 +130,8 @@ def load_segmented_checkpoints(ckpt_file_dir: str) -> dict[str, np.ndarray]:
     """Load every `.ckpt` and `.safetensors` file of a folder and merge them: parameter name -> numpy array (a copy).
 
     Files are read in name order; a parameter stored in several files (global_step in every pipeline
-    part) takes the value of the last one, as MindSpore's dict update does. BFloat16 tensors come back as their raw 2-byte values (see `mpickpt.ckpt.numpy_dtype`).
+    part) takes the value of the last one, as MindSpore's dict update does. BFloat16 tensors come back
+    as their raw 2-byte values (see `mpickpt.ckpt.numpy_dtype`).
     """
     folder = Path(ckpt_file_dir)
     if not folder.is_dir():

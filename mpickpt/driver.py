@@ -6,12 +6,12 @@ code runs under mpirun/srun and, with `SerialComm`, in one process with no MPI a
 Flow: every process starts the job together (mpickpt/startup.py: destination checked and locked for the
 whole run, dst_dir/.mpickpt.lock; strategies from rank 0; source headers indexed in shares and gathered;
 targets planned in shares and gathered; any error raised alike everywhere) -> `deal` gives every process
-its targets -> each process skips outputs
-whose completion record still matches this job, writes the rest (record after each) and posts small
-progress messages to rank 0 (slices of files a process does not see come over MPI, mpickpt/exchange.py,
-and every process serves the others until all are done) -> each process posts its report to rank 0 -> rank 0 removes temporaries
-of dead writers, lists what in dst_dir this job does not produce (never deleting it), writes
-dst_dir/manifest.json and the summary, and broadcasts the summary, which ends the run on every rank.
+its targets -> each process skips outputs whose completion record still matches this job, writes the rest
+(record after each) and posts small progress messages to rank 0 (slices of files a process does not see
+come over MPI, mpickpt/exchange.py, and every process serves the others until all are done) -> each process
+posts its report to rank 0 -> rank 0 removes temporaries of dead writers, lists what in dst_dir this job
+does not produce (never deleting it), writes dst_dir/manifest.json and the summary, and broadcasts the
+summary, which ends the run on every rank.
 
 Any exception during the work makes the failing process print `mpickpt: process P (target rank T): ...`
 (without repeating the target when the message already starts with it) and abort the MPI job, so no
