@@ -37,6 +37,7 @@ from typing import Any, NoReturn, Protocol, TextIO, cast
 
 from . import __version__
 from .atomic import remove_dead_temporaries, remove_dead_temporaries_in
+from .collective import deal_by_size, fail
 from .destination import (
     DestinationLock,
     check_destination,
@@ -184,16 +185,10 @@ class _Fault:
 
 def deal(tasks: Sequence[OutputTask], processes: int) -> tuple[tuple[OutputTask, ...], ...]:
     """Targets per process, balanced by planned bytes (read + write): largest first onto the least-loaded
-    process (ties: fewer tasks, then lower process). Deterministic; extra processes get nothing."""
-    if processes < 1:
-        raise ValueError(f"processes must be at least 1, got {processes}")
-    loads = [(0, 0, p) for p in range(processes)]  # (bytes, task count, process)
-    dealt: list[list[OutputTask]] = [[] for _ in range(processes)]
-    for task in sorted(tasks, key=lambda t: (-(t.read_bytes + t.write_bytes), t.target_rank)):
-        load, count, process = min(loads)
-        loads[process] = (load + task.read_bytes + task.write_bytes, count + 1, process)
-        dealt[process].append(task)
-    return tuple(tuple(share) for share in dealt)
+    process (ties: lower target rank first; fewer tasks, then lower process). Deterministic; extra processes
+    get nothing."""
+    ordered = sorted(tasks, key=lambda t: t.target_rank)
+    return tuple(tuple(share) for share in deal_by_size(ordered, lambda t: t.read_bytes + t.write_bytes, processes))
 
 
 def run_transform(options: TransformOptions, comm: Comm, *, sync: bool = True, overwrite: bool = False,
@@ -325,15 +320,11 @@ def _record(task: OutputTask, sources: tuple[SourceStamp, ...], seconds: float, 
 
 
 def _fail(comm: Comm, exc: BaseException, task: OutputTask | None, stream: TextIO) -> NoReturn:
-    """Raise in a one-process world; otherwise print the failure and abort every process."""
-    if comm.size == 1:
-        raise exc
-    text = str(exc) if isinstance(exc, MpickptError) else f"{type(exc).__name__}: {exc}"
+    """Raise in a one-process world; otherwise print the failure (naming the target once) and abort every process."""
     where = f"process {comm.rank}"
-    if task is not None and not text.startswith("target rank "):
+    if task is not None and not (isinstance(exc, MpickptError) and str(exc).startswith("target rank ")):
         where += f" (target rank {task.target_rank})"
-    print(f"\nmpickpt: {where}: {text}", file=stream, flush=True)
-    comm.abort(1)
+    fail(comm, exc, where, stream)
 
 
 class _Tracker:
