@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import mpickpt
+from mindspore_helpers import requires_mindspore, run_mindspore
 from mpickpt.api import transform_checkpoints
 from mpickpt.convert import ckpt_to_safetensors
 from mpickpt.errors import (
@@ -30,8 +31,6 @@ from mpickpt.unify import UnifyOptions, run_unify
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "tiny_llama"
 DST = TINY / "dst_strategy_4.ckpt"
-MS_PYTHON = Path(os.environ.get("MPICKPT_MINDSPORE_PYTHON", ROOT / ".venv-mindspore" / "bin" / "python"))
-requires_mindspore = pytest.mark.skipif(not MS_PYTHON.exists(), reason=f"no MindSpore interpreter at {MS_PYTHON}")
 
 
 def content(path: str | os.PathLike[str]) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
@@ -114,9 +113,7 @@ ms.load_distributed_checkpoint(None, predict_strategy={dst!r}, format="safetenso
 
 @requires_mindspore
 def test_load_distributed_checkpoint_equals_mindspore(cases: dict[str, Path], tmp_path: Path) -> None:
-    proc = subprocess.run([str(MS_PYTHON), "-c", LOAD.format(dst=str(DST), src=str(cases["ms"]))], cwd=tmp_path,
-                          capture_output=True, text=True, check=False, env=dict(os.environ, GLOG_v="3"), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_mindspore(LOAD.format(dst=str(DST), src=str(cases["ms"])), tmp_path)
     ours = tmp_path / "ours"
     mpickpt.load_distributed_checkpoint(None, predict_strategy=str(DST), format="safetensors",
                                         unified_safetensors_dir=str(cases["ms"]), dst_safetensors_dir=str(ours / "all"))
@@ -258,9 +255,7 @@ def test_load_distributed_checkpoint_to_a_pipeline_strategy_equals_mindspore(min
     script = (f"import mindspore as ms\nms.load_distributed_checkpoint(None, predict_strategy="
               f"{case.strategy('src')!r}, format='safetensors', unified_safetensors_dir='u', "
               f"dst_safetensors_dir='theirs', max_process_num=2)")
-    proc = subprocess.run([str(MS_PYTHON), "-c", script], cwd=tmp_path, capture_output=True, text=True, check=False,
-                          env=dict(os.environ, GLOG_v="3"), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_mindspore(script, tmp_path)
     mpickpt.load_distributed_checkpoint(None, predict_strategy=case.strategy("src"), format="safetensors",
                                         unified_safetensors_dir=str(tmp_path / "u"),
                                         dst_safetensors_dir=str(tmp_path / "ours"))

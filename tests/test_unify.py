@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import safetensors
 
+from mindspore_helpers import requires_mindspore, run_mindspore
 from mpickpt.convert import ckpt_to_safetensors
 from mpickpt.errors import DestinationError, MpickptError
 from mpickpt.formats import open_index
@@ -31,17 +32,6 @@ from mpickpt.unify import (
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "tiny_llama"
-MS_PYTHON = Path(os.environ.get("MPICKPT_MINDSPORE_PYTHON", ROOT / ".venv-mindspore" / "bin" / "python"))
-requires_mindspore = pytest.mark.skipif(not MS_PYTHON.exists(), reason=f"no MindSpore interpreter at {MS_PYTHON}")
-
-
-def run_mindspore(script: str, cwd: Path) -> str:
-    """Run a script with MindSpore's interpreter (numpy < 2); its stdout."""
-    proc = subprocess.run([str(MS_PYTHON), "-c", script], cwd=cwd, capture_output=True, text=True, timeout=900,
-                          check=False, env=dict(os.environ, GLOG_v="3"))
-    if proc.returncode:
-        pytest.fail(f"MindSpore failed:\n{proc.stderr[-4000:]}", pytrace=False)
-    return proc.stdout
 
 
 def content(path: str | os.PathLike[str]) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
@@ -225,18 +215,20 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 
 
+def unify_serial_and_mpi(src: Path, flags: list[str], serial: Path, mpi: Path) -> None:
+    """`mpickpt unify` of `src` with `flags` once serially into `serial`, once under `mpiexec -n 2` into `mpi`."""
+    args = ["unify", "--src-dir", str(src), "--src-strategy", str(TINY / "src_strategy.ckpt"), *flags, "--no-sync"]
+    for launcher, dst, env in (([], serial, None), ([str(MPIEXEC), "-n", "2"], mpi, clean_env())):
+        done = subprocess.run([*launcher, sys.executable, "-m", "mpickpt", *args, "--dst", str(dst)],
+                              capture_output=True, text=True, check=False, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec at {MPIEXEC}")
 @pytest.mark.parametrize("layout", ["hf", "mindspore"])
 def test_mpi_two_processes_equal_serial(tiny_st: Path, tmp_path: Path, layout: str) -> None:
-    flags = ["unify", "--src-dir", str(tiny_st), "--src-strategy", str(TINY / "src_strategy.ckpt"), "--layout",
-             layout, "--max-shard-size", "400kB", "--no-sync"]
-    serial = subprocess.run([sys.executable, "-m", "mpickpt", *flags, "--dst", str(tmp_path / "serial")],
-                            capture_output=True, text=True, check=False)
-    assert serial.returncode == 0, serial.stderr
-    mpi = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-m", "mpickpt", *flags, "--dst",
-                          str(tmp_path / "mpi")], capture_output=True, text=True, check=False, timeout=300,
-                         env=clean_env())
-    assert mpi.returncode == 0, mpi.stderr
+    unify_serial_and_mpi(tiny_st, ["--layout", layout, "--max-shard-size", "400kB"], tmp_path / "serial",
+                         tmp_path / "mpi")
     for name in os.listdir(tmp_path / "serial"):
         if name != "manifest.json":
             assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "mpi" / name).read_bytes(), name
@@ -315,15 +307,7 @@ def test_a_rerun_leaves_no_file_of_the_earlier_run(tiny_st: Path, tmp_path: Path
 @pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec at {MPIEXEC}")
 def test_h5_by_two_processes_equals_serial(tiny_st: Path, tiny_full: dict, tmp_path: Path) -> None:
     h5py = pytest.importorskip("h5py")
-    flags = ["unify", "--src-dir", str(tiny_st), "--src-strategy", str(TINY / "src_strategy.ckpt"), "--format", "h5",
-             "--no-sync"]
-    serial = subprocess.run([sys.executable, "-m", "mpickpt", *flags, "--dst", str(tmp_path / "serial.h5")],
-                            capture_output=True, text=True, check=False)
-    assert serial.returncode == 0, serial.stderr
-    mpi = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-m", "mpickpt", *flags, "--dst",
-                          str(tmp_path / "mpi.h5")], capture_output=True, text=True, check=False, timeout=300,
-                         env=clean_env())
-    assert mpi.returncode == 0, mpi.stderr
+    unify_serial_and_mpi(tiny_st, ["--format", "h5"], tmp_path / "serial.h5", tmp_path / "mpi.h5")
     assert (tmp_path / "serial.h5").read_bytes() == (tmp_path / "mpi.h5").read_bytes()
     manifest = json.loads((tmp_path / "mpi.h5.manifest.json").read_text())
     assert [p["process"] for p in manifest["processes"]] == [0, 1]
