@@ -60,13 +60,16 @@ def transform_checkpoints(
         output_format=output_format,
     )
     job = TransformJob.prepare(options)
-    if process_num == 1 or len(job.tasks) == 1:
-        for task in job.tasks:
-            job.run_task(task)
-        return
-    with ProcessPoolExecutor(max_workers=min(process_num, len(job.tasks))) as pool:
-        for future in [pool.submit(_run_task, job, task) for task in job.tasks]:
-            future.result()
+    try:
+        if process_num == 1 or len(job.tasks) == 1:
+            for task in job.tasks:
+                job.run_task(task)
+            return
+        with ProcessPoolExecutor(max_workers=min(process_num, len(job.tasks))) as pool:
+            for future in [pool.submit(_run_task, job, task) for task in job.tasks]:
+                future.result()
+    finally:
+        job.close()
 
 
 def _run_task(job: TransformJob, task: OutputTask) -> None:
@@ -118,7 +121,10 @@ def transform_checkpoint_by_rank(
         forbidden_dirs=sorted(read_dirs),
         output_paths={rank_id: out},
     )
-    job.run_task(job.tasks[0])
+    try:
+        job.run_task(job.tasks[0])
+    finally:
+        job.close()
 
 
 def merge_pipeline_strategys(src_strategy_dirs: str, dst_strategy_file: str) -> None:

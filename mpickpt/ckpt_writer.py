@@ -27,7 +27,7 @@ from mpickpt.ckpt_reader import CRC_MARK, CheckpointIndex
 from mpickpt.dtypes import DTYPES, dtype_itemsize, shape_problem
 from mpickpt.errors import CheckpointFormatError, DestinationError
 from mpickpt.formats.base import TensorSpec
-from mpickpt.formats.offsets import COPY_CHUNK, byte_view, copy_range, crc32, crc32_of_range
+from mpickpt.formats.offsets import byte_view, copy_with_crc, crc32
 
 PIECE_SIZE = 512 * 1024 * 1024
 """Largest content of one entry; MindSpore's save_checkpoint splits bigger tensors at this size."""
@@ -165,8 +165,8 @@ class CheckpointWriter(CommitOnExit):
     ) -> None:
         """Write one parameter whose content is the concatenation of (offset, length) ranges of ``src_fd``.
 
-        Copied in the kernel (``copy_file_range``, else ``sendfile``); through a user-space buffer
-        only when a CRC is being computed.
+        The source is mapped a window at a time and each few hundred KiB checksummed, then written, while
+        it is still in the CPU cache (``offsets.copy_with_crc``).
         """
         self.copy_tensor_segments(name, dtype, dims, [(src_fd, offset, length) for offset, length in ranges])
 
@@ -174,7 +174,7 @@ class CheckpointWriter(CommitOnExit):
         self, name: str, dtype: str, dims: Sequence[int], segments: Sequence[tuple[int, int, int]]
     ) -> None:
         """Write one parameter whose content is the concatenation of (fd, offset, length) ranges of
-        several source files, copied in the kernel like ``copy_tensor_ranges``."""
+        several source files, copied like ``copy_tensor_ranges``."""
         ranges = [_FileRange(fd, offset, length) for fd, offset, length in segments]
         self._put_tensor(name, dtype, dims, sum(length for _, _, length in segments), ranges)
 
@@ -200,7 +200,7 @@ class CheckpointWriter(CommitOnExit):
     @property
     def file_crc(self) -> int | None:
         """Once committed, the zlib CRC-32 of the whole file as written, computed from the bytes on their
-        way out (kernel-copied ranges: from their source), so nobody needs to read the file back."""
+        way out, so nobody needs to read the file back."""
         return self._crc if self._done else None
 
     def declare(self, tensors: Sequence[TensorSpec]) -> None:
@@ -293,35 +293,12 @@ class CheckpointWriter(CommitOnExit):
     def _put_segment(self, name: str, segment: _Segment, start: int, count: int) -> None:
         if isinstance(segment, memoryview):
             self._emit(segment[start : start + count])
-        elif self._with_trailer:
-            self._copy_through_buffer(name, segment, start, count)
-        else:
-            self._copy_in_kernel(name, segment, start, count)
-
-    def _copy_in_kernel(self, name: str, segment: _FileRange, start: int, count: int) -> None:
-        """Copy file to file in COPY_CHUNK steps, each step's source bytes then fed to the CRC from a
-        mapping while they are still cached."""
+            return
         self._flush()
-        offset, end = segment.offset + start, segment.offset + start + count
-        while offset < end:
-            step = min(COPY_CHUNK, end - offset)
-            if copy_range(segment.fd, offset, self._open_fd(), None, step) != step:
-                raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early")
-            try:
-                self._crc = crc32_of_range(segment.fd, offset, step, self._crc)
-            except ValueError:
-                raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early") from None
-            offset += step
-
-    def _copy_through_buffer(self, name: str, segment: _FileRange, start: int, count: int) -> None:
-        offset = segment.offset + start
-        end = offset + count
-        while offset < end:
-            data = os.pread(segment.fd, min(COPY_CHUNK, end - offset), offset)
-            if not data:
-                raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early")
-            self._emit(data)
-            offset += len(data)
+        try:
+            self._crc = copy_with_crc(segment.fd, segment.offset + start, self._open_fd(), count, self._crc)
+        except ValueError:
+            raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early") from None
 
     def _emit(self, data: memoryview | bytes) -> None:
         """Append bytes to the file (small ones gathered), feeding the CRC."""

@@ -62,7 +62,7 @@ from .manifest import (
 )
 from .mpi import Comm
 from .startup import start_job
-from .transform import OutputTask, TransformOptions
+from .transform import OutputTask, TransformJob, TransformOptions
 
 PROGRESS_SEND_SECONDS = 0.5  # how often a process tells rank 0 its counters while it writes
 PROGRESS_LINE_SECONDS = 2.0  # how often rank 0 prints a progress line when stderr is not a terminal
@@ -205,11 +205,13 @@ def run_transform(options: TransformOptions, comm: Comm, *, sync: bool = True, o
         return run_job(job, comm, sync=sync, overwrite=overwrite, quiet=quiet, stream=stream, started=started,
                        started_at=started_at)
     finally:
+        job.close()
         if lock is not None:
             lock.release()
 
 
-def _start(options: TransformOptions, comm: Comm, stream: TextIO, sync: bool) -> tuple[Job, DestinationLock | None]:
+def _start(options: TransformOptions, comm: Comm, stream: TextIO,
+           sync: bool) -> tuple[TransformJob, DestinationLock | None]:
     """This process's job (and its destination lock, if it holds one), or the same error on every rank."""
     try:
         return start_job(options, comm, lambda local: lock_destination(local, stream), sync=sync)

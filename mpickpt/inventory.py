@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
-from .formats import open_index
+from .formats import SourceIndex, open_index
 from .manifest import SourceStamp, stamp_sources
 from .sources import stamped_files
 
@@ -26,12 +27,14 @@ class SourceHeaders:
     stamps: tuple[SourceStamp, ...] = ()
 
 
-def read_headers(rank_files: Mapping[int, str]) -> dict[int, SourceHeaders]:
-    """Index the headers of every source file (cheap: no tensor bytes are read)."""
+def read_headers(rank_files: Mapping[int, str],
+                 opener: Callable[[str], AbstractContextManager[SourceIndex]] = open_index) -> dict[int, SourceHeaders]:
+    """Index the headers of every source file (cheap: no tensor bytes are read); `opener` may lend indexes
+    kept open for later (formats.IndexCache.lease)."""
     found = {}
     for rank, path in rank_files.items():
         stamps = stamp_sources(stamped_files(path))
-        with open_index(path) as index:
+        with opener(path) as index:
             entries = index.entries.values()
             found[rank] = SourceHeaders(path, tuple((e.name, e.dtype, tuple(e.dims)) for e in entries),
                                         {e.name: e.kind for e in entries}, index.as_stored,

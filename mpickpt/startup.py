@@ -23,7 +23,7 @@ from .collective import agree, broadcast_prepared
 from .destination import DestinationLock, check_prefix, refuse_outputs_beside_sources
 from .errors import SourceMissingError
 from .exchange import Exchange
-from .formats import open_index, suffix_of
+from .formats import IndexCache, suffix_of
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
 from .mpi import Comm
@@ -59,6 +59,7 @@ def start_job(options: TransformOptions, comm: Comm,
     local = replace(options, src_dir=expand(options.src_dir, host, comm.rank),
                     dst_dir=expand(options.dst_dir, host, comm.rank))
     lock: DestinationLock | None = None
+    indexes = IndexCache()  # headers read here stay open for this process's targets
 
     def check_and_lock() -> str:
         nonlocal lock
@@ -75,13 +76,15 @@ def start_job(options: TransformOptions, comm: Comm,
         views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
         placement = Placement(tuple(views))
         found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]
-                                            for r in header_share(views, comm.rank, per_process)}), comm)
+                                            for r in header_share(views, comm.rank, per_process)},
+                                           indexes.lease), comm)
         headers: dict[int, SourceHeaders] = {}
         for share in found:
             for rank, h in share.items():
                 headers.setdefault(rank, h)
-        job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process)
+        job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process, indexes)
     except BaseException:
+        indexes.close()
         if lock is not None:
             lock.release()
         raise
@@ -103,7 +106,8 @@ def _view(options: TransformOptions, process: int, host: str, per_process: bool)
 
 
 def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None, placement: Placement,
-          headers: dict[int, SourceHeaders], comm: Comm, template: str, per_process: bool) -> TransformJob:
+          headers: dict[int, SourceHeaders], comm: Comm, template: str, per_process: bool,
+          indexes: IndexCache) -> TransformJob:
     """Check the sources, plan this process's share of targets, gather every task."""
     rank_files = placement.rank_files
     if not rank_files:
@@ -130,6 +134,7 @@ def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None,
 
     shares = agree(lambda: plan_share().tasks, comm)
     job = planned[0]
+    job.indexes = indexes
     tasks = sorted((t for share in shares for t in share), key=lambda t: t.target_rank)
     job.tasks = tuple(replace(t, path=output_path(options.dst_dir, options.prefix, t.target_rank, sources.src_stage,
                                                   options.output_format)) for t in tasks)
@@ -138,7 +143,7 @@ def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None,
     agree(lambda: refuse_outputs_beside_sources([t.path for t in job.tasks], local_files.values()), comm)
     seen_by = placement.seen_by
     if comm.size > 1 and any(len(seen_by.get(r, ())) < comm.size for r in sources.rank_files):
-        job.exchange = Exchange(comm, lambda r: open_index(mine[r]), seen_by, [v.host for v in placement.views],
+        job.exchange = Exchange(comm, lambda r: indexes.lease(mine[r]), seen_by, [v.host for v in placement.views],
                                 sources.headers, budget=options.exchange_buffer)
     if has_placeholders(template):
         job.notes = job.notes + (f"sources per process: {placement.describe()}",)

@@ -21,7 +21,7 @@ from .catalog import SourceCatalog, build_catalog
 from .destination import check_destination, check_prefix
 from .errors import CheckpointFormatError, MpickptError, PlanError, SourceMissingError
 from .execute import SourceFiles, write_target
-from .formats import open_index, suffix_of
+from .formats import IndexCache, open_index, suffix_of
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
 from .manifest import SourceStamp, checksum_text
@@ -100,6 +100,8 @@ class TransformJob:
     # Plans made while preparing, used once by run_task in the same process (not sent to others).
     _plans: dict[int, TargetPlan] = field(default_factory=dict, repr=False, compare=False)
     _verified: set[str] = field(default_factory=set, repr=False, compare=False)  # sources whose CRC passed here
+    # Source indexes this process keeps open across its targets (each file's headers read once per run).
+    indexes: IndexCache = field(default_factory=IndexCache, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
@@ -107,7 +109,12 @@ class TransformJob:
         state["exchange"] = None
         state["_plans"] = {}
         state["_verified"] = set()
+        state["indexes"] = IndexCache()
         return state
+
+    def close(self) -> None:
+        """Close the source files this process kept open."""
+        self.indexes.close()
 
     @classmethod
     def prepare(cls, options: TransformOptions, *, write_merged: bool = True, sync: bool = True) -> TransformJob:
@@ -124,10 +131,17 @@ class TransformJob:
             check_destination(options.dst_dir, read_dirs)
         rank_files = find_rank_files(src_dir, options.src_format)
         src, dst = load_strategies(options, keep_in, sync)
-        sources = Sources.check(src, dst, rank_files, read_headers(rank_files), options, str(src_dir))
-        job = cls.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix, read_dirs, sources.src_stage,
-                       catalog=sources.catalog, options=options, notes=sources.notes)
-        check_values_kept_as_stored(job._plans.values(), sources.headers)
+        indexes = IndexCache()
+        try:
+            sources = Sources.check(src, dst, rank_files, read_headers(rank_files, indexes.lease), options,
+                                    str(src_dir))
+            job = cls.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix, read_dirs,
+                           sources.src_stage, catalog=sources.catalog, options=options, notes=sources.notes)
+            check_values_kept_as_stored(job._plans.values(), sources.headers)
+        except BaseException:
+            indexes.close()
+            raise
+        job.indexes = indexes
         return job
 
     @classmethod
@@ -215,7 +229,7 @@ class TransformJob:
                 progress = _serving(self.exchange, progress)
             elif self.exchange is not None:
                 progress = _serving(self.exchange, progress)
-            with SourceFiles(paths, remote) as sources:
+            with SourceFiles(paths, remote, opener=self.indexes.lease) as sources:
                 write_target(plan, sources, task.path, fmt=self.output_format, crc=self.crc, sync=sync,
                              forbidden_dirs=self.forbidden_dirs, progress=progress, on_file_crc=file_crcs.append)
         except MpickptError as error:

@@ -4,13 +4,15 @@ file by its suffix, else by its content, and the writer of an output by format n
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mpickpt.errors import CheckpointFormatError, MpickptError, SourceMissingError
 from mpickpt.formats.base import SourceIndex, TensorEntry, TensorSpec, TensorWriter
 
-__all__ = ["FORMATS", "SourceIndex", "TensorEntry", "TensorSpec", "TensorWriter", "format_of", "open_index",
+__all__ = ["FORMATS", "IndexCache", "SourceIndex", "TensorEntry", "TensorSpec", "TensorWriter", "format_of", "open_index",
            "open_writer", "suffix_of"]
 
 FORMATS = ("ckpt", "safetensors", "h5")
@@ -70,6 +72,44 @@ def open_index(path: str | os.PathLike[str], *, verify_crc: bool = False, fmt: s
 
         return index_h5(path, verify_crc=verify_crc)
     raise MpickptError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+class IndexCache:
+    """Indexes of source files kept open across a process's targets, so each file's headers are read once
+    per run: `lease(path)` lends an index for a `with` block; up to `limit` indexes not on lease stay open
+    (least recently used closed first), and `close()` closes them all."""
+
+    def __init__(self, limit: int = 128) -> None:
+        self._limit = limit
+        self._open: OrderedDict[str, SourceIndex] = OrderedDict()
+        self._leases: dict[str, int] = {}
+
+    @contextmanager
+    def lease(self, path: str | os.PathLike[str]) -> Iterator[SourceIndex]:
+        """The index of `path` (opened on first use), open at least until the block ends."""
+        key = os.fspath(path)
+        if key not in self._open:
+            self._open[key] = open_index(key)
+        self._open.move_to_end(key)
+        self._leases[key] = self._leases.get(key, 0) + 1
+        try:
+            yield self._open[key]
+        finally:
+            if key in self._leases:  # (not when close() came first)
+                self._leases[key] -= 1
+                self._evict()
+
+    def _evict(self) -> None:
+        idle = [key for key in self._open if not self._leases.get(key)]
+        for key in idle[:max(len(self._open) - self._limit, 0)]:
+            self._open.pop(key).close()
+            self._leases.pop(key, None)
+
+    def close(self) -> None:
+        """Close every index (also those on lease: the run is over or failing)."""
+        while self._open:
+            self._open.popitem()[1].close()
+        self._leases.clear()
 
 
 def open_writer(path: str | os.PathLike[str], fmt: str, *, crc: bool = False, sync: bool = True,

@@ -67,7 +67,8 @@ class TensorWriter(Protocol):
     """An output file being written; commits atomically on a clean ``with`` exit, aborts otherwise.
 
     ``declare`` comes first, with every tensor in output order; then each declared tensor is given once,
-    in any order, by one of the write/copy calls.
+    in any order, by one of the write/copy calls. ``write_tensor_chunks`` is done with each chunk before it
+    takes the next (a caller may refill one buffer).
     """
 
     path: Path

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,13 @@ try:  # ISA-L's CRC-32 gives zlib.crc32's values about 4x faster (measured 12.9 
 except ImportError:  # pragma: no cover - depends on the installation
     from zlib import crc32
 
-__all__ = ["COPY_CHUNK", "OffsetWriter", "Region", "RegionMap", "Slot", "byte_view", "copy_range", "crc32",
-           "crc32_of_range", "pwrite_all"]
+__all__ = ["COPY_CHUNK", "OffsetWriter", "Region", "RegionMap", "Slot", "byte_view", "copy_range", "copy_with_crc",
+           "crc32", "crc32_of_range", "pwrite_all"]
 
 COPY_CHUNK = 8 << 20
 """Bytes per user-space read when data must pass through memory."""
+CACHE_CHUNK = 256 << 10
+"""Bytes checksummed and then written while they are still in the CPU cache (:func:`copy_with_crc`)."""
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
@@ -82,6 +83,45 @@ def crc32_of_range(fd: int, offset: int, length: int, crc: int = 0) -> int:
             return crc32(view[offset - start:], crc)
     finally:
         mapped.close()
+
+
+def copy_with_crc(src_fd: int, src_offset: int, dst_fd: int, count: int, crc: int) -> int:
+    """Append ``count`` bytes at ``src_offset`` of one file to ``dst_fd`` (at its position) and return
+    ``crc32(those bytes, crc)``. The source is mapped a window at a time and each CACHE_CHUNK is
+    checksummed then written while it is still in the CPU cache: one pass over memory, as cheap as
+    ``copy_file_range`` alone, where a kernel copy followed by a checksum pass reads everything twice.
+    Through ``pread`` where the file cannot be mapped. ValueError if the source ends before the range."""
+    end = src_offset + count
+    while src_offset < end:
+        step = min(COPY_CHUNK, end - src_offset)
+        start = src_offset - src_offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            window = mmap.mmap(src_fd, src_offset + step - start, prot=mmap.PROT_READ, offset=start)
+        except (OSError, ValueError):  # not mappable, or shorter than the range
+            data = os.pread(src_fd, step, src_offset)
+            if len(data) != step:
+                raise ValueError("the file ends before the range") from None
+            crc = _write_with_crc(dst_fd, data, 0, step, crc)
+        else:
+            try:
+                crc = _write_with_crc(dst_fd, window, src_offset - start, step, crc)
+            finally:
+                window.close()
+        src_offset += step
+    return crc
+
+
+def _write_with_crc(fd: int, data: bytes | mmap.mmap, offset: int, count: int, crc: int) -> int:
+    """Write ``count`` bytes of ``data`` from ``offset`` to ``fd`` a CACHE_CHUNK at a time, each checksummed
+    just before it is written; the running CRC. (Every view of ``data`` is gone when this returns.)"""
+    with memoryview(data) as whole:
+        for at in range(offset, offset + count, CACHE_CHUNK):
+            chunk = whole[at:min(at + CACHE_CHUNK, offset + count)]
+            crc = crc32(chunk, crc)
+            while chunk:
+                chunk = chunk[os.write(fd, chunk):]
+            chunk.release()
+    return crc
 
 
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int | None, count: int) -> int:
@@ -211,7 +251,7 @@ class OffsetWriter:
     def _append(self, slot: Slot, view: memoryview) -> None:
         self._put(slot, view, self._room(slot, len(view)))
         if self._crc:
-            slot.crc = zlib.crc32(view, slot.crc)
+            slot.crc = crc32(view, slot.crc)
         slot.written += len(view)
 
     def _put(self, slot: Slot, view: memoryview, offset: int) -> None:
