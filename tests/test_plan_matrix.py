@@ -13,9 +13,12 @@ from test_cli import EXAMPLE, mpickpt
 from mpickpt.errors import MpickptError
 from mpickpt.matrix import (
     Grid,
+    Route,
+    crossing_totals,
     format_grid,
     grid_svg,
     make_grid,
+    route_transfers,
     transfer_bytes,
     write_image,
 )
@@ -76,6 +79,68 @@ def test_text_table() -> None:
     assert format_grid(Grid(("0",), ("0",), ((7,),))).splitlines()[-1] == "      0 7"
 
 
+# Three processes: 0 and 1 on host a, 2 on host b; process p writes target p. Source 3's file is seen by 0 and 2.
+SEEN_BY = {0: (0,), 1: (1,), 2: (2,), 3: (0, 2)}
+HOSTS = ["a", "a", "b"]
+TRANSFERS = {(0, 0): 10, (1, 0): 20, (2, 1): 30, (3, 1): 5, (3, 2): 7, (0, 2): 4}
+
+
+def test_routes_mark_what_crosses_processes_and_hosts() -> None:
+    routes = route_transfers(TRANSFERS, [[0], [1], [2]], SEEN_BY, HOSTS)
+    assert routes == {
+        (0, 0): Route(0, 0, "none"),  # the writer sees the file
+        (1, 0): Route(1, 0, "process"),  # only process 1 sees it, on the writer's host
+        (2, 1): Route(2, 1, "host"),  # only process 2 sees it, on host b
+        (3, 1): Route(0, 1, "process"),  # seen by 0 (host a) and 2 (host b): the writer's host first
+        (3, 2): Route(2, 2, "none"),
+        (0, 2): Route(0, 2, "host"),
+    }
+    assert crossing_totals(TRANSFERS, routes) == {"none": 10 + 7, "process": 20 + 5, "host": 30 + 4}
+
+
+def test_routes_spread_over_replicas_as_the_exchange_does() -> None:
+    # process 0 writes targets 0, 1, 2 (in that order) from source 0, which processes 1 and 2 see:
+    # target 0: both unloaded, rotation (p - 0) % 3 prefers 1; target 1: 2 is less loaded; target 2: equal
+    # loads, rotation (p - 2) % 3 prefers 2
+    transfers = {(0, 0): 10, (0, 1): 10, (0, 2): 10}
+    routes = route_transfers(transfers, [[0, 1, 2], [], []], {0: (1, 2)}, ["a"] * 3)
+    assert [routes[0, t].reader for t in range(3)] == [1, 2, 2]
+    assert {r.crosses for r in routes.values()} == {"process"}
+
+
+def test_the_table_marks_crossing_cells_and_totals_them() -> None:
+    routes = route_transfers(TRANSFERS, [[0], [1], [2]], SEEN_BY, HOSTS)
+    grid = make_grid(TRANSFERS, range(4), range(3), routes=routes)
+    assert format_grid(grid).splitlines() == [
+        "bytes read by each target rank (columns) from each source rank's file (rows), in B",
+        "src\\tgt  0   1   2",
+        "      0 10   .   4*",
+        "      1 20+  .   .",
+        "      2  .  30*  .",
+        "      3  .   5+  7",
+        "* crosses hosts, + crosses processes on one host; bytes local 17, across processes 25, across hosts 34",
+    ]
+    grouped = make_grid(TRANSFERS, range(4), range(3), max_sources=2, routes=routes)
+    assert grouped.crosses == (("process", "none", "host"), ("none", "host", "none"))
+    assert grouped.legend.startswith("* crosses hosts, + crosses processes on one host (a grouped cell: its farthest)")
+    only = make_grid({k: v for k, v in TRANSFERS.items() if k[1] == 0}, range(4), [0], routes=routes)
+    assert only.legend.endswith("bytes local 10, across processes 20, across hosts 0")
+    local = make_grid({(0, 0): 5}, [0], [0], routes={(0, 0): Route(0, 0, "none")})
+    assert format_grid(local).splitlines()[-2:] == [
+        "      0 5", "nothing crosses processes or hosts: each target's process reads all 5 bytes from files it sees"]
+
+
+def test_svg_hatches_cells_that_cross_hosts_and_outlines_those_crossing_processes() -> None:
+    grid = make_grid(TRANSFERS, range(4), range(3), routes=route_transfers(TRANSFERS, [[0], [1], [2]], SEEN_BY, HOSTS))
+    root = ET.fromstring(grid_svg(grid))
+    cells = {(e.get("x"), e.get("y")): e.get("data-crosses") for e in root.iter(f"{SVG}rect") if e.get("class") == "cell"}
+    marks = [e for e in root.iter(f"{SVG}rect") if e.get("class") == "crossing"]
+    assert sorted(cells.values()) == ["host", "host", "none", "none", "process", "process"]
+    assert sorted(e.get("fill") for e in marks) == ["none", "none", "url(#crosses-host)", "url(#crosses-host)"]
+    assert root.find(f"{SVG}defs/{SVG}pattern").get("id") == "crosses-host"
+    assert grid.legend in [e.text for e in root.iter(f"{SVG}text")]
+
+
 def test_svg_is_xml_with_one_cell_per_nonzero_entry() -> None:
     transfers = transfer_bytes(plans(4, 2, w=TensorInfo("Float32", (8, 3)), global_step=TensorInfo("Int32", (1,))))
     grid = make_grid(transfers, range(4), range(2))
@@ -106,7 +171,9 @@ def test_cli_prints_the_matrix_and_draws_it(tmp_path: Path) -> None:
         mpickpt("plan", "--json", *flags).stdout)["targets"]}
     out = tmp_path / "m.svg"
     lines = mpickpt("plan", "--matrix", "--out", str(out), *flags).stdout.splitlines()
-    assert lines[1].split() == ["src\\tgt", "0", "1", "2", "3"] and len(lines) == 2 + 8
+    assert lines[1].split() == ["src\\tgt", "0", "1", "2", "3"] and len(lines) == 2 + 8 + 1
+    assert lines[-1] == (f"nothing crosses processes or hosts: each target's process reads all "
+                         f"{sum(totals.values()):,} bytes from files it sees")
     cells = [e for e in ET.parse(out).getroot().iter(f"{SVG}rect") if e.get("class") == "cell"]
     assert sum(int(e.get("data-bytes")) for e in cells) == sum(totals.values())
     entries = json.loads(mpickpt("plan", "--matrix", "--json", "--target", "1", *flags).stdout)["matrix"]
