@@ -91,11 +91,10 @@ def start_job(options: TransformOptions, comm: Comm,
 @dataclass
 class Survey:
     """A job as every process sees it, for `plan` and `verify`: the planned job (this process's expansions of
-    the folders, every target), who sees which rank file, and every source file's headers."""
+    the folders, every target; the headers of files it does not see) and who sees which rank file."""
 
     job: TransformJob
     placement: Placement
-    headers: dict[int, SourceHeaders]
 
 
 def survey_job(options: TransformOptions, comm: Comm) -> Survey:
@@ -128,7 +127,7 @@ def survey_job(options: TransformOptions, comm: Comm) -> Survey:
             raise
         raise SourceMissingError(f"{error}; one process sees only its own expansion of {options.src_dir}: run "
                                  "under mpiexec with a process for each folder holding the other ranks") from None
-    return Survey(job, placement, headers)
+    return Survey(job, placement)
 
 
 def _view(options: TransformOptions, process: int, host: str, per_process: bool) -> ProcessView:
