@@ -238,19 +238,19 @@ def _run_verify(args: argparse.Namespace) -> int:
 def _run_plan(args: argparse.Namespace) -> int:
     from .mpi import world
 
-    comm = world()
-    job, placement = _plan_job(_options(args), comm)
-    if comm.rank != 0:  # every process took part in gathering the sources; rank 0 reports
-        return 0
-    targets = sorted(t.target_rank for t in job.tasks)
-    outside = [t for t in args.target or () if t not in targets]
-    if outside:
-        raise MpickptError(f"--target {outside[0]}: the target ranks are {targets[0]}..{targets[-1]}")
-    tasks = [t for t in job.tasks if not args.target or t.target_rank in args.target]
     if args.out and not args.matrix:
         raise MpickptError("--out draws the byte matrix: add --matrix")
     if args.matrix and args.copies:
         raise MpickptError("--matrix sums the copies per source and target: drop --copies")
+    comm = world()
+    job, placement = _plan_job(_options(args), comm)
+    targets = sorted(t.target_rank for t in job.tasks)
+    outside = [t for t in args.target or () if t not in targets]
+    if outside:
+        raise MpickptError(f"--target {outside[0]}: the target ranks are {targets[0]}..{targets[-1]}")
+    if comm.rank != 0:  # every process took part in gathering the sources; rank 0 reports
+        return 0
+    tasks = [t for t in job.tasks if not args.target or t.target_rank in args.target]
     if args.matrix:
         _print_matrix(job, tasks, placement, comm.size, args.out, args.json)
         return 0

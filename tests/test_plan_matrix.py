@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from test_cli import EXAMPLE, mpickpt
+from fixture_cases import Case
+from test_cli import EXAMPLE, clean_env, mpickpt
+from test_exchange import SPLIT, split_sources
 
 from mpickpt.errors import MpickptError
 from mpickpt.matrix import (
@@ -182,3 +185,62 @@ def test_cli_prints_the_matrix_and_draws_it(tmp_path: Path) -> None:
     for wrong, message in ((["--out", str(out)], "add --matrix"), (["--matrix", "--copies"], "drop --copies")):
         refused = mpickpt("plan", *wrong, *flags, check=False)
         assert refused.returncode == 2 and message in refused.stderr
+
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"  # MPICH's (pip install mpich)
+
+
+def on_two_hosts(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`mpickpt args` under MPICH's mpiexec as process 0 on host a and process 1 on host b."""
+    command = [sys.executable, "-m", "mpickpt", *args]
+    return subprocess.run([str(MPIEXEC), "-n", "1", "-env", "MPICKPT_HOST", "a", *command, ":",
+                           "-n", "1", "-env", "MPICKPT_HOST", "b", *command], capture_output=True, text=True,
+                          env=clean_env(), timeout=120, check=False)
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"MPICH's mpiexec is not at {MPIEXEC}")
+def test_mpiexec_plan_marks_the_bytes_crossing_hosts(tmp_path: Path, written_cases: dict[str, Case]) -> None:
+    """Rank r's folder is on process (r + 1) % 2 only, so its bytes cross hosts exactly for the targets the
+    other process writes; the bytes per cell are the serial plan's."""
+    case = written_cases["random_8to4"]
+    split_sources(case, tmp_path / "src", 2)
+    flags = ["--src-strategy", case.strategy("src"), "--dst-strategy", case.strategy("dst")]
+    serial = json.loads(mpickpt("plan", "--matrix", "--json", "--src-dir", str(case.src_dir), *flags).stdout)
+    planned = {(e["source_rank"], e["target_rank"]): e["bytes"] for e in serial["matrix"]}
+    assert {e["crosses"] for e in serial["matrix"]} == {"none"}
+    holder = {rank: (rank + 1) % 2 for rank in range(8)}
+    before = sorted(tmp_path.rglob("*"))
+
+    args = ["plan", "--matrix", "--src-dir", str(tmp_path / "src" / SPLIT), *flags]
+    done = on_two_hosts([*args, "--json"])
+    assert done.returncode == 0, done.stderr
+    entries = {(e["source_rank"], e["target_rank"]): e for e in json.loads(done.stdout)["matrix"]}
+    assert {key: e["bytes"] for key, e in entries.items()} == planned
+    writers = {t: e["writer_process"] for (_, t), e in entries.items()}
+    assert set(writers.values()) == {0, 1}
+    for (s, t), e in entries.items():
+        assert e["writer_process"] == writers[t] and e["reader_process"] == holder[s]
+        assert e["crosses"] == ("none" if holder[s] == writers[t] else "host")
+    across = sum(size for (s, t), size in planned.items() if holder[s] != writers[t])
+    local = sum(planned.values()) - across
+    assert across > 0 and json.loads(done.stdout)["bytes_by_crossing"] == {"none": local, "process": 0, "host": across}
+
+    text = on_two_hosts([*args, "--out", str(tmp_path / "m.svg")])
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[-1] == (f"* crosses hosts, + crosses processes on one host; bytes local {local:,}, "
+                         f"across processes 0, across hosts {across:,}")
+    assert sum(row.count("*") for row in lines[2:10]) == sum(holder[s] != writers[t] for s, t in planned)
+    cells = [e for e in ET.parse(tmp_path / "m.svg").getroot().iter(f"{SVG}rect") if e.get("class") == "cell"]
+    assert sum(int(e.get("data-bytes")) for e in cells if e.get("data-crosses") == "host") == across
+    assert sorted(tmp_path.rglob("*")) == sorted([*before, tmp_path / "m.svg"])  # the plan wrote only the image
+
+
+def test_serial_plan_with_other_processes_folders_is_an_error(tmp_path: Path, written_cases: dict[str, Case]) -> None:
+    case = written_cases["random_8to4"]
+    split_sources(case, tmp_path / "src", 2)
+    refused = mpickpt("plan", "--matrix", "--src-dir", str(tmp_path / "src" / SPLIT), "--src-strategy",
+                      case.strategy("src"), "--dst-strategy", case.strategy("dst"), check=False)
+    assert refused.returncode == 2 and not refused.stdout
+    assert f"{tmp_path / 'src' / SPLIT} (seen as process 0 (host " in refused.stderr, refused.stderr
+    assert "ranks [0, 2, 4, 6] are missing" in refused.stderr and "run under mpiexec" in refused.stderr
