@@ -14,6 +14,8 @@ from . import __version__
 from .errors import MpickptError
 
 if TYPE_CHECKING:
+    from .mpi import Comm
+    from .placement import Placement
     from .transform import OutputTask, TransformJob, TransformOptions
 
 # The commands import their modules when they run, so that a Ctrl-C while numpy and the rest load still
@@ -234,20 +236,23 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from .transform import TransformJob
+    from .mpi import world
 
-    job = TransformJob.prepare(_options(args), write_merged=False)
-    targets = sorted(t.target_rank for t in job.tasks)
-    outside = [t for t in args.target or () if t not in targets]
-    if outside:
-        raise MpickptError(f"--target {outside[0]}: the target ranks are {targets[0]}..{targets[-1]}")
-    tasks = [t for t in job.tasks if not args.target or t.target_rank in args.target]
     if args.out and not args.matrix:
         raise MpickptError("--out draws the byte matrix: add --matrix")
     if args.matrix and args.copies:
         raise MpickptError("--matrix sums the copies per source and target: drop --copies")
+    comm = world()
+    job, placement = _plan_job(_options(args), comm)
+    targets = sorted(t.target_rank for t in job.tasks)
+    outside = [t for t in args.target or () if t not in targets]
+    if outside:
+        raise MpickptError(f"--target {outside[0]}: the target ranks are {targets[0]}..{targets[-1]}")
+    if comm.rank != 0:  # every process took part in gathering the sources; rank 0 reports
+        return 0
+    tasks = [t for t in job.tasks if not args.target or t.target_rank in args.target]
     if args.matrix:
-        _print_matrix(job, tasks, args.out, args.json)
+        _print_matrix(job, tasks, placement, comm.size, args.out, args.json)
         return 0
     if args.json:
         rows = []
@@ -280,15 +285,46 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_matrix(job: TransformJob, tasks: Sequence[OutputTask], out: str | None, as_json: bool) -> None:
-    """Print the byte matrix of `tasks`, as a table or its nonzero entries in JSON (and draw it into `out`)."""
-    from .matrix import format_grid, make_grid, transfer_bytes, write_image
+def _plan_job(options: TransformOptions, comm: Comm) -> tuple[TransformJob, Placement]:
+    """The planned job and who sees which source file: gathered from every process (as `transform` starts)
+    under MPI or with {host}/{process} in --src-dir, else read here from the one folder. Writes nothing."""
+    from .placement import Placement, ProcessView, has_placeholders
+    from .startup import host_name, survey_job
+    from .transform import TransformJob
 
-    transfers = transfer_bytes(job.planner().plan(t.target_rank) for t in tasks)
-    grid = make_grid(transfers, sorted(job.rank_files), [t.target_rank for t in tasks])
+    if comm.size > 1 or has_placeholders(options.src_dir):
+        survey = survey_job(options, comm)
+        return survey.job, survey.placement
+    job = TransformJob.prepare(options, write_merged=False)
+    return job, Placement((ProcessView(0, host_name(), os.path.abspath(options.src_dir), dict(job.rank_files)),))
+
+
+def _print_matrix(job: TransformJob, tasks: Sequence[OutputTask], placement: Placement, processes: int,
+                  out: str | None, as_json: bool) -> None:
+    """Print the byte matrix of `tasks`, as a table or its nonzero entries in JSON (and draw it into `out`),
+    each cell marked by whether its bytes cross processes or hosts when `processes` run the job."""
+    from .driver import deal
+    from .matrix import (
+        crossing_totals,
+        format_grid,
+        make_grid,
+        route_transfers,
+        transfer_bytes,
+        write_image,
+    )
+
+    every = transfer_bytes(job.planner().plan(t.target_rank) for t in job.tasks)  # routes depend on every target
+    shares = [[t.target_rank for t in share] for share in deal(job.tasks, processes)]
+    routes = route_transfers(every, shares, placement.seen_by, [v.host for v in placement.views])
+    chosen = {t.target_rank for t in tasks}
+    transfers = {key: size for key, size in every.items() if key[1] in chosen}
+    grid = make_grid(transfers, sorted(job.rank_files), sorted(chosen), routes=routes)
     if as_json:
-        entries = [{"source_rank": s, "target_rank": t, "bytes": size} for (s, t), size in transfers.items()]
-        json.dump({"matrix": entries}, sys.stdout, indent=1)
+        entries = [{"source_rank": s, "target_rank": t, "bytes": size, "reader_process": routes[s, t].reader,
+                    "writer_process": routes[s, t].writer, "crosses": routes[s, t].crosses}
+                   for (s, t), size in transfers.items()]
+        json.dump({"matrix": entries, "bytes_by_crossing": crossing_totals(transfers, routes)}, sys.stdout,
+                  indent=1)
         print()
     else:
         print(format_grid(grid))

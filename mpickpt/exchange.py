@@ -187,7 +187,7 @@ class RemoteSource:
 
     def __init__(self, exchange: Exchange, headers: Mapping[int, SourceHeaders]) -> None:
         self.exchange = exchange
-        self._entries = {rank: _entries(found) for rank, found in headers.items()}
+        self._entries = {rank: header_entries(found) for rank, found in headers.items()}
         self._holders: dict[int, int] = {}
         self._expected: deque[Piece] = deque()
 
@@ -246,7 +246,7 @@ class RemoteSource:
         self.exchange.bytes_received += memoryview(buffer).nbytes  # type: ignore[arg-type]
 
 
-def _entries(found: SourceHeaders) -> dict[str, TensorEntry]:
+def header_entries(found: SourceHeaders) -> dict[str, TensorEntry]:
     """Stand-in entries of a file another process sees (one pseudo piece carrying the content size)."""
     return {name: TensorEntry(name, dtype, tuple(dims), ((0, found.nbytes.get(name, 0)),),
                               found.kinds.get(name, "tensor"))

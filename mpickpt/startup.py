@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .collective import agree, broadcast_prepared
 from .destination import DestinationLock, check_prefix, refuse_outputs_beside_sources
@@ -89,6 +89,48 @@ def start_job(options: TransformOptions, comm: Comm,
             lock.release()
         raise
     return job, lock
+
+
+@dataclass
+class Survey:
+    """A job as every process sees it, for `plan` and `verify`: the planned job (this process's expansions of
+    the folders, every target; the headers of files it does not see) and who sees which rank file."""
+
+    job: TransformJob
+    placement: Placement
+
+
+def survey_job(options: TransformOptions, comm: Comm) -> Survey:
+    """Called on all ranks: the job as `start_job` builds it (folders expanded per process, views and headers
+    gathered, every target planned, an `Exchange` where some process lacks a file), but no destination is
+    checked or locked and nothing is written (per-stage strategy folders are merged in memory only)."""
+    host = host_name()
+    per_process = has_placeholders(options.src_dir)
+    local = replace(options, src_dir=expand(options.src_dir, host, comm.rank),
+                    dst_dir=expand(options.dst_dir, host, comm.rank))
+
+    def check_names() -> None:
+        check_prefix(options.prefix)
+        suffix_of(options.output_format)
+
+    agree(check_names, comm)
+    src, dst = broadcast_prepared(lambda: load_strategies(local, None), comm)
+    views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
+    placement = Placement(tuple(views))
+    found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]
+                                        for r in header_share(views, comm.rank, per_process)}), comm)
+    headers: dict[int, SourceHeaders] = {}
+    for share in found:
+        for rank, h in share.items():
+            headers.setdefault(rank, h)
+    try:
+        job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process)
+    except SourceMissingError as error:
+        if comm.size > 1 or not per_process:
+            raise
+        raise SourceMissingError(f"{error}; one process sees only its own expansion of {options.src_dir}: run "
+                                 "under mpiexec with a process for each folder holding the other ranks") from None
+    return Survey(job, placement)
 
 
 def _view(options: TransformOptions, process: int, host: str, per_process: bool) -> ProcessView:

@@ -10,8 +10,12 @@ of a source file holding them; each output must hold exactly the expected parame
 Without sources (`verify_records`): every output listed in `manifest.json` must match its completion
 record and its manifest entry (size, CRC-32), and every checkpoint file of the destination must be listed.
 
-Under MPI the output files are dealt to the processes and rank 0 gathers what they found; an exception in
-any process aborts the whole run.
+Under MPI, or with `{host}`/`{process}` in --src-dir or --dst-dir, every process takes part in the start-up
+`transform` takes (mpickpt/startup.py: each expands the folders and lists what it sees; the views and headers
+are gathered) without locking or writing anything. Each output is checked by a process that sees it (with a
+per-process --dst-dir, the process whose folder holds it); the source rows it does not see come over MPI from a
+process that does (mpickpt/exchange.py), so every overlap is compared whoever holds the file. Rank 0 gathers
+what the processes found; an exception in any process aborts the whole run.
 """
 
 from __future__ import annotations
@@ -23,19 +27,24 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self, cast
 
 import numpy as np
 
-from .collective import broadcast_prepared, deal_by_size, fail
+from .collective import agree, broadcast_prepared, fail
 from .dtypes import dtype_itemsize
 from .errors import MpickptError
+from .exchange import Exchange, RemoteSource, header_entries
+from .execute import Piece
 from .formats import SourceIndex, TensorEntry, open_index
+from .inventory import SourceHeaders
 from .layout import Box, Layouts, ParamLayout
 from .manifest import MANIFEST_NAME, checksum, read_record
 from .mpi import Comm
+from .placement import has_placeholders
+from .startup import survey_job
 from .strategy import Strategy
 from .transform import TransformJob, TransformOptions
 
@@ -107,6 +116,7 @@ class ContentJob:
     rank_files: dict[int, str]
     checks: tuple[Check, ...]
     found: tuple[Problem, ...] = ()
+    remote_headers: dict[int, SourceHeaders] = field(default_factory=dict)  # of rank files other processes see
 
 
 @dataclass(frozen=True)
@@ -125,8 +135,13 @@ Job = ContentJob | RecordsJob
 
 
 def verify_outputs(options: TransformOptions, comm: Comm) -> Verdict:
-    """Called on all ranks: check every output of `options` against the sources."""
-    return run(lambda: content_job(options), comm)
+    """Called on all ranks: check every output of `options` against the sources (gathered from every process
+    under MPI or with {host}/{process} in a folder)."""
+    if comm.size == 1 and not has_placeholders(options.src_dir) and not has_placeholders(options.dst_dir):
+        return run(lambda: content_job(options), comm)
+    started = time.monotonic()
+    job, seers, exchange = gathered_job(options, comm)
+    return _check(job, deal(job.checks, comm.size, seers)[comm.rank], comm, started, exchange)
 
 
 def verify_records(dst_dir: str, comm: Comm) -> Verdict:
@@ -138,13 +153,21 @@ def run(prepare: Callable[[], Job], comm: Comm) -> Verdict:
     """Rank 0 prepares the job; every process checks its share; rank 0 gathers; all return the verdict."""
     started = time.monotonic()
     job = broadcast_prepared(prepare, comm)
+    return _check(job, deal(job.checks, comm.size)[comm.rank], comm, started)
+
+
+def _check(job: Job, mine: Sequence[Check], comm: Comm, started: float, exchange: Exchange | None = None) -> Verdict:
+    """Check this process's share (serving others' requests for source rows until every process is done);
+    rank 0 gathers; all return the verdict."""
     try:
         params, problems = 0, []
-        with _checker(job) as checker:
-            for check in deal(job.checks, comm.size)[comm.rank]:
+        with _checker(job, exchange) as checker:
+            for check in mine:
                 count, found = checker(check)
                 params += count
                 problems += found
+            if exchange is not None:
+                exchange.finish()
         comm.send((params, problems), 0)
         verdict = _gather(job, comm, started) if comm.rank == 0 else None
     except BaseException as exc:
@@ -167,16 +190,27 @@ def _gather(job: Job, comm: Comm, started: float) -> Verdict:
                    comm.size)
 
 
-def deal(checks: Sequence[Check], processes: int) -> list[list[Check]]:
-    """Checks per process: largest file first onto the process with the fewest bytes so far."""
-    return deal_by_size(sorted(checks, key=lambda c: c.path), lambda c: c.size, processes)
+def deal(checks: Sequence[Check], processes: int,
+         seers: Sequence[Sequence[int]] | None = None) -> list[list[Check]]:
+    """Checks per process: largest file first onto the process with the fewest bytes so far (ties: fewer
+    checks, lower process), among the processes that see it (`seers[i]` for `checks[i]`; None: all)."""
+    loads = [(0, 0, p) for p in range(processes)]
+    shares: list[list[Check]] = [[] for _ in range(processes)]
+    order = sorted(range(len(checks)), key=lambda i: (-checks[i].size, checks[i].path))
+    for i in order:
+        _, _, process = min(loads[p] for p in (range(processes) if seers is None else seers[i]))
+        load, count, _ = loads[process]
+        loads[process] = (load + checks[i].size, count + 1, process)
+        shares[process].append(checks[i])
+    return shares
 
 
-def _checker(job: Job) -> AbstractContextManager[Callable[[Check], tuple[int, list[Problem]]]]:
+def _checker(job: Job, exchange: Exchange | None = None
+             ) -> AbstractContextManager[Callable[[Check], tuple[int, list[Problem]]]]:
     """What checks one output of this job: (parameters checked, problems found)."""
     if isinstance(job, RecordsJob):
         return nullcontext(lambda check: (0, check_record(check, job.manifest[check.path])))
-    return ContentChecker(job)
+    return ContentChecker(job, exchange)
 
 
 # --- preparing (rank 0) ----------------------------------------------------------------------------
@@ -192,6 +226,57 @@ def content_job(options: TransformOptions) -> ContentJob:
         else:
             missing.append(Problem(task.path, None, f"output of target rank {task.target_rank} is missing"))
     return ContentJob(job.src, job.dst, job.src_stage, dict(job.rank_files), tuple(checks), tuple(missing))
+
+
+def gathered_job(options: TransformOptions,
+                 comm: Comm) -> tuple[ContentJob, list[tuple[int, ...]], Exchange | None]:
+    """Called on all ranks: the outputs to check, gathered from what every process sees (as `transform` starts,
+    but locking and writing nothing), the processes that see each, and the exchange of source rows when some
+    process lacks a source file."""
+    survey = survey_job(options, comm)
+    job = survey.job
+    seen = agree(lambda: [(t.target_rank, t.path, os.path.getsize(t.path) if os.path.isfile(t.path) else None)
+                          for t in job.tasks], comm)
+    checks, seers, missing = output_checks(seen, has_placeholders(options.dst_dir), options.dst_dir)
+    local = job.local_files if job.local_files is not None else {}
+    content = ContentJob(job.src, job.dst, job.src_stage, {**job.rank_files, **local}, tuple(checks),
+                         tuple(missing), dict(job.remote_headers))
+    return content, seers, job.exchange
+
+
+def output_checks(seen: Sequence[Sequence[tuple[int, str, int | None]]], per_process: bool, template: str
+                  ) -> tuple[list[Check], list[tuple[int, ...]], list[Problem]]:
+    """From each process's (target, output path, size or None when absent): the checks, the processes that
+    see each, and the outputs no process sees. One shared folder: one check per target, by any process seeing
+    it; a folder per process (`per_process`): every output each process holds, checked by that process."""
+    checks: list[Check] = []
+    seers: list[tuple[int, ...]] = []
+    found: dict[int, list[int]] = {}
+    for process, outputs in enumerate(seen):
+        for target, path, size in outputs:
+            if size is None:
+                continue
+            found.setdefault(target, []).append(process)
+            if per_process:
+                checks.append(Check(path, target, size))
+                seers.append((process,))
+    if not per_process:
+        for target, path, size in seen[0]:
+            holders = tuple(found.get(target, ()))
+            if holders:
+                size = next(s for t, _, s in seen[holders[0]] if t == target)
+                checks.append(Check(path, target, cast(int, size)))
+                seers.append(holders)
+    missing = []
+    for target, path, _ in seen[0]:
+        if target not in found:
+            text = f"output of target rank {target} is missing"
+            if per_process:
+                text += (f" (in no process's expansion of {template}" +
+                         ("; serially only process 0's: verify under mpiexec with the processes that wrote the "
+                          "outputs)" if len(seen) == 1 else ")"))
+            missing.append(Problem(path, None, text))
+    return checks, seers, missing
 
 
 def records_job(dst_dir: str) -> RecordsJob:
@@ -259,24 +344,34 @@ class Expected:
 class ContentChecker:
     """Checks output files of one process against the sources; keeps source headers and a few files open."""
 
-    def __init__(self, job: ContentJob) -> None:
+    def __init__(self, job: ContentJob, exchange: Exchange | None = None) -> None:
         self.src = Layouts.from_strategy(job.src, stage=job.src_stage)
         self.dst = Layouts.from_strategy(job.dst)
         self.rank_files = {r: p for r, p in job.rank_files.items() if self._is_source(r)}
+        self.remote = {r: h for r, h in job.remote_headers.items() if r in self.rank_files}
+        if self.remote and exchange is None:
+            raise MpickptError(f"the files of source ranks {sorted(self.remote)} are on other processes, "
+                               "but no exchange brings their rows")
+        self.exchange = exchange
         self.headers: dict[int, dict[str, TensorEntry]] = {}
         for rank, path in sorted(self.rank_files.items()):
+            if rank in self.remote:
+                self.headers[rank] = header_entries(self.remote[rank])
+                continue
             with open_index(path) as index:
                 self.headers[rank] = dict(index.entries)
-        self.holders: dict[str, list[int]] = {}  # parameter -> source ranks whose files hold it, ascending
-        for rank, entries in sorted(self.headers.items()):
+        self.holders: dict[str, list[int]] = {}  # parameter -> source ranks holding it: seen here first, ascending
+        for rank, entries in sorted(self.headers.items(), key=lambda item: (item[0] in self.remote, item[0])):
             for name in entries:
                 self.holders.setdefault(name, []).append(rank)
+        self._target = 0  # the target rank being checked (spreads requests for remote rows over replicas)
         self._open: OrderedDict[int, SourceIndex] = OrderedDict()
         self._boxes: dict[tuple[ParamLayout, tuple[int, ...]], dict[Box, list[int]]] = {}
 
     def __call__(self, check: Check) -> tuple[int, list[Problem]]:
         """Parameters checked in one output file, and what is wrong with it."""
         assert check.target_rank is not None
+        self._target = check.target_rank
         try:
             index = open_index(check.path)
         except MpickptError as exc:
@@ -296,6 +391,8 @@ class ContentChecker:
                                                    f"give target rank {check.target_rank} no such parameter)")
                          for name in index.entries if name not in expected and name not in derived]
             for name, want in expected.items():
+                if self.exchange is not None:
+                    self.exchange.serve()  # other processes may wait for rows of the files this one sees
                 text = self.compare(index, name, want)
                 if text:
                     problems.append(Problem(check.path, name, text))
@@ -349,7 +446,7 @@ class ContentChecker:
 
     def _reference(self, name: str, holders: list[int], stage: int) -> int:
         """The lowest source rank of `stage` whose file holds `name`."""
-        for rank in holders:
+        for rank in sorted(holders):
             if self.src.stage_of(rank) == stage:
                 return rank
         raise MpickptError(f"no source file of pipeline stage {stage} holds it (files holding it: "
@@ -430,8 +527,11 @@ class ContentChecker:
             self._boxes[key] = boxes
         return self._boxes[key]
 
-    def _source(self, rank: int) -> SourceIndex:
-        """Source file of `rank`, opened (at most OPEN_SOURCES stay open)."""
+    def _source(self, rank: int) -> SourceIndex | RemoteSlices:
+        """Source file of `rank`, opened (at most OPEN_SOURCES stay open), or its rows over MPI."""
+        if rank in self.remote:
+            assert self.exchange is not None
+            return RemoteSlices(self.exchange, rank, self.remote[rank], self._target)
         if rank in self._open:
             self._open.move_to_end(rank)
         else:
@@ -441,10 +541,50 @@ class ContentChecker:
         return self._open[rank]
 
 
+class RemoteSlices:
+    """A source file another process sees, as `_blocks` reads it: each run of whole rows of a stored slice is
+    asked of a process seeing the file and received over MPI (mpickpt/exchange.py)."""
+
+    def __init__(self, exchange: Exchange, rank: int, headers: SourceHeaders, target: int) -> None:
+        self.exchange = exchange
+        self.rank = rank
+        self.headers = headers
+        self.entries = header_entries(headers)
+        self.target = target
+        self._whole: tuple[str, bytearray] | None = None  # the last parameter received whole
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> None:
+        """Bytes [offset, offset + len(out)) of parameter `name`'s stored content into `out`: whole rows of the
+        stored slice as asked, else (a value compared byte by byte, a 0-d one) from its whole content."""
+        entry = self.entries[name]
+        source = RemoteSource(self.exchange, {self.rank: self.headers})
+        itemsize = dtype_itemsize(entry.dtype)
+        row = _row_bytes(entry.dims, itemsize) if entry.dims else 0
+        if not row or offset % row or len(out) % row:
+            if self._whole is None or self._whole[0] != name:
+                piece = Piece(self.rank, name, None, entry.nbytes)
+                source.ask([piece], self.target)
+                self._whole = (name, source.whole(piece))
+            out[:] = self._whole[1][offset:offset + len(out)]
+            return
+        first, count = offset // row, len(out) // row
+        piece = Piece(self.rank, name, Box((first, *[0] * (len(entry.dims) - 1)), (first + count, *entry.dims[1:])),
+                      len(out))
+        source.ask([piece], self.target)
+        source.fill(piece, np.frombuffer(out, np.uint8).reshape(count, *entry.dims[1:], itemsize))
+
+    def release(self, name: str) -> None:
+        """Nothing is mapped here."""
+
+    def close(self) -> None:
+        """Nothing is open here."""
+
+
 # --- bounded block comparison ------------------------------------------------------------------------------
 
 
-def _first_difference(ours: SourceIndex, name: str, our_dims: Sequence[int], our_box: Box, theirs: SourceIndex,
+def _first_difference(ours: SourceIndex, name: str, our_dims: Sequence[int], our_box: Box,
+                      theirs: SourceIndex | RemoteSlices,
                       their_dims: Sequence[int], their_box: Box, itemsize: int) -> tuple[int, ...] | None:
     """Index (relative to the boxes) of the first element where equally shaped boxes of two stored slices of
     parameter `name` differ, or None; read and compared a block of at most BLOCK_BYTES per side at a time."""
@@ -464,7 +604,7 @@ def _row_bytes(dims: Sequence[int], itemsize: int) -> int:
     return math.prod(dims[1:]) * itemsize
 
 
-def _blocks(index: SourceIndex, name: str, dims: Sequence[int], box: Box, itemsize: int,
+def _blocks(index: SourceIndex | RemoteSlices, name: str, dims: Sequence[int], box: Box, itemsize: int,
             rows: int) -> Iterator[tuple[int, np.ndarray]]:
     """A box of a stored slice of dims `dims`, `rows` rows at a time: (first row, relative to the box; the
     rows as bytes shaped (rows, *box.shape[1:], itemsize)). A 0-d slice is one row of one element."""

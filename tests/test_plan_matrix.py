@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from test_cli import EXAMPLE, mpickpt
+from fixture_cases import Case
+from test_cli import EXAMPLE, clean_env, mpickpt
+from test_exchange import SPLIT, split_sources
 
 from mpickpt.errors import MpickptError
 from mpickpt.matrix import (
     Grid,
+    Route,
+    crossing_totals,
     format_grid,
     grid_svg,
     make_grid,
+    route_transfers,
     transfer_bytes,
     write_image,
 )
@@ -76,6 +82,68 @@ def test_text_table() -> None:
     assert format_grid(Grid(("0",), ("0",), ((7,),))).splitlines()[-1] == "      0 7"
 
 
+# Three processes: 0 and 1 on host a, 2 on host b; process p writes target p. Source 3's file is seen by 0 and 2.
+SEEN_BY = {0: (0,), 1: (1,), 2: (2,), 3: (0, 2)}
+HOSTS = ["a", "a", "b"]
+TRANSFERS = {(0, 0): 10, (1, 0): 20, (2, 1): 30, (3, 1): 5, (3, 2): 7, (0, 2): 4}
+
+
+def test_routes_mark_what_crosses_processes_and_hosts() -> None:
+    routes = route_transfers(TRANSFERS, [[0], [1], [2]], SEEN_BY, HOSTS)
+    assert routes == {
+        (0, 0): Route(0, 0, "none"),  # the writer sees the file
+        (1, 0): Route(1, 0, "process"),  # only process 1 sees it, on the writer's host
+        (2, 1): Route(2, 1, "host"),  # only process 2 sees it, on host b
+        (3, 1): Route(0, 1, "process"),  # seen by 0 (host a) and 2 (host b): the writer's host first
+        (3, 2): Route(2, 2, "none"),
+        (0, 2): Route(0, 2, "host"),
+    }
+    assert crossing_totals(TRANSFERS, routes) == {"none": 10 + 7, "process": 20 + 5, "host": 30 + 4}
+
+
+def test_routes_spread_over_replicas_as_the_exchange_does() -> None:
+    # process 0 writes targets 0, 1, 2 (in that order) from source 0, which processes 1 and 2 see:
+    # target 0: both unloaded, rotation (p - 0) % 3 prefers 1; target 1: 2 is less loaded; target 2: equal
+    # loads, rotation (p - 2) % 3 prefers 2
+    transfers = {(0, 0): 10, (0, 1): 10, (0, 2): 10}
+    routes = route_transfers(transfers, [[0, 1, 2], [], []], {0: (1, 2)}, ["a"] * 3)
+    assert [routes[0, t].reader for t in range(3)] == [1, 2, 2]
+    assert {r.crosses for r in routes.values()} == {"process"}
+
+
+def test_the_table_marks_crossing_cells_and_totals_them() -> None:
+    routes = route_transfers(TRANSFERS, [[0], [1], [2]], SEEN_BY, HOSTS)
+    grid = make_grid(TRANSFERS, range(4), range(3), routes=routes)
+    assert format_grid(grid).splitlines() == [
+        "bytes read by each target rank (columns) from each source rank's file (rows), in B",
+        "src\\tgt  0   1   2",
+        "      0 10   .   4*",
+        "      1 20+  .   .",
+        "      2  .  30*  .",
+        "      3  .   5+  7",
+        "* crosses hosts, + crosses processes on one host; bytes local 17, across processes 25, across hosts 34",
+    ]
+    grouped = make_grid(TRANSFERS, range(4), range(3), max_sources=2, routes=routes)
+    assert grouped.crosses == (("process", "none", "host"), ("none", "host", "none"))
+    assert grouped.legend.startswith("* crosses hosts, + crosses processes on one host (a grouped cell: its farthest)")
+    only = make_grid({k: v for k, v in TRANSFERS.items() if k[1] == 0}, range(4), [0], routes=routes)
+    assert only.legend.endswith("bytes local 10, across processes 20, across hosts 0")
+    local = make_grid({(0, 0): 5}, [0], [0], routes={(0, 0): Route(0, 0, "none")})
+    assert format_grid(local).splitlines()[-2:] == [
+        "      0 5", "nothing crosses processes or hosts: each target's process reads all 5 bytes from files it sees"]
+
+
+def test_svg_hatches_cells_that_cross_hosts_and_outlines_those_crossing_processes() -> None:
+    grid = make_grid(TRANSFERS, range(4), range(3), routes=route_transfers(TRANSFERS, [[0], [1], [2]], SEEN_BY, HOSTS))
+    root = ET.fromstring(grid_svg(grid))
+    cells = {(e.get("x"), e.get("y")): e.get("data-crosses") for e in root.iter(f"{SVG}rect") if e.get("class") == "cell"}
+    marks = [e for e in root.iter(f"{SVG}rect") if e.get("class") == "crossing"]
+    assert sorted(cells.values()) == ["host", "host", "none", "none", "process", "process"]
+    assert sorted(e.get("fill") for e in marks) == ["none", "none", "url(#crosses-host)", "url(#crosses-host)"]
+    assert root.find(f"{SVG}defs/{SVG}pattern").get("id") == "crosses-host"
+    assert grid.legend in [e.text for e in root.iter(f"{SVG}text")]
+
+
 def test_svg_is_xml_with_one_cell_per_nonzero_entry() -> None:
     transfers = transfer_bytes(plans(4, 2, w=TensorInfo("Float32", (8, 3)), global_step=TensorInfo("Int32", (1,))))
     grid = make_grid(transfers, range(4), range(2))
@@ -106,7 +174,9 @@ def test_cli_prints_the_matrix_and_draws_it(tmp_path: Path) -> None:
         mpickpt("plan", "--json", *flags).stdout)["targets"]}
     out = tmp_path / "m.svg"
     lines = mpickpt("plan", "--matrix", "--out", str(out), *flags).stdout.splitlines()
-    assert lines[1].split() == ["src\\tgt", "0", "1", "2", "3"] and len(lines) == 2 + 8
+    assert lines[1].split() == ["src\\tgt", "0", "1", "2", "3"] and len(lines) == 2 + 8 + 1
+    assert lines[-1] == (f"nothing crosses processes or hosts: each target's process reads all "
+                         f"{sum(totals.values()):,} bytes from files it sees")
     cells = [e for e in ET.parse(out).getroot().iter(f"{SVG}rect") if e.get("class") == "cell"]
     assert sum(int(e.get("data-bytes")) for e in cells) == sum(totals.values())
     entries = json.loads(mpickpt("plan", "--matrix", "--json", "--target", "1", *flags).stdout)["matrix"]
@@ -115,3 +185,62 @@ def test_cli_prints_the_matrix_and_draws_it(tmp_path: Path) -> None:
     for wrong, message in ((["--out", str(out)], "add --matrix"), (["--matrix", "--copies"], "drop --copies")):
         refused = mpickpt("plan", *wrong, *flags, check=False)
         assert refused.returncode == 2 and message in refused.stderr
+
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"  # MPICH's (pip install mpich)
+
+
+def on_two_hosts(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`mpickpt args` under MPICH's mpiexec as process 0 on host a and process 1 on host b."""
+    command = [sys.executable, "-m", "mpickpt", *args]
+    return subprocess.run([str(MPIEXEC), "-n", "1", "-env", "MPICKPT_HOST", "a", *command, ":",
+                           "-n", "1", "-env", "MPICKPT_HOST", "b", *command], capture_output=True, text=True,
+                          env=clean_env(), timeout=120, check=False)
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"MPICH's mpiexec is not at {MPIEXEC}")
+def test_mpiexec_plan_marks_the_bytes_crossing_hosts(tmp_path: Path, written_cases: dict[str, Case]) -> None:
+    """Rank r's folder is on process (r + 1) % 2 only, so its bytes cross hosts exactly for the targets the
+    other process writes; the bytes per cell are the serial plan's."""
+    case = written_cases["random_8to4"]
+    split_sources(case, tmp_path / "src", 2)
+    flags = ["--src-strategy", case.strategy("src"), "--dst-strategy", case.strategy("dst")]
+    serial = json.loads(mpickpt("plan", "--matrix", "--json", "--src-dir", str(case.src_dir), *flags).stdout)
+    planned = {(e["source_rank"], e["target_rank"]): e["bytes"] for e in serial["matrix"]}
+    assert {e["crosses"] for e in serial["matrix"]} == {"none"}
+    holder = {rank: (rank + 1) % 2 for rank in range(8)}
+    before = sorted(tmp_path.rglob("*"))
+
+    args = ["plan", "--matrix", "--src-dir", str(tmp_path / "src" / SPLIT), *flags]
+    done = on_two_hosts([*args, "--json"])
+    assert done.returncode == 0, done.stderr
+    entries = {(e["source_rank"], e["target_rank"]): e for e in json.loads(done.stdout)["matrix"]}
+    assert {key: e["bytes"] for key, e in entries.items()} == planned
+    writers = {t: e["writer_process"] for (_, t), e in entries.items()}
+    assert set(writers.values()) == {0, 1}
+    for (s, t), e in entries.items():
+        assert e["writer_process"] == writers[t] and e["reader_process"] == holder[s]
+        assert e["crosses"] == ("none" if holder[s] == writers[t] else "host")
+    across = sum(size for (s, t), size in planned.items() if holder[s] != writers[t])
+    local = sum(planned.values()) - across
+    assert across > 0 and json.loads(done.stdout)["bytes_by_crossing"] == {"none": local, "process": 0, "host": across}
+
+    text = on_two_hosts([*args, "--out", str(tmp_path / "m.svg")])
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[-1] == (f"* crosses hosts, + crosses processes on one host; bytes local {local:,}, "
+                         f"across processes 0, across hosts {across:,}")
+    assert sum(row.count("*") for row in lines[2:10]) == sum(holder[s] != writers[t] for s, t in planned)
+    cells = [e for e in ET.parse(tmp_path / "m.svg").getroot().iter(f"{SVG}rect") if e.get("class") == "cell"]
+    assert sum(int(e.get("data-bytes")) for e in cells if e.get("data-crosses") == "host") == across
+    assert sorted(tmp_path.rglob("*")) == sorted([*before, tmp_path / "m.svg"])  # the plan wrote only the image
+
+
+def test_serial_plan_with_other_processes_folders_is_an_error(tmp_path: Path, written_cases: dict[str, Case]) -> None:
+    case = written_cases["random_8to4"]
+    split_sources(case, tmp_path / "src", 2)
+    refused = mpickpt("plan", "--matrix", "--src-dir", str(tmp_path / "src" / SPLIT), "--src-strategy",
+                      case.strategy("src"), "--dst-strategy", case.strategy("dst"), check=False)
+    assert refused.returncode == 2 and not refused.stdout
+    assert f"{tmp_path / 'src' / SPLIT} (seen as process 0 (host " in refused.stderr, refused.stderr
+    assert "ranks [0, 2, 4, 6] are missing" in refused.stderr and "run under mpiexec" in refused.stderr

@@ -13,19 +13,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixture_cases import Case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from random_cases import make_case, target_slices, write_case
+from test_driver import run_threads
+from test_exchange import SPLIT, options_for, split_sources
 
 from mpickpt.ckpt import index_checkpoint, save_checkpoint
 from mpickpt.driver import run_transform
+from mpickpt.errors import SourceMissingError
 from mpickpt.layout import Layouts
 from mpickpt.manifest import MANIFEST_NAME, checksum, read_record, write_record
 from mpickpt.mpi import SerialComm
-from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, save_strategy, split_stage_prefix
+from mpickpt.strategy import (
+    LayoutItem,
+    Strategy,
+    StrategyItem,
+    save_strategy,
+    split_stage_prefix,
+)
 from mpickpt.testing.strategies import Conversion, conversions
 from mpickpt.transform import TransformOptions
-from mpickpt.verify import Check, ContentJob, Problem, Verdict, deal, run, verify_outputs, verify_records
+from mpickpt.verify import (
+    Check,
+    ContentJob,
+    Problem,
+    RemoteSlices,
+    Verdict,
+    deal,
+    output_checks,
+    run,
+    verify_outputs,
+    verify_records,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "tiny_llama"
@@ -231,6 +252,24 @@ def test_deal_balances_bytes() -> None:
     shares = deal(checks, 2)
     assert sorted(c.path for share in shares for c in share) == sorted(c.path for c in checks)
     assert [sum(c.size for c in share) for share in shares] == [12, 11]
+
+
+def test_checks_go_to_processes_that_see_the_outputs() -> None:
+    # shared folder: process 1 lacks target 0's output, nobody has target 2's
+    shared = [[(0, "/o/rank_0/c0", 9), (1, "/o/rank_1/c1", 5), (2, "/o/rank_2/c2", None)],
+              [(0, "/o/rank_0/c0", None), (1, "/o/rank_1/c1", 5), (2, "/o/rank_2/c2", None)]]
+    checks, seers, missing = output_checks(shared, False, "/o")
+    assert checks == [Check("/o/rank_0/c0", 0, 9), Check("/o/rank_1/c1", 1, 5)] and seers == [(0,), (0, 1)]
+    assert [(p.file, p.text) for p in missing] == [("/o/rank_2/c2", "output of target rank 2 is missing")]
+    assert deal(checks, 2, seers) == [[checks[0]], [checks[1]]]
+    # a folder per process: each output checked by its own process, a stale copy too
+    own = [[(0, "/p0/rank_0/c0", 9), (1, "/p0/rank_1/c1", 2)], [(0, "/p1/rank_0/c0", 4), (1, "/p1/rank_1/c1", None)]]
+    checks, seers, missing = output_checks(own, True, "/p{process}")
+    assert checks == [Check("/p0/rank_0/c0", 0, 9), Check("/p0/rank_1/c1", 1, 2), Check("/p1/rank_0/c0", 0, 4)]
+    assert seers == [(0,), (0,), (1,)] and not missing
+    assert deal(checks, 2, seers) == [checks[:2], checks[2:]]
+    _, _, alone = output_checks([own[0][:1]], True, "/p{process}")
+    assert alone == [] and "verify under mpiexec" in output_checks([[(3, "/p0/c3", None)]], True, "/p{process}")[2][0].text
 
 
 # --- random cases ------------------------------------------------------------------------------------------
@@ -456,3 +495,80 @@ def test_mpiexec_failure_in_one_process_ends_the_run(converted: dict[str, Path],
     args[args.index("--src-dir") + 1] = str(src)
     result = mpickpt(*args, processes=2)
     assert result.returncode != 0 and str(bad) in result.stdout + result.stderr
+
+
+# --- sources and outputs split over processes ({process} folders) ----------------------------------------
+
+
+def split_args(case: Case, base: Path, command: str) -> list[str]:
+    """`command` over base/src/p{process} sources and base/out/p{process} outputs."""
+    return [command, "--src-dir", str(base / "src" / SPLIT), "--dst-dir", str(base / "out" / SPLIT),
+            "--src-strategy", case.strategy("src"), "--dst-strategy", case.strategy("dst")]
+
+
+def split_outputs(base: Path) -> list[Path]:
+    return sorted((base / "out").glob("p*/rank_*/*.ckpt"))
+
+
+def test_threads_verify_split_sources_and_per_process_outputs(tmp_path: Path, written_cases: dict[str, Case],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process checks the outputs in its own folder; rows of source files it lacks come over MPI."""
+    case = written_cases["random_8to4"]
+    split_sources(case, tmp_path / "src", 2)
+    options = options_for(case, str(tmp_path / "src" / SPLIT), str(tmp_path / "out" / SPLIT))
+    run_threads(2, lambda comm: run_transform(options, comm, quiet=True))
+    received: list[int] = []
+    real = RemoteSlices.read_into
+    monkeypatch.setattr(RemoteSlices, "read_into",
+                        lambda self, name, offset, out: received.append(len(out)) or real(self, name, offset, out))
+    verdicts = run_threads(2, lambda comm: verify_outputs(options, comm))
+    assert verdicts[0].ok and verdicts[0].files == 4 and verdicts[1] == verdicts[0], verdicts[0].lines()
+    assert sum(received) > 0
+    path = split_outputs(tmp_path)[-1]
+    with index_checkpoint(path) as index:
+        names = [e.name for e in index.entries.values() if e.nbytes]
+    for name in names:
+        flip(path, name, 0)
+        assert_names(run_threads(2, lambda comm: verify_outputs(options, comm))[0], path, name)
+        flip(path, name, 0)
+
+
+@pytest.mark.skipif(not MPIEXEC.exists(), reason=f"MPICH's mpiexec is not at {MPIEXEC}")
+def test_mpiexec_verifies_split_sources_and_outputs(tmp_path: Path, written_cases: dict[str, Case]) -> None:
+    case = written_cases["random_8to4"]
+    split_sources(case, tmp_path / "src", 2)
+    made = mpickpt(*split_args(case, tmp_path, "transform"), processes=2)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert {p.parent.parent.name for p in split_outputs(tmp_path)} == {"p0", "p1"}
+    good = mpickpt(*split_args(case, tmp_path, "verify"), processes=2)
+    assert good.returncode == 0 and "OK: 4 files" in good.stdout, good.stdout + good.stderr
+    path = split_outputs(tmp_path)[-1]
+    with index_checkpoint(path) as index:
+        name = next(e.name for e in reversed(index.entries.values()) if e.nbytes)
+    flip(path, name, 0)
+    bad = mpickpt(*split_args(case, tmp_path, "verify"), processes=2)
+    assert bad.returncode == 1 and f"MISMATCH: {path}: parameter {name!r}" in bad.stdout, bad.stdout + bad.stderr
+
+
+def test_serially_a_template_naming_other_processes_folders_is_an_error(tmp_path: Path,
+                                                                       written_cases: dict[str, Case]) -> None:
+    case = written_cases["random_8to4"]
+    split_sources(case, tmp_path / "src", 2)
+    options = options_for(case, str(tmp_path / "src" / SPLIT), str(tmp_path / "out"))
+    with pytest.raises(SourceMissingError, match=r"ranks \[0, 2, 4, 6\] are missing.*run under mpiexec"):
+        verify(options)
+    refused = mpickpt(*split_args(case, tmp_path, "verify"))
+    assert refused.returncode == 2 and str(tmp_path / "src" / SPLIT) in refused.stderr, refused.stderr
+    assert "mpickpt: error:" in refused.stderr and "run under mpiexec" in refused.stderr
+
+
+def test_serially_outputs_in_other_processes_folders_are_missing(tmp_path: Path,
+                                                                 written_cases: dict[str, Case]) -> None:
+    case = written_cases["random_8to4"]
+    options = options_for(case, str(case.src_dir), str(tmp_path / "out" / SPLIT))
+    run_threads(2, lambda comm: run_transform(options, comm, quiet=True))
+    verdict = verify(options)
+    theirs = sorted(str(tmp_path / "out" / "p0" / p.relative_to(tmp_path / "out" / "p1"))
+                    for p in (tmp_path / "out" / "p1").glob("rank_*/*.ckpt"))
+    assert theirs and sorted(p.file for p in verdict.problems) == theirs
+    assert all("verify under mpiexec" in p.text for p in verdict.problems)
