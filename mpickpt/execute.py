@@ -375,7 +375,7 @@ def _gathered_blocks(param: ParamPlan, sources: SourceFiles) -> Iterator[memoryv
             inner_src = _slices(Box(copy.src_box.start[1:], copy.src_box.stop[1:]))
             buffer[(slice(lo - first, hi - first), *inner_dst)] = \
                 views[copy.src_rank][(slice(lo + shift, hi + shift), *inner_src)]
-        yield memoryview(buffer[:last - first]).cast("B")
+        yield buffer[:last - first].data.cast("B")
     views.clear()
     for rank in {copy.src_rank for copy in param.copies}:
         sources.index(rank).release(param.name)

@@ -73,15 +73,7 @@ def start_job(options: TransformOptions, comm: Comm,
         dst_dirs = comm.allgather(os.path.abspath(local.dst_dir))
         agree(check_and_lock, comm)
         src, dst = broadcast_prepared(lambda: load_strategies(local, local.dst_dir, sync), comm)
-        views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
-        placement = Placement(tuple(views))
-        found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]
-                                            for r in header_share(views, comm.rank, per_process)},
-                                           indexes.lease), comm)
-        headers: dict[int, SourceHeaders] = {}
-        for share in found:
-            for rank, h in share.items():
-                headers.setdefault(rank, h)
+        placement, headers = _survey_sources(local, comm, host, per_process, indexes)
         job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process, indexes)
     except BaseException:
         indexes.close()
@@ -115,22 +107,32 @@ def survey_job(options: TransformOptions, comm: Comm) -> Survey:
 
     agree(check_names, comm)
     src, dst = broadcast_prepared(lambda: load_strategies(local, None), comm)
-    views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
-    placement = Placement(tuple(views))
-    found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]
-                                        for r in header_share(views, comm.rank, per_process)}), comm)
-    headers: dict[int, SourceHeaders] = {}
-    for share in found:
-        for rank, h in share.items():
-            headers.setdefault(rank, h)
+    indexes = IndexCache()
     try:
-        job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process)
-    except SourceMissingError as error:
-        if comm.size > 1 or not per_process:
+        placement, headers = _survey_sources(local, comm, host, per_process, indexes)
+        job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process, indexes)
+    except BaseException as error:
+        indexes.close()
+        if not isinstance(error, SourceMissingError) or comm.size > 1 or not per_process:
             raise
         raise SourceMissingError(f"{error}; one process sees only its own expansion of {options.src_dir}: run "
                                  "under mpiexec with a process for each folder holding the other ranks") from None
     return Survey(job, placement)
+
+
+def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process: bool,
+                    indexes: IndexCache) -> tuple[Placement, dict[int, SourceHeaders]]:
+    """Who sees which rank file, and every source file's headers (each folder's files read once, split over
+    the processes seeing it; the indexes stay open in `indexes`)."""
+    views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
+    found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]
+                                        for r in header_share(views, comm.rank, per_process)},
+                                       indexes.lease), comm)
+    headers: dict[int, SourceHeaders] = {}
+    for share in found:
+        for rank, h in share.items():
+            headers.setdefault(rank, h)
+    return Placement(tuple(views)), headers
 
 
 def _view(options: TransformOptions, process: int, host: str, per_process: bool) -> ProcessView:
