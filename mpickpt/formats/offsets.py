@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     from zlib import crc32
 
 __all__ = ["COPY_CHUNK", "OffsetWriter", "Region", "RegionMap", "Slot", "byte_view", "copy_range", "copy_with_crc",
-           "crc32", "crc32_of_range", "pwrite_all"]
+           "crc32", "pwrite_all"]
 
 COPY_CHUNK = 8 << 20
 """Bytes per user-space read when data must pass through memory."""
@@ -57,32 +57,6 @@ def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while view:
         done = os.pwrite(fd, view, offset)
         view, offset = view[done:], offset + done
-
-
-def crc32_of_range(fd: int, offset: int, length: int, crc: int = 0) -> int:
-    """``crc32(bytes, crc)`` of ``length`` bytes at ``offset`` of file ``fd``, read through a mapping of
-    the range (no copy into a buffer; unmapped at once, so the pages stay out of the resident set);
-    through ``pread`` where the file cannot be mapped. ValueError if the file ends before the range."""
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    try:
-        mapped = mmap.mmap(fd, offset + length - start, prot=mmap.PROT_READ, offset=start) if length else None
-    except OSError:
-        mapped = None
-        while length:
-            data = os.pread(fd, min(COPY_CHUNK, length), offset)
-            if not data:
-                raise ValueError("the file ends before the range") from None
-            crc = crc32(data, crc)
-            offset += len(data)
-            length -= len(data)
-        return crc
-    if mapped is None:
-        return crc
-    try:
-        with memoryview(mapped) as view:
-            return crc32(view[offset - start:], crc)
-    finally:
-        mapped.close()
 
 
 def copy_with_crc(src_fd: int, src_offset: int, dst_fd: int, count: int, crc: int) -> int:

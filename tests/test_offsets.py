@@ -1,0 +1,82 @@
+"""The copy-and-checksum path every `.ckpt` output takes, and the cache of open source indexes."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+
+from mpickpt.ckpt import save_checkpoint
+from mpickpt.formats import IndexCache
+from mpickpt.formats.offsets import CACHE_CHUNK, COPY_CHUNK, copy_with_crc
+
+
+@pytest.mark.parametrize("offset,count", [(0, 0), (0, 1), (5, CACHE_CHUNK + 3), (4095, COPY_CHUNK + CACHE_CHUNK + 17),
+                                          (COPY_CHUNK - 1, 2 * COPY_CHUNK + 1)])
+def test_copy_with_crc_appends_the_range_and_returns_its_crc(tmp_path: Path, offset: int, count: int) -> None:
+    data = os.urandom(3 * COPY_CHUNK)
+    (tmp_path / "src").write_bytes(data)
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(dst, b"head")
+        crc = copy_with_crc(src, offset, dst, count, zlib.crc32(b"head"))
+    finally:
+        os.close(src)
+        os.close(dst)
+    expected = b"head" + data[offset:offset + count]
+    assert (tmp_path / "dst").read_bytes() == expected
+    assert crc == zlib.crc32(expected)
+
+
+def test_copy_with_crc_refuses_a_range_past_the_end(tmp_path: Path) -> None:
+    (tmp_path / "src").write_bytes(b"x" * 1000)
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(ValueError, match="ends before"):
+            copy_with_crc(src, 900, dst, 200, 0)
+    finally:
+        os.close(src)
+        os.close(dst)
+
+
+def _files(tmp_path: Path, count: int) -> list[str]:
+    paths = []
+    for i in range(count):
+        path = tmp_path / f"f{i}.ckpt"
+        save_checkpoint(path, [(f"p{i}", "Int32", [2], bytes(8))])
+        paths.append(str(path))
+    return paths
+
+
+def test_index_cache_reads_each_file_once_and_keeps_leased_indexes_open(tmp_path: Path) -> None:
+    paths = _files(tmp_path, 4)
+    cache = IndexCache(limit=2)
+    with cache.lease(paths[0]) as first:
+        for path in paths[1:]:
+            with cache.lease(path):
+                pass
+        assert first.entry("p0").dims == (2,)  # still open: on lease while three others came and went
+    with cache.lease(paths[3]) as again, cache.lease(paths[3]) as same:
+        assert again is same
+    with cache.lease(paths[1]) as reopened:
+        assert reopened.entry("p1").nbytes == 8  # evicted (limit 2), opened again
+    cache.close()
+    with cache.lease(paths[0]) as fresh:
+        assert fresh is not first
+    cache.close()
+
+
+def test_index_cache_closes_what_it_evicts(tmp_path: Path) -> None:
+    paths = _files(tmp_path, 3)
+    cache = IndexCache(limit=1)
+    with cache.lease(paths[0]) as first:
+        fd = first.fileno()
+    with cache.lease(paths[1]):
+        pass
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the first index was closed once a second one exceeded the limit
+    cache.close()
