@@ -152,7 +152,8 @@ def write_target(
 ) -> int:
     """Write one target rank's file in format `fmt` atomically; returns the bytes of tensor content written.
     `on_file_crc` is given the finished file's CRC-32 where the writer computed it on the way out."""
-    with open_writer(Path(out_path), fmt, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs) as writer:
+    with open_writer(Path(out_path), fmt, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs,
+                     checksum=on_file_crc is not None) as writer:
         written = write_plan(plan, sources, writer, progress=progress)
     file_crc = getattr(writer, "file_crc", None)
     if on_file_crc is not None and file_crc is not None:

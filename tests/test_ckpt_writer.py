@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import mmap
 import socket
 import stat
@@ -16,6 +15,7 @@ from test_ckpt_reader import mindspore_checkpoints, pb_entry, pb_maptensor_entry
 
 from mpickpt.ckpt import CheckpointWriter, index_checkpoint, save_checkpoint
 from mpickpt.errors import CheckpointFormatError, DestinationError
+from mpickpt.formats import offsets
 
 
 def rewrite(src: Path, dst: Path, how: str) -> None:
@@ -116,14 +116,15 @@ def test_file_crc_covers_every_route(tmp_path: Path) -> None:
     assert writer.file_crc == zlib.crc32(out.read_bytes())
 
 
-def test_kernel_copy_falls_back_to_sendfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_copy_file_range(*args: object) -> int:
-        raise OSError(errno.EXDEV, "cross-device")
+def test_copy_reads_through_pread_where_the_source_cannot_be_mapped(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_map(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.ENODEV, "no mmap here")
 
-    monkeypatch.setattr(os, "copy_file_range", no_copy_file_range)
     src = tmp_path / "src.ckpt"
     save_checkpoint(src, [("w", "Float32", (64, 3), np.arange(192, dtype=np.float32)),
                           ("b", "BFloat16", (5,), np.arange(5, dtype=np.uint16)), ("s", "Int64", (), np.int64(3))])
+    monkeypatch.setattr(offsets, "map_window", no_map)
     out = tmp_path / "copied.ckpt"
     rewrite(src, out, "copy")
     assert out.read_bytes() == src.read_bytes()

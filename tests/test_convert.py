@@ -170,6 +170,7 @@ def test_plan_lists_sizes_and_folders(tmp_path: Path) -> None:
 
 
 def test_copies_in_the_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert keeps no checksum, so tensors move file to file without passing through memory."""
     save_checkpoint(tmp_path / "a.ckpt", params(0))
     copied = []
     real = os.copy_file_range

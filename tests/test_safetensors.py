@@ -3,7 +3,6 @@ layout, CRC and refusals."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import zlib
@@ -234,16 +233,12 @@ def test_bad_crc_text_is_refused(tmp_path: Path) -> None:
 # -- kernel copies ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fallback", [False, True])
-def test_copies_between_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fallback: bool) -> None:
-    if fallback:
-        def no_kernel_copy(*args: object) -> int:
-            raise OSError(errno.EXDEV, "cross-device")
-        monkeypatch.setattr(os, "copy_file_range", no_kernel_copy)
+@pytest.mark.parametrize("checksum", [False, True])
+def test_copies_between_files(tmp_path: Path, checksum: bool) -> None:
     tensors = random_tensors(4)
     src = write_ours(tmp_path / "src.safetensors", tensors)
     out = tmp_path / "out.safetensors"
-    with index_safetensors(src) as index, SafetensorsWriter(out, sync=False) as writer:
+    with index_safetensors(src) as index, SafetensorsWriter(out, sync=False, checksum=checksum) as writer:
         writer.declare([TensorSpec(n, e.dtype, e.dims, e.nbytes) for n, e in index.entries.items()])
         for name, entry in index.entries.items():
             offset, length = entry.pieces[0]
@@ -251,6 +246,30 @@ def test_copies_between_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, f
             writer.copy_tensor_segments(name, entry.dtype, entry.dims,
                                         [(index.fileno(), offset, half), (index.fileno(), offset + half, length - half)])
     assert out.read_bytes() == src.read_bytes()
+    assert writer.file_crc == (zlib.crc32(src.read_bytes()) if checksum else None)
+
+
+@pytest.mark.parametrize("crc", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_file_crc_is_the_crc_of_the_file_as_written(tmp_path: Path, seed: int, crc: bool) -> None:
+    """Buffers, chunks and file ranges in any order, with and without MindSpore's crc_num (whose header
+    is written last, sometimes after moving the data down): file_crc equals the CRC-32 of the file."""
+    rng = np.random.default_rng(seed)
+    tensors = {f"p{i}": rng.integers(0, 256, size=int(rng.integers(0, 300)), dtype=np.uint8) for i in range(5)}
+    src = write_ours(tmp_path / "src.safetensors", tensors)
+    out = tmp_path / "out.safetensors"
+    with index_safetensors(src) as index, SafetensorsWriter(out, sync=False, crc=crc, checksum=True) as writer:
+        writer.declare([TensorSpec(n, e.dtype, e.dims, e.nbytes) for n, e in index.entries.items()])
+        for i, (name, entry) in enumerate(reversed(index.entries.items())):
+            data = bytes(index.raw(name)[0])
+            if i % 3 == 0:
+                writer.write_tensor(name, entry.dtype, entry.dims, data)
+            elif i % 3 == 1:
+                writer.write_tensor_chunks(name, entry.dtype, entry.dims, len(data), [data[:7], data[7:]])
+            else:
+                writer.copy_tensor_from(name, entry.dtype, entry.dims, index.fileno(), *entry.pieces[0])
+        assert writer.file_crc is None  # not before the file is complete
+    assert writer.file_crc == zlib.crc32(out.read_bytes())
 
 
 def test_copy_from_short_source_fails(tmp_path: Path) -> None:

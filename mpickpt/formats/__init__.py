@@ -113,8 +113,10 @@ class IndexCache:
 
 
 def open_writer(path: str | os.PathLike[str], fmt: str, *, crc: bool = False, sync: bool = True,
-                forbidden_dirs: Iterable[str | os.PathLike[str]] = ()) -> TensorWriter:
-    """A writer of one output file in format ``fmt`` (``crc``: the format's own integrity record)."""
+                forbidden_dirs: Iterable[str | os.PathLike[str]] = (), checksum: bool = False) -> TensorWriter:
+    """A writer of one output file in format ``fmt`` (``crc``: the format's own integrity record; ``checksum``:
+    the writer's ``file_crc`` gives the whole file's CRC-32 once committed, where the format can tell it
+    without reading the file back: ``.ckpt`` always, safetensors when asked, HDF5 never)."""
     if fmt == "ckpt":
         from mpickpt.ckpt_writer import CheckpointWriter
 
@@ -122,7 +124,7 @@ def open_writer(path: str | os.PathLike[str], fmt: str, *, crc: bool = False, sy
     if fmt == "safetensors":
         from mpickpt.formats.safetensors import SafetensorsWriter
 
-        return SafetensorsWriter(path, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs)
+        return SafetensorsWriter(path, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs, checksum=checksum)
     if fmt == "h5":
         from mpickpt.formats.hdf5 import H5Writer
 

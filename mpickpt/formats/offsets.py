@@ -59,9 +59,10 @@ def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[done:], offset + done
 
 
-def copy_with_crc(src_fd: int, src_offset: int, dst_fd: int, count: int, crc: int) -> int:
-    """Append ``count`` bytes at ``src_offset`` of one file to ``dst_fd`` (at its position) and return
-    ``crc32(those bytes, crc)``. The source is mapped a window at a time and each CACHE_CHUNK is
+def copy_with_crc(src_fd: int, src_offset: int, dst_fd: int, count: int, crc: int,
+                  dst_offset: int | None = None) -> int:
+    """Copy ``count`` bytes at ``src_offset`` of one file to ``dst_offset`` of ``dst_fd`` (None: append at its
+    position) and return ``crc32(those bytes, crc)``. The source is mapped a window at a time and each CACHE_CHUNK is
     checksummed then written while it is still in the CPU cache: one pass over memory, as cheap as
     ``copy_file_range`` alone, where a kernel copy followed by a checksum pass reads everything twice.
     Through ``pread`` where the file cannot be mapped. ValueError if the source ends before the range."""
@@ -70,30 +71,42 @@ def copy_with_crc(src_fd: int, src_offset: int, dst_fd: int, count: int, crc: in
         step = min(COPY_CHUNK, end - src_offset)
         start = src_offset - src_offset % mmap.ALLOCATIONGRANULARITY
         try:
-            window = mmap.mmap(src_fd, src_offset + step - start, prot=mmap.PROT_READ, offset=start)
+            window = map_window(src_fd, start, src_offset + step - start)
         except (OSError, ValueError):  # not mappable, or shorter than the range
             data = os.pread(src_fd, step, src_offset)
             if len(data) != step:
                 raise ValueError("the file ends before the range") from None
-            crc = _write_with_crc(dst_fd, data, 0, step, crc)
+            crc = _write_with_crc(dst_fd, data, 0, step, crc, dst_offset)
         else:
             try:
-                crc = _write_with_crc(dst_fd, window, src_offset - start, step, crc)
+                crc = _write_with_crc(dst_fd, window, src_offset - start, step, crc, dst_offset)
             finally:
                 window.close()
         src_offset += step
+        if dst_offset is not None:
+            dst_offset += step
     return crc
 
 
-def _write_with_crc(fd: int, data: bytes | mmap.mmap, offset: int, count: int, crc: int) -> int:
-    """Write ``count`` bytes of ``data`` from ``offset`` to ``fd`` a CACHE_CHUNK at a time, each checksummed
-    just before it is written; the running CRC. (Every view of ``data`` is gone when this returns.)"""
+def map_window(fd: int, offset: int, length: int) -> mmap.mmap:
+    """A read-only map of ``length`` bytes at ``offset`` (a multiple of ALLOCATIONGRANULARITY) of ``fd``."""
+    return mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=offset)
+
+
+def _write_with_crc(fd: int, data: bytes | mmap.mmap, offset: int, count: int, crc: int,
+                    at_offset: int | None) -> int:
+    """Write ``count`` bytes of ``data`` from ``offset`` to ``fd`` (at ``at_offset``, or appended) a
+    CACHE_CHUNK at a time, each checksummed just before it is written; the running CRC. (Every view of
+    ``data`` is gone when this returns.)"""
     with memoryview(data) as whole:
         for at in range(offset, offset + count, CACHE_CHUNK):
             chunk = whole[at:min(at + CACHE_CHUNK, offset + count)]
             crc = crc32(chunk, crc)
-            while chunk:
-                chunk = chunk[os.write(fd, chunk):]
+            if at_offset is None:
+                while chunk:
+                    chunk = chunk[os.write(fd, chunk):]
+            else:
+                pwrite_all(fd, chunk, at_offset + at - offset)
             chunk.release()
     return crc
 
@@ -148,8 +161,11 @@ class OffsetWriter:
 
     A subclass gives the file (:meth:`_fd`), the message of a bad buffer (:meth:`_view`), sets
     ``_regions`` when it lays the file out, and may override the hooks :meth:`_put`, :meth:`_complete`
-    and :meth:`_through_buffer`. With ``crc`` every tensor's CRC-32 is kept in its slot.
+    and :meth:`_through_buffer`. With ``crc``, or where the subclass sets ``_tensor_crcs``, every tensor's
+    CRC-32 is kept in its slot (copied ranges pass through memory for it, see :func:`copy_with_crc`).
     """
+
+    _tensor_crcs = False
 
     def __init__(self, path: Path, crc: bool) -> None:
         self.path = path  # the final name, for messages
@@ -224,7 +240,7 @@ class OffsetWriter:
 
     def _append(self, slot: Slot, view: memoryview) -> None:
         self._put(slot, view, self._room(slot, len(view)))
-        if self._crc:
+        if self._crc or self._tensor_crcs:
             slot.crc = crc32(view, slot.crc)
         slot.written += len(view)
 
@@ -262,7 +278,12 @@ class OffsetWriter:
         if not length:
             return
         try:
-            got = copy_range(fd, offset, self._fd(), at, length)
+            if self._tensor_crcs:
+                slot.crc, got = copy_with_crc(fd, offset, self._fd(), length, slot.crc, at), length
+            else:
+                got = copy_range(fd, offset, self._fd(), at, length)
+        except ValueError:
+            got = 0  # the source ends before the range
         except OSError as err:
             raise DestinationError(f"{self.path}: cannot write parameter {slot.name!r}: "
                                    f"{err.strerror or err}") from err

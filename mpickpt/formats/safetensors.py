@@ -330,10 +330,13 @@ class SafetensorsWriter(OffsetWriter, CommitOnExit):
 
     def __init__(self, path: str | os.PathLike[str], *, crc: bool = False, sync: bool = True,
                  forbidden_dirs: Iterable[str | os.PathLike[str]] = (),
-                 metadata: Mapping[str, str] | None = None) -> None:
+                 metadata: Mapping[str, str] | None = None, checksum: bool = False) -> None:
         super().__init__(Path(path), crc)
+        self._tensor_crcs = checksum  # keep every tensor's CRC-32 as it is written, for file_crc
         self._base_metadata = dict(metadata) if metadata is not None else {"format": "ms"}
         self._file = AtomicFile(self.path, sync=sync, mode=0o400, forbidden_dirs=forbidden_dirs)
+        self._head = b""  # the length field and header as last written
+        self._done = False
 
     def _fd(self) -> int:
         return self._file.fd
@@ -398,7 +401,8 @@ class SafetensorsWriter(OffsetWriter, CommitOnExit):
         return _header_json(self._regions, metadata)
 
     def _put_header(self, header: bytes) -> None:
-        self._pwrite("the header", memoryview(len(header).to_bytes(8, "little") + header), 0)
+        self._head = len(header).to_bytes(8, "little") + header
+        self._pwrite("the header", memoryview(self._head), 0)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -441,6 +445,20 @@ class SafetensorsWriter(OffsetWriter, CommitOnExit):
             self.abort()
             raise
         self._file.commit()
+        self._done = True
+
+    @property
+    def file_crc(self) -> int | None:
+        """Once committed and with ``checksum``, the zlib CRC-32 of the whole file, combined from the header's
+        and each tensor's CRC-32 taken as their bytes were written (tensors lie back to back after the
+        header), so nobody needs to read the file back."""
+        if not self._done or self._regions is None or not (self._tensor_crcs or self._crc):
+            return None
+        crc = zlib.crc32(self._head)
+        for name, region in sorted(self._regions.items(), key=lambda item: item[1].offset or 0):
+            if region.nbytes:
+                crc = crc32_combine(crc, self._slots[name].crc, region.nbytes)
+        return crc
 
     def abort(self) -> None:
         """Drop the temporary file; the target is left as it was."""
