@@ -35,6 +35,7 @@ from make_case import TARGETS, Contents, ModelShape, all_params, rank_box, scala
 from mpickpt.ckpt import index_checkpoint
 
 BENCH_DIR = Path(__file__).resolve().parent
+EXAMPLE = BENCH_DIR.parent / "examples" / "tiny_llama"  # 7 MB: what any run costs whatever its size
 MEASURE = BENCH_DIR / "_measure.py"
 BIN = Path(sys.executable).parent
 MIB = 1 << 20
@@ -112,9 +113,24 @@ def mpickpt_cmd(case: Case, out: Path, sync: bool) -> list[str]:
     return cmd if sync else cmd + ["--no-sync"]
 
 
-def serial(cmd_for: Callable[[Path], list[str]]) -> Callable[[Path, Path], tuple[float, list[ProcStats], None]]:
+def mpickpt_env() -> dict[str, str]:
+    """The environment mpickpt runs in: as users have it, so compiled modules are cached (a shell with
+    PYTHONDONTWRITEBYTECODE would recompile every module on every run, ~40 ms)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def example_cmd(out: Path) -> list[str]:
+    """The shipped 7 MB example, 8 -> 4 ranks: the fixed costs of a run (interpreter, imports, strategies,
+    indexing, records, manifest) with next to no bytes."""
+    return [str(BIN / "mpickpt"), "transform", "--src-dir", str(EXAMPLE / "src"), "--dst-dir", str(out),
+            "--src-strategy", str(EXAMPLE / "src_strategy.ckpt"), "--dst-strategy",
+            str(EXAMPLE / "dst_strategy_4.ckpt"), "--quiet", "--no-sync"]
+
+
+def serial(cmd_for: Callable[[Path], list[str]],
+           env: dict[str, str] | None = None) -> Callable[[Path, Path], tuple[float, list[ProcStats], None]]:
     def launch(out: Path, scratch: Path) -> tuple[float, list[ProcStats], None]:
-        wall, stats = run_wrapped(cmd_for(out), str(scratch / "proc.json"), log=str(scratch / "log.txt"))
+        wall, stats = run_wrapped(cmd_for(out), str(scratch / "proc.json"), env=env, log=str(scratch / "log.txt"))
         _check_rc([stats], scratch)
         return wall, [stats], None
     return launch
@@ -124,7 +140,7 @@ def under_mpiexec(n: int, cmd_for: Callable[[Path], list[str]]) -> Callable[[Pat
     def launch(out: Path, scratch: Path) -> tuple[float, list[ProcStats], None]:
         wrap = [str(BIN / "mpiexec"), "-n", str(n), sys.executable, "-I", "-S", str(MEASURE),
                 str(scratch / "rank_{rank}.json"), "--"]
-        outer = measure(wrap + cmd_for(out), log=str(scratch / "log.txt"))
+        outer = measure(wrap + cmd_for(out), env=mpickpt_env(), log=str(scratch / "log.txt"))
         procs = [ProcStats(**json.loads((scratch / f"rank_{r}.json").read_text()))
                  for r in range(n) if (scratch / f"rank_{r}.json").exists()]
         _check_rc([outer] + procs, scratch)
@@ -269,7 +285,7 @@ class Checker:
         self.notes: list[str] = []
 
     def check(self, group: str, out: Path) -> str:
-        if group == "copy":
+        if group in ("copy", "fixed"):
             return "n/a"
         if group == "mpickpt":
             files = file_digests(self.case.outputs(out))
@@ -303,7 +319,9 @@ def contenders(case: Case, procs: list[int], mindspore: bool, copy: bool, script
         for sync in (True, False):
             label = ("mpickpt serial" if n == 1 else f"mpickpt mpiexec -n {n}") + ("" if sync else " --no-sync")
             cmd_for = _mpickpt_for(case, sync)
-            cs.append(Contender(label, "mpickpt", serial(cmd_for) if n == 1 else under_mpiexec(n, cmd_for), n))
+            cs.append(Contender(label, "mpickpt", serial(cmd_for, mpickpt_env()) if n == 1
+                                else under_mpiexec(n, cmd_for), n))
+    cs.append(Contender(FIXED, "fixed", serial(example_cmd, mpickpt_env())))
     if mindspore:
         cs += [Contender("MindSpore transform_checkpoints", "mindspore", ms_whole(case, script)),
                Contender("MindSpore by_rank, one at a time", "mindspore", ms_by_rank(case, script, 1)),
@@ -348,6 +366,11 @@ def median(c: Contender) -> float:
     return statistics.median(r.wall_s for r in c.runs)
 
 
+def median_cpu(c: Contender) -> float:
+    """Median over runs of the user + system CPU time of all the contender's processes."""
+    return statistics.median(sum(p.cpu_s for p in r.procs) for r in c.runs)
+
+
 def planned_read_bytes(case: Case) -> int:
     cmd = [str(BIN / "mpickpt"), "plan", "--src-dir", str(case.src_dir), "--src-strategy", str(case.src_strategy),
            "--dst-strategy", str(case.dst_strategy), "--json"]
@@ -356,12 +379,12 @@ def planned_read_bytes(case: Case) -> int:
 
 
 def contender_table(cs: list[Contender], planned_read: int) -> list[str]:
-    lines = [("| contender | median s | min-max s | GB/s written | rchar GB | wchar GB "
+    lines = [("| contender | median s | min-max s | CPU s (user+sys) | GB/s written | rchar GB | wchar GB "
               "| write_bytes GB | peak RSS per process (MiB) | other CPU s | output check |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cs:
         if not c.runs:
-            lines.append(f"| {c.label} | failed | | | | | | | | {c.failed.splitlines()[0] if c.failed else ''} |")
+            lines.append(f"| {c.label} | failed | | | | | | | | | {c.failed.splitlines()[0] if c.failed else ''} |")
             continue
         walls = [r.wall_s for r in c.runs]
         mid = min(c.runs, key=lambda r: abs(r.wall_s - median(c)))
@@ -373,7 +396,7 @@ def contender_table(cs: list[Contender], planned_read: int) -> list[str]:
         call = f" (in call {statistics.median(calls):.2f})" if calls else ""
         checks = sorted({r.check for r in c.runs})
         lines.append(
-            f"| {c.label} | {median(c):.2f}{call} | {min(walls):.2f}-{max(walls):.2f} | "
+            f"| {c.label} | {median(c):.2f}{call} | {min(walls):.2f}-{max(walls):.2f} | {median_cpu(c):.2f} | "
             f"{mid.out_bytes / 1e9 / median(c):.2f} | {read_s} | {sum(p.wchar for p in mid.procs) / 1e9:.2f} | "
             f"{sum(p.write_bytes for p in mid.procs) / 1e9:.2f} | {', '.join(f'{x:.0f}' for x in peaks)} | "
             f"{max(r.other_cpu_s for r in c.runs):.2f} | {', '.join(checks)} |")
@@ -406,14 +429,21 @@ def ratio_table(cs: list[Contender], case: Case) -> list[str]:
             statistics.median(calls) if calls else None, nosync, ">= 15", lambda v: v >= 15)
     for label in ("MindSpore by_rank, one at a time", "MindSpore by_rank, two at a time"):
         row(f"{label} / mpickpt serial --no-sync", med(label), nosync)
-    row("mpickpt serial --no-sync / cp -r", nosync, med("cp -r"), "<= 3", lambda v: v <= 3)
+    row("mpickpt serial --no-sync / cp -r (wall)", nosync, med("cp -r"), "<= 1.5", lambda v: v <= 1.5)
+    if "mpickpt serial --no-sync" in by and "cp -r" in by:
+        cpu, floor = median_cpu(by["mpickpt serial --no-sync"]), median_cpu(by["cp -r"])
+        row("mpickpt serial --no-sync / cp -r (CPU, user + sys)", cpu, floor, "<= 1.3", lambda v: v <= 1.3)
+        if FIXED in by:
+            fixed = median_cpu(by[FIXED])
+            row(f"same, less the fixed CPU of a run ({fixed:.2f} s: 7 MB example)", cpu - fixed, floor)
     row("mpickpt serial (synced) / cp -r + sync", synced, med("cp -r + sync"), "<= 1.5", lambda v: v <= 1.5)
     for label in by:
         if label.startswith("mpickpt mpiexec"):
             base = nosync if label.endswith("--no-sync") else synced
             if label == "mpickpt mpiexec -n 2 --no-sync":
-                row(f"serial / {label.removeprefix('mpickpt ')} (speed-up)", base, med(label), ">= 1.3",
-                    lambda v: v >= 1.3)
+                need = 1.5 if in_memory(case) else 1.3
+                row(f"serial / {label.removeprefix('mpickpt ')} (speed-up)", base, med(label), f">= {need}",
+                    lambda v: v >= need)
             else:
                 row(f"serial / {label.removeprefix('mpickpt ')} (speed-up)", base, med(label))
     mp_rss = [p.maxrss_bytes for c in cs if c.group == "mpickpt" for r in c.runs for p in r.procs]
@@ -425,7 +455,18 @@ def ratio_table(cs: list[Contender], case: Case) -> list[str]:
     return lines
 
 
+def in_memory(case: Case) -> bool:
+    """Whether the case lives in a tmpfs (then the copy is bound by memory, not by a disk)."""
+    best, kind = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        mount, fstype = line.split()[1], line.split()[2]
+        if str(case.root).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+            best, kind = mount, fstype
+    return kind == "tmpfs"
+
+
 SYNCED, NO_SYNC = "mpickpt (synced)", "mpickpt --no-sync"
+FIXED = "mpickpt serial --no-sync, 7 MB example (fixed costs)"
 REFERENCE_COLOURS = {"mindspore": "tab:red", "copy": "tab:green"}
 
 
@@ -548,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     cs = contenders(case, procs, use_ms, not args.mpickpt_only, script)
     checker = Checker(case)
     digest = sources_digest()
+    subprocess.run(example_cmd(work / "warm-up"), env=mpickpt_env(), check=True)  # caches compiled modules
+    shutil.rmtree(work / "warm-up")
     bench(case, cs, args.repeat, work, checker)
     if sources_digest() != digest:
         checker.notes.append(f"mpickpt sources CHANGED during the run (started at sources {digest}): rerun")
