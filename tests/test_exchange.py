@@ -41,6 +41,7 @@ from test_mpi import (  # noqa: F401
 from written_cases import WRITTEN
 
 from mpickpt import exchange as exchange_module
+from mpickpt.destination import LOCK_NAME
 from mpickpt.driver import deal, run_transform
 from mpickpt.errors import CheckpointFormatError, MpickptError, SourceMissingError
 from mpickpt.exchange import CONTROL_TAG, Exchange, ExchangeError, blocks
@@ -374,6 +375,49 @@ def test_pieces_travel_between_mpi_processes() -> None:
     sent = {p: s for p, _, s, _ in summary.exchanged}
     received = {p: r for p, _, _, r in summary.exchanged}
     assert sent[0] == received[1] > 0 and sent[1] == received[0] > 0
+
+
+def per_host_mounts(flavor: str, command: list[str], plain: Path, folders: dict[str, Path]) -> list[str]:
+    """An MPMD mpiexec line of 2 processes per simulated host (MPICKPT_HOST), each host in its own mount
+    namespace where the plain path `plain` is its own folder (a bind mount of folders[host])."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("simulating node-local folders under one path needs root and unshare (mount namespaces)")
+    mpiexec = launcher(flavor)
+    line: list[str] = [*mpiexec]
+    for host, folder in folders.items():
+        setting = ["-env", "MPICKPT_HOST", host] if flavor == "mpich" else ["-x", f"MPICKPT_HOST={host}"]
+        mount = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                 f'mount --bind "{folder}" "{plain}" && exec "$@"', "sh"]
+        line += [*([":"] if line != mpiexec else []), "-n", "2", *setting, *mount, *command]
+    return line
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_a_plain_destination_that_is_a_different_folder_per_host_is_refused(flavor: str, tmp_path: Path,
+                                                                             written_cases: dict[str, Case],
+                                                                             serial: Serial) -> None:  # noqa: F811
+    """`--dst-dir out` is node-local on hosts a and b: every process fails alike, asking for {host}, before any
+    output; `--dst-dir 'out/{host}'` then writes each host's outputs to its own disk."""
+    case = written_cases["random_8to4"]
+    plain = tmp_path / "out"
+    folders = {host: tmp_path / f"disk_{host}" for host in "ab"}
+    for folder in [plain, *folders.values()]:
+        folder.mkdir()
+    command = [sys.executable, "-m", "mpickpt", "transform", *transform_args(case, plain)]
+    done = run(per_host_mounts(flavor, command, plain, folders))
+    assert done.returncode != 0, done.output
+    refused = (f"mpickpt: error: dst_dir {plain}: process 2 (host b) does not see the folder that process 0 "
+               f"(host a) locked there: the path is not one shared folder (a node-local disk on each host?). To "
+               f"write each host's outputs to its own disk, put {{host}} in --dst-dir (e.g. --dst-dir "
+               f"'{plain / '{host}'}'); otherwise give a folder every process shares")
+    assert done.output.count("mpickpt: error:") == done.output.count(refused) == 4, done.output  # all alike
+    assert [p.name for p in folders["a"].iterdir()] == [LOCK_NAME] and not any(folders["b"].iterdir())
+
+    per_host = [sys.executable, "-m", "mpickpt", "transform", *transform_args(case, plain / "{host}")]
+    done = run(per_host_mounts(flavor, per_host, plain, folders))
+    assert done.returncode == 0, done.output
+    made = {name: data for host, folder in folders.items() for name, data in outputs(folder / host).items()}
+    assert made == serial(case)
 
 
 # --- MindSpore-made cases: a pipeline strategy folder (merged by rank 0), redundancy-removed sources -----
