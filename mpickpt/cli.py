@@ -303,7 +303,7 @@ def _print_matrix(job: TransformJob, tasks: Sequence[OutputTask], placement: Pla
                   out: str | None, as_json: bool) -> None:
     """Print the byte matrix of `tasks`, as a table or its nonzero entries in JSON (and draw it into `out`),
     each cell marked by whether its bytes cross processes or hosts when `processes` run the job."""
-    from .driver import deal
+    from .driver import deal_job
     from .matrix import (
         crossing_totals,
         format_grid,
@@ -314,7 +314,7 @@ def _print_matrix(job: TransformJob, tasks: Sequence[OutputTask], placement: Pla
     )
 
     every = transfer_bytes(job.planner().plan(t.target_rank) for t in job.tasks)  # routes depend on every target
-    shares = [[t.target_rank for t in share] for share in deal(job.tasks, processes)]
+    shares = [[t.target_rank for t in share] for share in deal_job(job, processes)]
     routes = route_transfers(every, shares, placement.seen_by, [v.host for v in placement.views])
     chosen = {t.target_rank for t in tasks}
     transfers = {key: size for key, size in every.items() if key[1] in chosen}

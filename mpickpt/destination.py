@@ -3,7 +3,9 @@
 Folders are compared by identity, (st_dev, st_ino), not by name: a destination reached through a symlink,
 a bind mount or a hard-linked folder is still recognised as the source folder it is. The run's lock is an
 advisory `flock` on `dst_dir/.mpickpt.lock`; the kernel drops it when the holding process ends, so the
-file a killed run leaves never blocks the next one.
+file a killed run leaves never blocks the next one. The lock file also holds a random token of the run
+(`lock_token`): a process that reads back another token, or none, under the same path is not seeing the
+folder that was locked (a node-local path on several hosts).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
 import socket
 from collections.abc import Iterable, Iterator
 from typing import Protocol
@@ -138,9 +141,10 @@ def _identity(path: str | os.PathLike[str]) -> Identity | None:
 class DestinationLock:
     """The advisory lock of one run on its destination folder (see the module docstring)."""
 
-    def __init__(self, path: str, fd: int | None) -> None:
+    def __init__(self, path: str, fd: int | None, token: str = "") -> None:
         self.path = path
         self._fd = fd
+        self.token = token  # written into the lock file (see lock_token)
 
     @property
     def held(self) -> bool:
@@ -156,18 +160,20 @@ class DestinationLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
             raise DestinationError(f"dst_dir {dst_dir}: cannot create {LOCK_NAME}: {err.strerror or err}") from err
+        token = secrets.token_hex(16)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            if err.errno in _NO_LOCKS:
+                _write_holder(fd, token)
+                os.close(fd)
+                return cls(path, None, token)
             holder = _read_holder(fd)
             os.close(fd)
-            if err.errno in _NO_LOCKS:
-                return cls(path, None)
             raise DestinationError(f"dst_dir {dst_dir}: another mpickpt run is writing here ({holder}, lock "
                                    f"{path}); wait for it to end or choose another dst_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()}\n".encode(), 0)
-        return cls(path, fd)
+        _write_holder(fd, token)
+        return cls(path, fd, token)
 
     def release(self) -> None:
         """Drop the lock (the file stays: removing it could let two runs lock different files)."""
@@ -176,10 +182,27 @@ class DestinationLock:
             self._fd = None
 
 
+def lock_token(dst_dir: str) -> str | None:
+    """The token in dst_dir's lock file as this process sees it (None: no lock file, or none in it)."""
+    try:
+        with open(os.path.join(dst_dir, LOCK_NAME), encoding="utf-8", errors="replace") as file:
+            text = file.read(400)
+    except OSError:
+        return None
+    return next((line.removeprefix("token=") for line in text.splitlines() if line.startswith("token=")), None)
+
+
+def _write_holder(fd: int, token: str) -> None:
+    """Write "host=H pid=P" and the run's token into the lock file, synced: other hosts read it back."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()}\ntoken={token}\n".encode(), 0)
+    os.fsync(fd)
+
+
 def _read_holder(fd: int) -> str:
     """The holder's "host=H pid=P" as written in the lock file."""
     try:
         text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
     except OSError:
         text = ""
-    return text or "host and pid not yet written"
+    return text.split("\n", 1)[0] or "host and pid not yet written"

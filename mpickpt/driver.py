@@ -61,6 +61,7 @@ from .manifest import (
     write_record,
 )
 from .mpi import Comm
+from .placement import deal_near_sources
 from .startup import start_job
 from .transform import OutputTask, TransformJob, TransformOptions
 
@@ -183,12 +184,33 @@ class _Fault:
     action: str
 
 
-def deal(tasks: Sequence[OutputTask], processes: int) -> tuple[tuple[OutputTask, ...], ...]:
+def deal(tasks: Sequence[OutputTask], processes: int, seen_by: Mapping[int, Sequence[int]] | None = None,
+         hosts: Sequence[str] | None = None) -> tuple[tuple[OutputTask, ...], ...]:
     """Targets per process, balanced by planned bytes (read + write): largest first onto the least-loaded
-    process (ties: lower target rank first; fewer tasks, then lower process). Deterministic; extra processes
-    get nothing."""
+    process (ties: lower target rank first; fewer tasks, then lower process). Given who sees which source
+    file (`seen_by`, source rank -> processes) and each process's host, a process lacking files a target
+    reads counts the bytes it would receive as extra load (placement.deal_near_sources), so targets go
+    near their sources. Deterministic; extra processes get nothing."""
     ordered = sorted(tasks, key=lambda t: t.target_rank)
-    return tuple(tuple(share) for share in deal_by_size(ordered, lambda t: t.read_bytes + t.write_bytes, processes))
+    if seen_by is None or hosts is None:
+        shares = deal_by_size(ordered, _dealt_bytes, processes)
+    else:
+        if len(hosts) != processes:
+            raise ValueError(f"{len(hosts)} hosts given for {processes} processes")
+        shares = deal_near_sources(ordered, _dealt_bytes, lambda t: dict(t.read_from), seen_by, hosts)
+    return tuple(tuple(share) for share in shares)
+
+
+def _dealt_bytes(task: OutputTask) -> int:
+    return task.read_bytes + task.write_bytes
+
+
+def deal_job(job: Job, processes: int) -> tuple[tuple[OutputTask, ...], ...]:
+    """How `run_job` deals a job's targets over `processes`: near their sources where some process lacks
+    files (the job's exchange knows who sees what), else by size."""
+    exchange = getattr(job, "exchange", None)
+    near = (exchange.seen_by, exchange.hosts) if exchange is not None else (None, None)
+    return deal(job.tasks, processes, *near)
 
 
 def run_transform(options: TransformOptions, comm: Comm, *, sync: bool = True, overwrite: bool = False,
@@ -251,7 +273,7 @@ def run_job(job: Job, comm: Comm, *, sync: bool = True, overwrite: bool = False,
     tracker = _Tracker(comm, collector, _fault_from_env(os.environ))
     exchange = getattr(job, "exchange", None)
     try:
-        report = _work(job, deal(job.tasks, comm.size)[comm.rank], comm.rank, tracker, sync, overwrite)
+        report = _work(job, deal_job(job, comm.size)[comm.rank], comm.rank, tracker, sync, overwrite)
         if exchange is not None:
             exchange.finish()
             report = replace(report, bytes_sent=exchange.bytes_sent, bytes_received=exchange.bytes_received)

@@ -4,18 +4,25 @@
 expanded per process: hosts without a shared filesystem each give their own folder. Every process lists
 the rank files it sees (a `ProcessView`); the views, gathered, say who holds what (`Placement`), and for a
 slice a target needs from a file its own process does not see, `choose_holder` picks the process to send it.
+`deal_near_sources` gives each target to a process that sees the files it reads most from, keeping loads even.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
 
 from .errors import MpickptError
 
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
 PLACEHOLDERS = ("host", "process")
+SAME_HOST_WEIGHT = 1  # weight of a byte a writer would receive from a process of its own host
+OTHER_HOST_WEIGHT = 4  # ... from another host (over the network: dearer than a copy within a host)
+T = TypeVar("T")
 
 
 def expand(template: str, host: str, process: int) -> str:
@@ -103,6 +110,48 @@ def choose_holder(rank: int, target: int, process: int, seen_by: Mapping[int, Se
         return process
     near = [p for p in candidates if hosts[p] == hosts[process]] or candidates
     return min(near, key=lambda p: (load.get(p, 0), (p - target) % len(hosts)))
+
+
+def transfer_weights(seen_by: Mapping[int, Sequence[int]], hosts: Sequence[str]) -> dict[int, np.ndarray]:
+    """Source rank -> per process, the cost of a byte of its file written there: 0 where the process sees
+    the file, SAME_HOST_WEIGHT where a process of its host does (`choose_holder` asks that one), else
+    OTHER_HOST_WEIGHT."""
+    host_ids = np.unique(np.asarray(hosts, dtype=object), return_inverse=True)[1]
+    weights = {}
+    for rank, holders in seen_by.items():
+        cost = np.where(np.isin(host_ids, host_ids[list(holders)]), SAME_HOST_WEIGHT, OTHER_HOST_WEIGHT)
+        cost[list(holders)] = 0
+        weights[rank] = cost.astype(np.int64)
+    return weights
+
+
+def deal_near_sources(items: Sequence[T], size: Callable[[T], int], reads: Callable[[T], Mapping[int, int]],
+                      seen_by: Mapping[int, Sequence[int]], hosts: Sequence[str]) -> list[list[T]]:
+    """Items per process (one process per entry of `hosts`), largest first (ties: earlier item), each onto
+    the process that would receive the fewest bytes of it (`reads`: source rank -> bytes, weighted by
+    `transfer_weights`) among those it leaves within the worst case of dealing by size alone (average load
+    plus (1 - 1/processes) x the largest item; the least-loaded process always is); ties: least loaded,
+    fewer items, lower process. Where every process sees every file this is `deal_by_size`. Deterministic."""
+    processes = len(hosts)
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    ordered = sorted(items, key=lambda i: -size(i))
+    bound = sum(map(size, ordered)) + (processes - 1) * max(map(size, ordered), default=0)  # x processes
+    weights = transfer_weights(seen_by, hosts)
+    nobody = np.full(processes, OTHER_HOST_WEIGHT, dtype=np.int64)  # a file no process sees (never planned)
+    loads = np.zeros(processes, dtype=np.int64)
+    counts = np.zeros(processes, dtype=np.int64)
+    shares: list[list[T]] = [[] for _ in range(processes)]
+    for item in ordered:
+        moved = np.zeros(processes, dtype=np.int64)
+        for rank, nbytes in reads(item).items():
+            moved += nbytes * weights.get(rank, nobody)
+        fits = np.flatnonzero((loads + size(item)) * processes <= bound)
+        process = int(fits[np.lexsort((fits, counts[fits], loads[fits], moved[fits]))[0]])
+        loads[process] += size(item)
+        counts[process] += 1
+        shares[process].append(item)
+    return shares
 
 
 def _ranks(ranks: Sequence[int]) -> str:

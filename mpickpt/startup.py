@@ -1,7 +1,9 @@
 """Start-up of `mpickpt transform` on every process at once, with no serial phase.
 
 1. Every process expands `{host}`/`{process}` in --src-dir and --dst-dir; the lowest process of each
-   distinct destination checks and locks it.
+   distinct destination checks and locks it, and every other process of that destination reads the lock
+   file's token back: a path that is not one folder for all of them (node-local on several hosts) is an
+   error asking for `{host}` in --dst-dir.
 2. Rank 0 loads the strategies (merging per-stage folders, kept in its destination) and broadcasts them.
 3. Every process lists the rank files it sees; the views are gathered (who holds what).
 4. Processes seeing the same folder split the reading of its headers; the headers are gathered.
@@ -16,12 +18,17 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from .collective import agree, broadcast_prepared
-from .destination import DestinationLock, check_prefix, refuse_outputs_beside_sources
-from .errors import SourceMissingError
+from .destination import (
+    DestinationLock,
+    check_prefix,
+    lock_token,
+    refuse_outputs_beside_sources,
+)
+from .errors import DestinationError, SourceMissingError
 from .exchange import Exchange
 from .formats import IndexCache, suffix_of
 from .inventory import SourceHeaders, read_headers
@@ -61,17 +68,19 @@ def start_job(options: TransformOptions, comm: Comm,
     lock: DestinationLock | None = None
     indexes = IndexCache()  # headers read here stay open for this process's targets
 
-    def check_and_lock() -> str:
+    def check_and_lock() -> str | None:
         nonlocal lock
         check_prefix(options.prefix)
         suffix_of(options.output_format)
         if os.path.abspath(local.dst_dir) not in dst_dirs[:comm.rank]:
             lock = lock_destination(local)
-        return local.dst_dir
+            return lock.token
+        return None
 
     try:
-        dst_dirs = comm.allgather(os.path.abspath(local.dst_dir))
-        agree(check_and_lock, comm)
+        dst_dirs, hosts = zip(*comm.allgather((os.path.abspath(local.dst_dir), host)), strict=True)
+        tokens = agree(check_and_lock, comm)
+        agree(lambda: _check_one_folder(options.dst_dir, comm.rank, dst_dirs, hosts, tokens), comm)
         src, dst = broadcast_prepared(lambda: load_strategies(local, local.dst_dir, sync), comm)
         placement, headers = _survey_sources(local, comm, host, per_process, indexes)
         job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process, indexes)
@@ -133,6 +142,20 @@ def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process:
         for rank, h in share.items():
             headers.setdefault(rank, h)
     return Placement(tuple(views)), headers
+
+
+def _check_one_folder(template: str, process: int, dst_dirs: Sequence[str], hosts: Sequence[str],
+                      tokens: Sequence[str | None]) -> None:
+    """Refuse a destination that is not, for this process, the folder the first process of its path locked
+    (whose lock file holds that process's token)."""
+    locker = dst_dirs.index(dst_dirs[process])
+    if locker == process or lock_token(dst_dirs[process]) == tokens[locker]:
+        return
+    raise DestinationError(
+        f"dst_dir {dst_dirs[process]}: process {process} (host {hosts[process]}) does not see the folder that "
+        f"process {locker} (host {hosts[locker]}) locked there: the path is not one shared folder (a node-local "
+        f"disk on each host?). To write each host's outputs to its own disk, put {{host}} in --dst-dir (e.g. "
+        f"--dst-dir '{os.path.join(template, '{host}')}'); otherwise give a folder every process shares")
 
 
 def _view(options: TransformOptions, process: int, host: str, per_process: bool) -> ProcessView:

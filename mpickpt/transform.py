@@ -25,6 +25,7 @@ from .formats import IndexCache, open_index, suffix_of
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
 from .manifest import SourceStamp, checksum_text
+from .matrix import transfer_bytes
 from .plan import Planner, TargetPlan, TensorInfo
 from .sources import find_rank_files, stamped_files
 from .strategy import (
@@ -73,6 +74,7 @@ class OutputTask:
     write_bytes: int
     job_key: str = ""  # digest of everything but the source files that decides this output's content
     source_stamps: tuple[SourceStamp, ...] = ()  # the source files as indexed (empty: stamp them when read)
+    read_from: tuple[tuple[int, int], ...] = ()  # (source rank, bytes read from its file) as planned; () unknown
 
 
 @dataclass
@@ -198,6 +200,7 @@ class TransformJob:
                     write_bytes=plan.bytes_written(),
                     job_key=_job_key(strategies, prefix, output_format, job.crc, src_stage, plan),
                     source_stamps=tuple(s for r in plan.source_ranks for s in stamps[r]) if stamps else (),
+                    read_from=tuple((r, n) for (r, _), n in transfer_bytes([plan]).items()),
                 )
             )
         job.tasks = tuple(tasks)

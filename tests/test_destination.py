@@ -20,9 +20,17 @@ from pathlib import Path
 import pytest
 
 from mpickpt.atomic import write_bytes_atomic
-from mpickpt.destination import LOCK_NAME, DestinationLock, check_destination, check_prefix, refuse_destination_inside
+from mpickpt.destination import (
+    LOCK_NAME,
+    DestinationLock,
+    check_destination,
+    check_prefix,
+    lock_token,
+    refuse_destination_inside,
+)
 from mpickpt.driver import lock_destination
 from mpickpt.errors import DestinationError, MpickptError
+from mpickpt.startup import _check_one_folder
 from mpickpt.transform import TransformOptions
 
 
@@ -205,7 +213,9 @@ def test_plain_prefixes_are_accepted(prefix: str) -> None:
 def test_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
     dst = tmp_path / "dst"
     first = DestinationLock.acquire(str(dst))
-    assert first.held and (dst / LOCK_NAME).read_text() == f"host={socket.gethostname()} pid={os.getpid()}\n"
+    holder = f"host={socket.gethostname()} pid={os.getpid()}"
+    assert first.held and (dst / LOCK_NAME).read_text() == f"{holder}\ntoken={first.token}\n"
+    assert lock_token(str(dst)) == first.token and len(first.token) == 32
     with pytest.raises(DestinationError, match=f"another mpickpt run is writing here \\(host={socket.gethostname()} "
                                                f"pid={os.getpid()}, lock .*{LOCK_NAME}\\)"):
         DestinationLock.acquire(str(dst))
@@ -229,7 +239,7 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path: Path) -> None:
         holder.wait()
     assert f"pid={holder.pid}" in (dst / LOCK_NAME).read_text()  # the file stays, the lock does not
     lock = DestinationLock.acquire(str(dst))
-    assert (dst / LOCK_NAME).read_text() == f"host={socket.gethostname()} pid={os.getpid()}\n"
+    assert (dst / LOCK_NAME).read_text() == f"host={socket.gethostname()} pid={os.getpid()}\ntoken={lock.token}\n"
     lock.release()
 
 
@@ -240,7 +250,21 @@ def test_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path: Path, m
     monkeypatch.setattr(fcntl, "flock", no_locks)
     stream = io.StringIO()
     lock = lock_destination(TransformOptions(src_dir=str(tmp_path / "src"), dst_dir=str(tmp_path / "dst")), stream)
-    assert not lock.held
+    assert not lock.held and lock_token(str(tmp_path / "dst")) == lock.token  # unlocked, still told apart
     assert stream.getvalue() == (f"mpickpt: warning: {tmp_path / 'dst'}: the filesystem does not support locks; "
                                  "a concurrent run into the same folder would not be noticed\n")
+    lock.release()
+
+
+def test_a_process_reading_back_another_token_is_not_in_the_locked_folder(tmp_path: Path) -> None:
+    """One path, node-local on hosts a and b: host b's processes find another lock file (or none) there."""
+    lock = DestinationLock.acquire(str(tmp_path / "out"))
+    dirs, hosts = [str(tmp_path / "out")] * 3, ["a", "a", "b"]
+    _check_one_folder("out", 1, dirs, hosts, [lock.token, None, None])  # the folder process 0 locked
+    with pytest.raises(DestinationError, match=r"process 2 \(host b\) does not see the folder that process 0 \(host "
+                                               r"a\) locked there: .* put \{host\} in --dst-dir \(e.g. --dst-dir "
+                                               r"'out/\{host\}'\)"):
+        _check_one_folder("out", 2, dirs, hosts, ["another run's token", None, None])
+    with pytest.raises(DestinationError, match="process 1"):
+        _check_one_folder("out", 1, [str(tmp_path / "elsewhere")] * 2, hosts, [lock.token, None])  # no lock file
     lock.release()

@@ -15,11 +15,14 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from fixture_cases import Case, assert_same_content
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mindspore_cases import make_redundancy_removed
 from test_driver import AbortingComm, ThreadComm, run_threads, transform_errors
 from test_mpi import (  # noqa: F401
@@ -38,7 +41,8 @@ from test_mpi import (  # noqa: F401
 from written_cases import WRITTEN
 
 from mpickpt import exchange as exchange_module
-from mpickpt.driver import run_transform
+from mpickpt.destination import LOCK_NAME
+from mpickpt.driver import deal, run_transform
 from mpickpt.errors import CheckpointFormatError, MpickptError, SourceMissingError
 from mpickpt.exchange import CONTROL_TAG, Exchange, ExchangeError, blocks
 from mpickpt.execute import Piece
@@ -53,7 +57,7 @@ from mpickpt.placement import (
     has_placeholders,
     header_share,
 )
-from mpickpt.transform import TransformOptions
+from mpickpt.transform import OutputTask, TransformOptions
 
 SPLIT = "p{process}"
 
@@ -102,6 +106,52 @@ def test_holder_is_the_writer_itself_then_its_host_then_the_least_loaded() -> No
     assert choose_holder(0, target=5, process=0, seen_by=seen_by, hosts=hosts, load={}) == 0
     assert choose_holder(1, target=5, process=0, seen_by=seen_by, hosts=hosts, load={}) == 1  # same host
     assert choose_holder(2, target=0, process=0, seen_by=seen_by, hosts=hosts, load={2: 100}) == 3
+
+
+def reading(target: int, reads: dict[int, int], write: int = 0) -> OutputTask:
+    """A task reading `reads` (source rank -> bytes)."""
+    return OutputTask(target, f"/d/rank_{target}/c.ckpt", tuple(sorted(reads)), (), sum(reads.values()), write,
+                      read_from=tuple(sorted(reads.items())))
+
+
+def received(shares: tuple[tuple[OutputTask, ...], ...], seen_by: Mapping[int, Sequence[int]]) -> int:
+    """Bytes the writers would receive: what each target reads from files its process does not see."""
+    return sum(n for p, share in enumerate(shares) for t in share for r, n in t.read_from if p not in seen_by[r])
+
+
+def test_targets_go_to_the_processes_seeing_their_main_sources() -> None:
+    """Target t reads most from ranks 2t and 2t+1, whose folder is process (t + 1) % 4's (as tiny_llama)."""
+    tasks = [reading(t, {2 * t: 800, 2 * t + 1: 790, (2 * t + 2) % 8: 90}, write=1700 + t) for t in range(4)]
+    seen_by = {r: ((r // 2 + 1) % 4,) for r in range(8)}
+    plain = deal(tasks, 4)
+    near = deal(tasks, 4, seen_by, ["h"] * 4)
+    assert [[t.target_rank for t in share] for share in near] == [[3], [0], [1], [2]]
+    assert received(near, seen_by) == 4 * 90 < received(plain, seen_by)
+
+
+def test_a_target_rather_goes_to_the_host_of_its_sources() -> None:
+    """Rank 0 is seen by process 1 only (host a): the target that cannot go there goes to process 0, on host a."""
+    tasks = [reading(0, {0: 100}), reading(1, {0: 100})]
+    near = deal(tasks, 4, {0: (1,)}, ["a", "a", "b", "b"])
+    assert [[t.target_rank for t in share] for share in near] == [[1], [0], [], []]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.dictionaries(st.integers(0, 5), st.integers(0, 10**9), max_size=4), max_size=30),
+       st.integers(1, 6), st.data())
+def test_dealing_near_sources_keeps_every_target_once_within_the_size_bound(
+        reads: list[dict[int, int]], processes: int, data: st.DataObject) -> None:
+    tasks = [reading(t, r, write=sum(r.values()) // 3) for t, r in enumerate(reads)]
+    everywhere = {r: tuple(range(processes)) for r in range(6)}
+    hosts = data.draw(st.lists(st.sampled_from("ab"), min_size=processes, max_size=processes))
+    assert deal(tasks, processes, everywhere, hosts) == deal(tasks, processes)  # a shared folder: as before
+    seen_by = {r: tuple(sorted(data.draw(st.sets(st.integers(0, processes - 1), min_size=1)))) for r in range(6)}
+    shares = deal(tasks, processes, seen_by, hosts)
+    assert sorted(t.target_rank for s in shares for t in s) == list(range(len(tasks)))
+    assert shares == deal(list(reversed(tasks)), processes, seen_by, hosts)
+    sizes = [t.read_bytes + t.write_bytes for t in tasks]
+    bound = sum(sizes) + (processes - 1) * max(sizes, default=0)  # the size-only dealing's worst case, x processes
+    assert all(sum(t.read_bytes + t.write_bytes for t in s) * processes <= bound for s in shares)
 
 
 def test_blocks_split_rows_within_the_message_size() -> None:
@@ -223,6 +273,51 @@ def test_mpiexec_with_split_sources_gives_the_serial_bytes(name: str, processes:
     assert "over MPI" in done.output
 
 
+def byte_matrix(case: Case) -> dict[tuple[int, int], int]:
+    """(source rank, target rank) -> bytes planned, from `mpickpt plan --matrix --json`."""
+    args = [sys.executable, "-m", "mpickpt", "plan", "--matrix", "--json", "--src-dir", str(case.src_dir)]
+    for which in ("src", "dst"):
+        if case.strategy(which):
+            args += [f"--{which}-strategy", str(case.strategy(which))]
+    done = run(args)
+    assert done.returncode == 0, done.output
+    return {(e["source_rank"], e["target_rank"]): e["bytes"] for e in json.loads(done.output)["matrix"]}
+
+
+def writers(dst: Path) -> dict[int, int]:
+    """Target rank -> the process that wrote it, from manifest.json."""
+    return {t: p["process"] for p in json.loads((dst / "manifest.json").read_text())["processes"] for t in p["targets"]}
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+@pytest.mark.parametrize("processes", [2, 4])
+def test_mpiexec_deals_targets_near_their_sources(processes: int, flavor: str, tmp_path: Path,
+                                                  written_cases: dict[str, Case], serial: Serial) -> None:  # noqa: F811
+    """Each source rank's folder is on the process after the one the shared-folder run (dealing by size alone)
+    gives the target reading most from it: the split run moves exactly the bytes its dealing implies, fewer."""
+    case = written_cases["random_2to8"]
+    prefix = launcher(flavor) + ["-n", str(processes)]
+    shared = mpickpt(transform_args(case, tmp_path / "shared"), prefix)
+    assert shared.returncode == 0, shared.output
+    by_size = writers(tmp_path / "shared")
+    matrix = byte_matrix(case)
+    main = {s: max(sorted(t for r, t in matrix if r == s), key=lambda t: matrix[s, t]) for s, _ in matrix}
+    owner = {s: (by_size[t] + 1) % processes for s, t in main.items()}
+    for s, p in owner.items():
+        shutil.copytree(case.src_dir / f"rank_{s}", tmp_path / "src" / f"p{p}" / f"rank_{s}")
+    dst = tmp_path / "dst"
+    done = mpickpt(transform_args(case, dst, tmp_path / "src" / SPLIT), prefix)
+    assert done.returncode == 0, done.output
+    assert outputs(dst) == serial(case)
+    processes_done = json.loads((dst / "manifest.json").read_text())["processes"]
+    sent, got = (sum(p[k] for p in processes_done) for k in ("bytes_sent", "bytes_received"))
+
+    def crossing(writer: dict[int, int]) -> int:
+        return sum(n for (s, t), n in matrix.items() if owner[s] != writer[t])
+
+    assert sent == got == crossing(writers(dst)) < crossing(by_size)
+
+
 @pytest.mark.parametrize("action", ["kill", "raise"])
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_a_process_killed_mid_exchange_ends_the_job_and_a_rerun_finishes_it(flavor: str, action: str, tmp_path: Path,
@@ -280,6 +375,49 @@ def test_pieces_travel_between_mpi_processes() -> None:
     sent = {p: s for p, _, s, _ in summary.exchanged}
     received = {p: r for p, _, _, r in summary.exchanged}
     assert sent[0] == received[1] > 0 and sent[1] == received[0] > 0
+
+
+def per_host_mounts(flavor: str, command: list[str], plain: Path, folders: dict[str, Path]) -> list[str]:
+    """An MPMD mpiexec line of 2 processes per simulated host (MPICKPT_HOST), each host in its own mount
+    namespace where the plain path `plain` is its own folder (a bind mount of folders[host])."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("simulating node-local folders under one path needs root and unshare (mount namespaces)")
+    mpiexec = launcher(flavor)
+    line: list[str] = [*mpiexec]
+    for host, folder in folders.items():
+        setting = ["-env", "MPICKPT_HOST", host] if flavor == "mpich" else ["-x", f"MPICKPT_HOST={host}"]
+        mount = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                 f'mount --bind "{folder}" "{plain}" && exec "$@"', "sh"]
+        line += [*([":"] if line != mpiexec else []), "-n", "2", *setting, *mount, *command]
+    return line
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_a_plain_destination_that_is_a_different_folder_per_host_is_refused(flavor: str, tmp_path: Path,
+                                                                             written_cases: dict[str, Case],
+                                                                             serial: Serial) -> None:  # noqa: F811
+    """`--dst-dir out` is node-local on hosts a and b: every process fails alike, asking for {host}, before any
+    output; `--dst-dir 'out/{host}'` then writes each host's outputs to its own disk."""
+    case = written_cases["random_8to4"]
+    plain = tmp_path / "out"
+    folders = {host: tmp_path / f"disk_{host}" for host in "ab"}
+    for folder in [plain, *folders.values()]:
+        folder.mkdir()
+    command = [sys.executable, "-m", "mpickpt", "transform", *transform_args(case, plain)]
+    done = run(per_host_mounts(flavor, command, plain, folders))
+    assert done.returncode != 0, done.output
+    refused = (f"mpickpt: error: dst_dir {plain}: process 2 (host b) does not see the folder that process 0 "
+               f"(host a) locked there: the path is not one shared folder (a node-local disk on each host?). To "
+               f"write each host's outputs to its own disk, put {{host}} in --dst-dir (e.g. --dst-dir "
+               f"'{plain / '{host}'}'); otherwise give a folder every process shares")
+    assert done.output.count("mpickpt: error:") == done.output.count(refused) == 4, done.output  # all alike
+    assert [p.name for p in folders["a"].iterdir()] == [LOCK_NAME] and not any(folders["b"].iterdir())
+
+    per_host = [sys.executable, "-m", "mpickpt", "transform", *transform_args(case, plain / "{host}")]
+    done = run(per_host_mounts(flavor, per_host, plain, folders))
+    assert done.returncode == 0, done.output
+    made = {name: data for host, folder in folders.items() for name, data in outputs(folder / host).items()}
+    assert made == serial(case)
 
 
 # --- MindSpore-made cases: a pipeline strategy folder (merged by rank 0), redundancy-removed sources -----
