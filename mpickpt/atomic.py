@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import glob
 import os
-import secrets
-import socket
 from abc import abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,11 +25,11 @@ TMP_SUFFIX = ".tmp"
 def tmp_path_for(path: str | os.PathLike[str]) -> Path:
     """A fresh temporary name beside ``path``, unique to this call."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    return path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}")
 
 
 def _host() -> str:
-    return socket.gethostname().split(".")[0] or "host"
+    return os.uname().nodename.split(".")[0] or "host"
 
 
 def stray_temporaries(path: str | os.PathLike[str]) -> list[Path]:

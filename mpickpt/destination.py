@@ -13,8 +13,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import secrets
-import socket
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -160,7 +158,7 @@ class DestinationLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
             raise DestinationError(f"dst_dir {dst_dir}: cannot create {LOCK_NAME}: {err.strerror or err}") from err
-        token = secrets.token_hex(16)
+        token = os.urandom(16).hex()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -195,7 +193,7 @@ def lock_token(dst_dir: str) -> str | None:
 def _write_holder(fd: int, token: str) -> None:
     """Write "host=H pid=P" and the run's token into the lock file, synced: other hosts read it back."""
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()}\ntoken={token}\n".encode(), 0)
+    os.pwrite(fd, f"host={os.uname().nodename} pid={os.getpid()}\ntoken={token}\n".encode(), 0)
     os.fsync(fd)
 
 

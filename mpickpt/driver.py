@@ -49,6 +49,7 @@ from .formats import open_index
 from .manifest import (
     CompletionRecord,
     SourceStamp,
+    WrittenOutput,
     check_record,
     checksum,
     options_record,
@@ -84,8 +85,9 @@ class Job(Protocol):
     notes: tuple[str, ...]  # lines for the summary and manifest.json
 
     def run_task(self, task: OutputTask, *, sync: bool = True,
-                 progress: Callable[[int], None] | None = None) -> str | None:
-        """Write one output atomically; its checksum (manifest.checksum's form) if known, else None."""
+                 progress: Callable[[int], None] | None = None) -> WrittenOutput | None:
+        """Write one output atomically; its checksum and parameter count if the writer knows them, else None
+        (then both are read back from the file)."""
         ...
 
 
@@ -304,9 +306,9 @@ def _work(job: Job, tasks: Sequence[OutputTask], process: int, tracker: _Tracker
                 remove_record(task.path)
                 sources = task.source_stamps or stamp_sources(task.source_files)  # as they were before being read
                 start = time.monotonic()
-                crc = job.run_task(task, sync=sync, progress=tracker.task_progress)
+                written = job.run_task(task, sync=sync, progress=tracker.task_progress)
                 entries.append((task, reason, recorder.submit(_record, task, sources, time.monotonic() - start,
-                                                              sync, crc)))
+                                                              sync, written)))
             tracker.task_done(task)
         outcomes = []
         for entry in entries:
@@ -330,14 +332,15 @@ def _previous(task: OutputTask, overwrite: bool) -> tuple[CompletionRecord | Non
 
 
 def _record(task: OutputTask, sources: tuple[SourceStamp, ...], seconds: float, sync: bool,
-            crc: str | None = None) -> CompletionRecord:
-    """Checksum a finished output (unless its writer computed `crc` from the bytes it wrote), count its
-    parameters and write its completion record beside it."""
-    with open_index(task.path) as index:
-        params = len(index.entries)
+            written: WrittenOutput | None = None) -> CompletionRecord:
+    """Write a finished output's completion record beside it: its checksum and parameter count as its writer
+    computed them from the bytes on their way out, else read back from the file."""
+    if written is None:
+        with open_index(task.path) as index:
+            written = WrittenOutput(checksum(task.path), len(index.entries))
     record = CompletionRecord(file=os.path.basename(task.path), output=os.path.abspath(task.path),
                               target_rank=task.target_rank, job_key=task.job_key,
-                              size=os.stat(task.path).st_size, checksum=crc or checksum(task.path), params=params,
+                              size=os.stat(task.path).st_size, checksum=written.checksum, params=written.params,
                               source_ranks=tuple(task.source_ranks), sources=sources, seconds=seconds)
     write_record(task.path, record, sync=sync)
     return record

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .atomic import write_bytes_atomic
 from .formats.offsets import crc32
@@ -94,6 +94,13 @@ def checksum(path: str | os.PathLike[str]) -> str:
         while n := f.readinto(view):
             crc = crc32(view[:n], crc)
     return checksum_text(crc)
+
+
+class WrittenOutput(NamedTuple):
+    """What the writer of an output knows of it once committed, so its record needs no read-back."""
+
+    checksum: str  # as checksum() gives it
+    params: int  # parameters written
 
 
 def checksum_text(crc: int) -> str:

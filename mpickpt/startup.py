@@ -17,7 +17,6 @@ processes fail alike before any output is written.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -52,7 +51,7 @@ HOST_VARIABLE = "MPICKPT_HOST"  # overrides the host name ({host}, and which pro
 
 def host_name() -> str:
     """This host's short name."""
-    return os.environ.get(HOST_VARIABLE) or socket.gethostname().split(".")[0]
+    return os.environ.get(HOST_VARIABLE) or os.uname().nodename.split(".")[0]
 
 
 def start_job(options: TransformOptions, comm: Comm,

@@ -24,7 +24,7 @@ from .execute import SourceFiles, write_target
 from .formats import IndexCache, open_index, suffix_of
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
-from .manifest import SourceStamp, checksum_text
+from .manifest import SourceStamp, WrittenOutput, checksum_text
 from .matrix import transfer_bytes
 from .plan import Planner, TargetPlan, TensorInfo
 from .sources import find_rank_files, stamped_files
@@ -213,9 +213,9 @@ class TransformJob:
         return self._planner
 
     def run_task(self, task: OutputTask, *, sync: bool = True,
-                 progress: Callable[[int], None] | None = None) -> str | None:
+                 progress: Callable[[int], None] | None = None) -> WrittenOutput | None:
         """Write one output atomically; progress(bytes) is called as bytes are written. Returns the
-        output's checksum (as manifest.checksum gives it) where the writer computed it, else None."""
+        output's checksum and parameter count where the writer computed the checksum, else None."""
         plan = self._plans.pop(task.target_rank, None) or self.planner().plan(task.target_rank)
         seen = self.rank_files if self.local_files is None else self.local_files
         paths = {r: seen[r] for r in plan.source_ranks if r in seen}
@@ -237,7 +237,7 @@ class TransformJob:
                              forbidden_dirs=self.forbidden_dirs, progress=progress, on_file_crc=file_crcs.append)
         except MpickptError as error:
             raise type(error)(f"target rank {task.target_rank} ({task.path}): {error}") from error
-        return checksum_text(file_crcs[0]) if file_crcs else None
+        return WrittenOutput(checksum_text(file_crcs[0]), len(plan.params)) if file_crcs else None
 
     def _verify_sources(self, paths: Iterable[str]) -> None:
         """Check the stored checksum of each source file once per process (a warning where it has none)."""
