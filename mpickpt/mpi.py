@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -23,6 +24,7 @@ SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMI_FD", "PMI_PORT", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
 MESSAGE_TAG = 7  # the driver's point-to-point messages (progress, results)
+ABORT_GRACE_SECONDS = 0.3  # between printing a failure and MPI_Abort
 
 
 class Request(Protocol):
@@ -218,9 +220,11 @@ class MpiComm:
         self._pending = []
 
     def abort(self, code: int) -> NoReturn:
-        """MPI_Abort on COMM_WORLD: the launcher ends every process."""
+        """MPI_Abort on COMM_WORLD: the launcher ends every process (after a short grace, so it has forwarded
+        this process's last lines: without it a loaded machine once lost the failing process's message)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_SECONDS)
         self._world.Abort(code)
         os._exit(code)  # Abort does not return; this only satisfies NoReturn
 
