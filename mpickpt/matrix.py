@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from xml.sax.saxutils import escape
 
 from .errors import MpickptError
 from .placement import choose_holder
@@ -282,3 +281,8 @@ def _write_png(grid: Grid, path: str, title: str) -> None:
     figure.tight_layout(rect=(0, 0.04 * below.count("\n") + 0.05 if below else 0, 1, 1))
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
+
+
+def escape(text: str) -> str:
+    """`text` as SVG character data (& < > escaped; xml.sax.saxutils would pull in urllib and ssl)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
