@@ -129,8 +129,10 @@ class CheckpointWriter(CommitOnExit):
         sync: bool = True,
         forbidden_dirs: Iterable[str | os.PathLike[str]] = (),
         piece_size: int = PIECE_SIZE,
+        tick: Callable[[], None] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.tick = tick  # called between copied windows (offsets.copy_with_crc)
         self._sync = sync
         self._piece_size = piece_size
         self._with_trailer = crc
@@ -296,7 +298,8 @@ class CheckpointWriter(CommitOnExit):
             return
         self._flush()
         try:
-            self._crc = copy_with_crc(segment.fd, segment.offset + start, self._open_fd(), count, self._crc)
+            self._crc = copy_with_crc(segment.fd, segment.offset + start, self._open_fd(), count, self._crc,
+                                      tick=self.tick)
         except ValueError:
             raise CheckpointFormatError(f"{self.path}: source of parameter {name!r} ends early") from None
 

@@ -39,6 +39,7 @@ ROW_BLOCK_BYTES = 64 << 20
 # A strided target is gathered, checksummed and written this many bytes at a time, so the bytes stay in
 # the CPU cache between the three steps and one small buffer serves every parameter.
 ASSEMBLY_BLOCK_BYTES = 1 << 20
+TICK_BLOCKS = 8  # gathered blocks between two tick() calls (as often as copy windows)
 
 
 @dataclass(frozen=True)
@@ -149,12 +150,14 @@ def write_target(
     forbidden_dirs: Iterable[str | os.PathLike[str]] = (),
     progress: Progress | None = None,
     on_file_crc: Callable[[int], None] | None = None,
+    tick: Callable[[], None] | None = None,
 ) -> int:
     """Write one target rank's file in format `fmt` atomically; returns the bytes of tensor content written.
-    `on_file_crc` is given the finished file's CRC-32 where the writer computed it on the way out."""
+    `on_file_crc` is given the finished file's CRC-32 where the writer computed it on the way out; `tick()` is
+    called every few MiB of a long parameter (an MPI process serves the others there)."""
     with open_writer(Path(out_path), fmt, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs,
-                     checksum=on_file_crc is not None) as writer:
-        written = write_plan(plan, sources, writer, progress=progress)
+                     checksum=on_file_crc is not None, tick=tick) as writer:
+        written = write_plan(plan, sources, writer, progress=progress, tick=tick)
     file_crc = getattr(writer, "file_crc", None)
     if on_file_crc is not None and file_crc is not None:
         on_file_crc(file_crc)
@@ -162,14 +165,14 @@ def write_target(
 
 
 def write_plan(plan: TargetPlan, sources: SourceFiles, writer: TensorWriter, *,
-               progress: Progress | None = None) -> int:
+               progress: Progress | None = None, tick: Callable[[], None] | None = None) -> int:
     """Declare and write every parameter of a plan into an opened writer (it commits on its own exit);
     returns the bytes of tensor content written."""
     order = output_order(plan, sources)
     writer.declare([_spec(param, sources) for param in order])
     written = 0
     for param in order:
-        written += _write_param(writer, param, sources)
+        written += _write_param(writer, param, sources, tick)
         if progress is not None:
             progress(written)
     return written
@@ -224,7 +227,8 @@ def read_piece_rows(index: SourceIndex, piece: Piece, lo: int, hi: int) -> np.nd
     return out
 
 
-def _write_param(writer: TensorWriter, param: ParamPlan, sources: SourceFiles) -> int:
+def _write_param(writer: TensorWriter, param: ParamPlan, sources: SourceFiles,
+                 tick: Callable[[], None] | None = None) -> int:
     """Write one parameter, by the cheapest route its plan allows."""
     if not param.in_strategy:
         rank = param.copies[0].src_rank
@@ -254,7 +258,7 @@ def _write_param(writer: TensorWriter, param: ParamPlan, sources: SourceFiles) -
         return sum(length for _, _, length in segments)
     if param.dims and all(len(sources.entry(c.src_rank, param.name).pieces) == 1 for c in param.copies):
         writer.write_tensor_chunks(param.name, param.dtype, param.dims, param.nbytes,
-                                   _gathered_blocks(param, sources))
+                                   _gathered_blocks(param, sources, tick))
         return param.nbytes
     target = _assemble(param, sources)
     writer.write_tensor(param.name, param.dtype, param.dims, target)
@@ -352,9 +356,11 @@ def _assemble(param: ParamPlan, sources: SourceFiles) -> np.ndarray:
     return target
 
 
-def _gathered_blocks(param: ParamPlan, sources: SourceFiles) -> Iterator[memoryview]:
+def _gathered_blocks(param: ParamPlan, sources: SourceFiles,
+                     tick: Callable[[], None] | None = None) -> Iterator[memoryview]:
     """The target slice, a block of whole rows at a time, gathered into one reused buffer from sources
-    stored in one piece each (each block is handed out before the next overwrites it)."""
+    stored in one piece each (each block is handed out before the next overwrites it; `tick()` every
+    TICK_BLOCKS blocks)."""
     itemsize = dtype_itemsize(param.dtype)
     dims = tuple(param.dims)
     row_bytes = math.prod(dims[1:]) * itemsize
@@ -377,6 +383,8 @@ def _gathered_blocks(param: ParamPlan, sources: SourceFiles) -> Iterator[memoryv
             buffer[(slice(lo - first, hi - first), *inner_dst)] = \
                 views[copy.src_rank][(slice(lo + shift, hi + shift), *inner_src)]
         yield buffer[:last - first].data.cast("B")
+        if tick is not None and (first // rows_per_block) % TICK_BLOCKS == TICK_BLOCKS - 1:
+            tick()
     views.clear()
     for rank in {copy.src_rank for copy in param.copies}:
         sources.index(rank).release(param.name)

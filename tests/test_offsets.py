@@ -80,3 +80,18 @@ def test_index_cache_closes_what_it_evicts(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         os.fstat(fd)  # the first index was closed once a second one exceeded the limit
     cache.close()
+
+
+def test_copy_with_crc_ticks_after_every_window(tmp_path: Path) -> None:
+    """An MPI process serves its peers from tick() while it copies a long parameter."""
+    data = os.urandom(2 * COPY_CHUNK + 5)
+    (tmp_path / "src").write_bytes(data)
+    ticks = []
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT)
+    try:
+        copy_with_crc(src, 0, dst, len(data), 0, tick=lambda: ticks.append(os.lseek(dst, 0, os.SEEK_CUR)))
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert ticks == [COPY_CHUNK, 2 * COPY_CHUNK, len(data)]

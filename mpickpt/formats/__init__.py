@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -113,18 +113,22 @@ class IndexCache:
 
 
 def open_writer(path: str | os.PathLike[str], fmt: str, *, crc: bool = False, sync: bool = True,
-                forbidden_dirs: Iterable[str | os.PathLike[str]] = (), checksum: bool = False) -> TensorWriter:
+                forbidden_dirs: Iterable[str | os.PathLike[str]] = (), checksum: bool = False,
+                tick: Callable[[], None] | None = None) -> TensorWriter:
     """A writer of one output file in format ``fmt`` (``crc``: the format's own integrity record; ``checksum``:
     the writer's ``file_crc`` gives the whole file's CRC-32 once committed, where the format can tell it
-    without reading the file back: ``.ckpt`` always, safetensors when asked, HDF5 never)."""
+    without reading the file back: ``.ckpt`` always, safetensors when asked, HDF5 never; ``tick``: called
+    between windows of long copies)."""
     if fmt == "ckpt":
         from mpickpt.ckpt_writer import CheckpointWriter
 
-        return CheckpointWriter(path, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs)
+        return CheckpointWriter(path, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs, tick=tick)
     if fmt == "safetensors":
         from mpickpt.formats.safetensors import SafetensorsWriter
 
-        return SafetensorsWriter(path, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs, checksum=checksum)
+        writer = SafetensorsWriter(path, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs, checksum=checksum)
+        writer.tick = tick
+        return writer
     if fmt == "h5":
         from mpickpt.formats.hdf5 import H5Writer
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -60,12 +60,13 @@ def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 
 def copy_with_crc(src_fd: int, src_offset: int, dst_fd: int, count: int, crc: int,
-                  dst_offset: int | None = None) -> int:
+                  dst_offset: int | None = None, tick: Callable[[], None] | None = None) -> int:
     """Copy ``count`` bytes at ``src_offset`` of one file to ``dst_offset`` of ``dst_fd`` (None: append at its
     position) and return ``crc32(those bytes, crc)``. The source is mapped a window at a time and each CACHE_CHUNK is
     checksummed then written while it is still in the CPU cache: one pass over memory, as cheap as
     ``copy_file_range`` alone, where a kernel copy followed by a checksum pass reads everything twice.
-    Through ``pread`` where the file cannot be mapped. ValueError if the source ends before the range."""
+    Through ``pread`` where the file cannot be mapped. ValueError if the source ends before the range.
+    ``tick()`` is called after each window (MPI processes serve each other there during long copies)."""
     end = src_offset + count
     while src_offset < end:
         step = min(COPY_CHUNK, end - src_offset)
@@ -85,6 +86,8 @@ def copy_with_crc(src_fd: int, src_offset: int, dst_fd: int, count: int, crc: in
         src_offset += step
         if dst_offset is not None:
             dst_offset += step
+        if tick is not None:
+            tick()
     return crc
 
 
@@ -170,6 +173,7 @@ class OffsetWriter:
     """
 
     _tensor_crcs = False
+    tick: Callable[[], None] | None = None  # called between copied windows (see copy_with_crc)
 
     def __init__(self, path: Path, crc: bool) -> None:
         self.path = path  # the final name, for messages
@@ -283,7 +287,7 @@ class OffsetWriter:
             return
         try:
             if self._tensor_crcs:
-                slot.crc, got = copy_with_crc(fd, offset, self._fd(), length, slot.crc, at), length
+                slot.crc, got = copy_with_crc(fd, offset, self._fd(), length, slot.crc, at, self.tick), length
             else:
                 got = copy_range(fd, offset, self._fd(), at, length)
         except ValueError:
