@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     transform.add_argument("--crc", action="store_true",
                            help="write checksums into the outputs (MindSpore's crc_check format)")
     transform.add_argument("--exchange-buffer", type=int, default=256, metavar="MIB",
-                           help="MiB of source slices a process keeps in flight to processes that do not see "
-                                "the files (default 256); --src-dir/--dst-dir may hold {host} and {process}")
+                           help="MiB of memory each process may spend sending source slices to processes that "
+                                "do not see the files (default 256); --src-dir/--dst-dir may hold {host} and "
+                                "{process}")
     transform.set_defaults(run=_run_transform)
 
     plan = commands.add_parser("plan", help="dry run: what each target rank reads and writes")
