@@ -28,11 +28,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _measure import busy_cpu_seconds
 from make_case import TARGETS
 from run import (BENCH_DIR, MIB, RSS_SLACK, Case, Contender, Run, code_version, compare_digests, content_digests,
                  expected_digests, file_digests, machine, median, median_cpu, mpickpt_cmd,
-                 sources_digest, under_mpiexec, warm)
+                 sources_digest, timed_run, under_mpiexec)
 
 EXCHANGE_BUFFER = 256 * MIB
 SPLITS = ("shared", "halves", "one-holder")
@@ -76,25 +75,13 @@ def transform_cmd(case: Case, src_dir: str, out: Path) -> list[str]:
 def bench(case: Case, cs: list[Contender], repeat: int, work: Path, notes: list[str]) -> None:
     """Run every split `repeat` times, round-robin; the first (shared) run's files are the reference."""
     sources = sorted(case.src_dir.glob("rank_*/*.ckpt"))
-    out, scratch = work / "out", work / "scratch"
+    out = work / "out"
     reference: list[str] | None = None
     for rep in range(repeat):
         for c in cs:
-            if c.failed:
+            if c.failed or (done := timed_run(c, rep, work, sources)) is None:
                 continue
-            for d in (out, scratch):
-                shutil.rmtree(d, ignore_errors=True)
-            scratch.mkdir(parents=True)
-            os.sync()
-            warm(sources)
-            busy = busy_cpu_seconds()
-            try:
-                wall, procs, _ = c.launch(out, scratch)
-            except RuntimeError as error:
-                c.failed = str(error)
-                print(f"[{rep}] {c.label}: FAILED {error}", flush=True)
-                continue
-            other = max(0.0, busy_cpu_seconds() - busy - sum(p.cpu_s for p in procs))
+            wall, procs, _, other = done
             digests = file_digests(case.outputs(out))
             if reference is None:
                 reference, check = digests, "reference"

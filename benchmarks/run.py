@@ -332,26 +332,35 @@ def contenders(case: Case, procs: list[int], mindspore: bool, copy: bool, script
     return cs
 
 
+def timed_run(c: Contender, rep: int, work: Path,
+              sources: list[Path]) -> tuple[float, list[ProcStats], float | None, float] | None:
+    """One run of one contender into `work/out`: its folders emptied, earlier writes flushed, the sources
+    read once; (wall, process costs, MindSpore's in-call time, CPU the rest of the machine used), or None
+    with the contender marked failed."""
+    out, scratch = work / "out", work / "scratch"
+    for d in (out, scratch):
+        shutil.rmtree(d, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    os.sync()
+    warm(sources)
+    busy = busy_cpu_seconds()
+    try:
+        wall, procs, call_s = c.launch(out, scratch)
+    except RuntimeError as error:
+        c.failed = str(error)
+        print(f"[{rep}] {c.label}: FAILED {error}", flush=True)
+        return None
+    return wall, procs, call_s, max(0.0, busy_cpu_seconds() - busy - sum(p.cpu_s for p in procs))
+
+
 def bench(case: Case, cs: list[Contender], repeat: int, work: Path, checker: Checker) -> None:
     sources = sorted(case.src_dir.glob("rank_*/*.ckpt"))
+    out = work / "out"
     for rep in range(repeat):
         for c in cs:
-            if c.failed:
+            if c.failed or (done := timed_run(c, rep, work, sources)) is None:
                 continue
-            out, scratch = work / "out", work / "scratch"
-            for d in (out, scratch):
-                shutil.rmtree(d, ignore_errors=True)
-            scratch.mkdir(parents=True)
-            os.sync()
-            warm(sources)
-            busy = busy_cpu_seconds()
-            try:
-                wall, procs, call_s = c.launch(out, scratch)
-            except RuntimeError as error:
-                c.failed = str(error)
-                print(f"[{rep}] {c.label}: FAILED {error}", flush=True)
-                continue
-            other = max(0.0, busy_cpu_seconds() - busy - sum(p.cpu_s for p in procs))
+            wall, procs, call_s, other = done
             out_bytes = sum(p.stat().st_size for p in out.rglob("*.ckpt"))
             check = checker.check(c.group, out)
             c.runs.append(Run(wall, procs, out_bytes, check, call_s, other))
