@@ -27,7 +27,7 @@ from mpickpt.ckpt_reader import CRC_MARK, CheckpointIndex
 from mpickpt.dtypes import DTYPES, dtype_itemsize, shape_problem
 from mpickpt.errors import CheckpointFormatError, DestinationError
 from mpickpt.formats.base import TensorSpec
-from mpickpt.formats.offsets import byte_view, copy_with_crc, crc32
+from mpickpt.formats.offsets import byte_view, copy_with_crc, crc32, name_bytes
 
 PIECE_SIZE = 512 * 1024 * 1024
 """Largest content of one entry; MindSpore's save_checkpoint splits bigger tensors at this size."""
@@ -235,10 +235,7 @@ class CheckpointWriter(CommitOnExit):
         self._open_fd()
         if name in self._names:
             raise CheckpointFormatError(f"{self.path}: parameter {name!r} written twice")
-        try:
-            tag = name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise CheckpointFormatError(f"{self.path}: parameter name {name!r} is not valid UTF-8") from None
+        tag = name_bytes(self.path, name)
         self._names.add(name)
         return tag
 

@@ -58,7 +58,7 @@ from mpickpt.ckpt_reader import CheckpointIndex, TensorEntry
 from mpickpt.dtypes import DTYPES, dtype_itemsize, numpy_dtype
 from mpickpt.errors import CheckpointFormatError, DestinationError, MpickptError
 from mpickpt.formats.base import TensorSpec
-from mpickpt.formats.offsets import COPY_CHUNK, OffsetWriter, Region, RegionMap, Slot, byte_view
+from mpickpt.formats.offsets import COPY_CHUNK, OffsetWriter, Region, RegionMap, Slot, byte_view, name_bytes
 from mpickpt.formats.safetensors import crc32_combine
 from mpickpt.source_file import open_source_file
 
@@ -155,10 +155,7 @@ def _checked_spec(path: Path, spec: TensorSpec) -> TensorSpec:
         raise CheckpointFormatError(f"{path}: parameter {name!r} has unknown dtype {spec.dtype!r}")
     if not name:
         raise CheckpointFormatError(f"{path}: a parameter without a name cannot be an HDF5 dataset")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise CheckpointFormatError(f"{path}: parameter name {name!r} is not valid UTF-8") from None
+    name_bytes(path, name)
     dims = tuple(operator.index(d) for d in spec.dims)
     rank_ok = len(dims) <= (64 if spec.dtype == "str" else _MAX_RANK)
     size_ok = spec.nbytes % 4 == 0 if spec.dtype == "str" else spec.nbytes == math.prod(dims) * dtype_itemsize(

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     from zlib import crc32
 
 __all__ = ["COPY_CHUNK", "OffsetWriter", "Region", "RegionMap", "Slot", "byte_view", "copy_range", "copy_with_crc",
-           "crc32", "pwrite_all"]
+           "crc32", "name_bytes", "pwrite_all"]
 
 COPY_CHUNK = 8 << 20
 """Bytes per user-space read when data must pass through memory."""
@@ -50,6 +50,14 @@ def byte_view(data: object) -> memoryview:
     if view.nbytes == 0:
         return memoryview(b"")  # an empty array of several dims cannot be cast
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def name_bytes(path: object, name: str) -> bytes:
+    """A parameter name as UTF-8, as every format stores it (CheckpointFormatError naming file and name)."""
+    try:
+        return name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointFormatError(f"{path}: parameter name {name!r} is not valid UTF-8") from None
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:

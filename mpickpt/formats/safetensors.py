@@ -33,7 +33,7 @@ from mpickpt.ckpt_reader import CheckpointIndex, TensorEntry
 from mpickpt.dtypes import dtype_itemsize
 from mpickpt.errors import CheckpointFormatError, DestinationError
 from mpickpt.formats.base import TensorSpec
-from mpickpt.formats.offsets import COPY_CHUNK, OffsetWriter, Region, Slot, byte_view, pwrite_all
+from mpickpt.formats.offsets import COPY_CHUNK, OffsetWriter, Region, Slot, byte_view, name_bytes, pwrite_all
 from mpickpt.source_file import open_source_file
 
 __all__ = ["MAX_HEADER_SIZE", "SafetensorsIndex", "SafetensorsWriter", "crc32_combine", "index_safetensors"]
@@ -379,10 +379,7 @@ class SafetensorsWriter(OffsetWriter, CommitOnExit):
             raise CheckpointFormatError(f"{self.path}: parameter {name!r} has unknown dtype {spec.dtype!r}")
         if name == "__metadata__" or (spec.dtype == _INT4 and (name in self._base_metadata or name == _CRC_KEY)):
             raise CheckpointFormatError(f"{self.path}: parameter name {name!r} clashes with a metadata key")
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise CheckpointFormatError(f"{self.path}: parameter name {name!r} is not valid UTF-8") from None
+        name_bytes(self.path, name)
         dims = tuple(operator.index(d) for d in spec.dims)
         if len(dims) > _MAX_DIMS or any(d < 0 for d in dims) or spec.nbytes != math.prod(dims) * dtype_itemsize(
                 spec.dtype):
