@@ -58,14 +58,19 @@ def strategy_files(root: Path) -> list[Path]:
 
 
 def checkpoint_content(path: str | os.PathLike[str]) -> list[tuple[str, str, tuple[int, ...], bytes]]:
-    """(name, dtype, dims, content bytes) of every parameter, in file order."""
-    from mpickpt.ckpt import index_checkpoint
+    """(name, dtype, dims, content bytes) of every parameter, in file order (any format, or a unified folder)."""
+    from mpickpt.formats import open_index
 
-    with index_checkpoint(path) as index:
+    with open_index(path) as index:
         return [
             (e.name, e.dtype, tuple(e.dims), b"".join(bytes(v) for v in index.raw(e.name)))
             for e in index.entries.values()
         ]
+
+
+def tensor_content(path: str | os.PathLike[str]) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """name -> (dtype, dims, content bytes) of a checkpoint file of any format, or a unified folder."""
+    return {name: (dtype, dims, data) for name, dtype, dims, data in checkpoint_content(path)}
 
 
 def assert_same_content(ours: str | os.PathLike[str], theirs: str | os.PathLike[str]) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import mpickpt
+from fixture_cases import tensor_content
 from mindspore_helpers import requires_mindspore, run_mindspore
 from mpickpt.api import transform_checkpoints
 from mpickpt.convert import ckpt_to_safetensors
@@ -31,13 +32,6 @@ from mpickpt.unify import UnifyOptions, run_unify
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "tiny_llama"
 DST = TINY / "dst_strategy_4.ckpt"
-
-
-def content(path: str | os.PathLike[str]) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    """name -> (dtype, dims, bytes) of a checkpoint file or unified folder."""
-    with open_index(path) as index:
-        return {name: (e.dtype, tuple(e.dims), b"".join(bytes(v) for v in index.raw(name)))
-                for name, e in index.entries.items()}
 
 
 def transform(src: Path, dst: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -74,8 +68,9 @@ def test_deploy_equals_direct_conversion(cases: dict[str, Path], tmp_path: Path,
         ours = (tmp_path / "st" / f"{name}.safetensors").read_bytes()
         if layout == "ms":  # same tensors, same names: byte-identical
             assert ours == (cases["direct"] / f"{name}.safetensors").read_bytes(), name
-        assert content(tmp_path / "st" / f"{name}.safetensors") == content(cases["direct"] / f"{name}.safetensors")
-        assert content(tmp_path / "ckpt" / f"{name}.ckpt") == content(cases["direct_ckpt"] / f"{name}.ckpt")
+        st, ckpt = f"{name}.safetensors", f"{name}.ckpt"
+        assert tensor_content(tmp_path / "st" / st) == tensor_content(cases["direct"] / st)
+        assert tensor_content(tmp_path / "ckpt" / ckpt) == tensor_content(cases["direct_ckpt"] / ckpt)
 
 
 def test_deploy_a_single_model_safetensors(cases: dict[str, Path], tmp_path: Path) -> None:
@@ -86,7 +81,7 @@ def test_deploy_a_single_model_safetensors(cases: dict[str, Path], tmp_path: Pat
     assert done.returncode == 0, done.stderr
     for rank in range(4):
         name = f"rank_{rank}/checkpoint_{rank}.safetensors"
-        assert content(tmp_path / "out" / name) == content(cases["direct"] / name)
+        assert tensor_content(tmp_path / "out" / name) == tensor_content(cases["direct"] / name)
 
 
 @pytest.mark.skipif(not Path(sys.executable).with_name("mpiexec").exists(), reason="no mpiexec")
@@ -99,7 +94,7 @@ def test_deploy_under_mpi_equals_serial(cases: dict[str, Path], tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     for rank in range(4):
         name = f"rank_{rank}/checkpoint_{rank}.safetensors"
-        assert content(tmp_path / "out" / name) == content(cases["direct"] / name)
+        assert tensor_content(tmp_path / "out" / name) == tensor_content(cases["direct"] / name)
 
 
 LOAD = """
@@ -125,7 +120,7 @@ def test_load_distributed_checkpoint_equals_mindspore(cases: dict[str, Path], tm
         name = f"all/rank_{rank}/net.safetensors"
         assert (ours / name).read_bytes() == (tmp_path / name).read_bytes(), name
     assert os.listdir(ours / "one") == ["rank_1"]
-    assert content(ours / "one/rank_1/net.ckpt") == content(tmp_path / "one/rank_1/net.ckpt")
+    assert tensor_content(ours / "one/rank_1/net.ckpt") == tensor_content(tmp_path / "one/rank_1/net.ckpt")
 
 
 def test_load_distributed_checkpoint_refusals(cases: dict[str, Path], tmp_path: Path) -> None:
@@ -161,7 +156,7 @@ def rewrite_shard(folder: Path, shard: str, change: dict[str, np.ndarray], drop:
     from mpickpt.formats import TensorSpec
     from mpickpt.formats.safetensors import SafetensorsWriter
 
-    tensors = {name: value for name, value in content(folder / shard).items() if name != drop}
+    tensors = {name: value for name, value in tensor_content(folder / shard).items() if name != drop}
     tensors.update({name: ("Float32", tuple(a.shape), a.astype(np.float32).tobytes()) for name, a in change.items()})
     with SafetensorsWriter(folder / shard, sync=False) as writer:
         writer.declare([TensorSpec(n, d, dims, len(data)) for n, (d, dims, data) in tensors.items()])
@@ -263,8 +258,8 @@ def test_load_distributed_checkpoint_to_a_pipeline_strategy_equals_mindspore(min
     assert ranks == sorted(os.listdir(tmp_path / "ours")) and len(ranks) == 8
     sizes = set()
     for rank in ranks:
-        ours = content(tmp_path / "ours" / rank / "net.safetensors")
-        assert ours == content(tmp_path / "theirs" / rank / "net.safetensors"), rank
+        ours = tensor_content(tmp_path / "ours" / rank / "net.safetensors")
+        assert ours == tensor_content(tmp_path / "theirs" / rank / "net.safetensors"), rank
         sizes.add(len(ours))
     assert len(sizes) == 2  # the two stages hold different parameters
 
@@ -280,13 +275,13 @@ def test_a_hyper_param_the_target_strategy_lays_out_is_refused(cases: dict[str, 
     index = json.loads((folder / "param_name_map.json").read_text())
     name = "model.layers.0.attention.wq.weight"
     part = folder / index["weight_map"].pop(name)
-    kept = content(part)[name]
+    kept = tensor_content(part)[name]
     rewrite_shard(folder, part.name, {}, drop=name)
     (folder / "param_name_map.json").write_text(json.dumps(index))
     from mpickpt.formats import TensorSpec
     from mpickpt.formats.safetensors import SafetensorsWriter
 
-    hyper = content(folder / "hyper_param.safetensors") | {name: kept}
+    hyper = tensor_content(folder / "hyper_param.safetensors") | {name: kept}
     with SafetensorsWriter(folder / "hyper_param.safetensors", sync=False) as writer:
         writer.declare([TensorSpec(n, d, dims, len(data)) for n, (d, dims, data) in hyper.items()])
         for n, (d, dims, data) in hyper.items():
@@ -297,14 +292,14 @@ def test_a_hyper_param_the_target_strategy_lays_out_is_refused(cases: dict[str, 
     mpickpt.load_distributed_checkpoint(None, predict_strategy=str(DST), format="safetensors",
                                         unified_safetensors_dir=str(folder), dst_safetensors_dir=str(tmp_path / "l"),
                                         rank_id=2)
-    assert content(tmp_path / "l" / "rank_2" / "net.safetensors")[name] == kept
+    assert tensor_content(tmp_path / "l" / "rank_2" / "net.safetensors")[name] == kept
 
 
 def test_unify_a_unified_folder_into_the_other_layout(cases: dict[str, Path], tmp_path: Path) -> None:
     """A MindSpore unified folder (its hyper_param.safetensors included) re-laid out as Hugging Face shards."""
     run_unify(UnifyOptions(str(cases["ms"]), str(tmp_path / "hf"), layout="hf", max_shard_size=2 << 20),
               SerialComm(), sync=False)
-    assert content(tmp_path / "hf") == content(cases["ms"])
+    assert tensor_content(tmp_path / "hf") == tensor_content(cases["ms"])
     assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixture_cases import checkpoint_content
+from fixture_cases import checkpoint_content, tensor_content
 from mpickpt.convert import ckpt_to_safetensors
 from mpickpt.errors import MpickptError
 from mpickpt.formats import open_index
@@ -31,9 +31,7 @@ def _tensors(folder: Path) -> dict[str, dict[str, tuple[str, tuple[int, ...], by
     """rank folder -> parameter -> (dtype, dims, bytes), whatever the format."""
     out = {}
     for path in sorted(p for p in folder.glob("rank_*/*") if p.suffix in (".ckpt", ".safetensors")):
-        with open_index(path) as index:
-            out[path.parent.name] = {n: (e.dtype, tuple(e.dims), b"".join(bytes(v) for v in index.raw(n)))
-                                     for n, e in index.entries.items()}
+        out[path.parent.name] = tensor_content(path)
     return out
 
 

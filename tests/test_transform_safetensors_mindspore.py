@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fixture_cases import Case
+from fixture_cases import Case, tensor_content
 from mindspore_helpers import requires_mindspore, run_mindspore
-from mpickpt.formats import open_index
 from mpickpt.transform import TransformJob, TransformOptions
 
 pytestmark = [requires_mindspore, pytest.mark.mindspore]
@@ -31,12 +30,6 @@ for fmt in ("safetensors", "ckpt"):
 """
 
 
-def _tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    with open_index(path) as index:
-        return {n: (e.dtype, tuple(e.dims), b"".join(bytes(v) for v in index.raw(n)))
-                for n, e in index.entries.items()}
-
-
 @pytest.mark.parametrize("name", ["seed_8to4", "dp_to_tp_8to4"])
 def test_mindspore_safetensors_sources_convert_as_mindspore_converts_them(
         name: str, mindspore_cases: dict[str, Case], tmp_path: Path) -> None:
@@ -44,7 +37,7 @@ def test_mindspore_safetensors_sources_convert_as_mindspore_converts_them(
     job = {"src": str(case.src_dir), "st_src": str(tmp_path / "st_src"), "out": str(tmp_path / "ms"),
            "prefix": case.prefix, "src_strategy": case.strategy("src"), "dst_strategy": case.strategy("dst")}
     run_mindspore(_MS_SCRIPT, tmp_path, [json.dumps(job)])
-    right = {p.parent.name: _tensors(p) for p in (tmp_path / "ms_ckpt").glob("rank_*/*.ckpt")}
+    right = {p.parent.name: tensor_content(p) for p in (tmp_path / "ms_ckpt").glob("rank_*/*.ckpt")}
     for fmt in ("safetensors", "ckpt"):
         ours = tmp_path / f"ours_{fmt}"
         plan = TransformJob.prepare(TransformOptions(job["st_src"], str(ours), case.prefix, job["src_strategy"],
@@ -55,7 +48,7 @@ def test_mindspore_safetensors_sources_convert_as_mindspore_converts_them(
         assert [p.relative_to(tmp_path / f"ms_{fmt}") for p in theirs] == \
             [p.relative_to(ours) for p in sorted(ours.glob("rank_*/*")) if not p.name.endswith(".done.json")]
         for path in theirs:
-            mine, mindspore = _tensors(ours / path.relative_to(tmp_path / f"ms_{fmt}")), _tensors(path)
+            mine, mindspore = tensor_content(ours / path.relative_to(tmp_path / f"ms_{fmt}")), tensor_content(path)
             assert mine == right[path.parent.name], path
             agreeing = {n for n in mindspore if mindspore[n] == right[path.parent.name][n]}
             assert {n: mine[n] for n in agreeing} == {n: mindspore[n] for n in agreeing}

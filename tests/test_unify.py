@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import safetensors
 
+from fixture_cases import tensor_content
 from mindspore_helpers import requires_mindspore, run_mindspore
 from mpickpt.convert import ckpt_to_safetensors
 from mpickpt.errors import DestinationError, MpickptError
@@ -34,13 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "examples" / "tiny_llama"
 
 
-def content(path: str | os.PathLike[str]) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
-    """name -> (dtype, dims, bytes) of a checkpoint file or unified folder."""
-    with open_index(path) as index:
-        return {name: (e.dtype, tuple(e.dims), b"".join(bytes(v) for v in index.raw(name)))
-                for name, e in index.entries.items()}
-
-
 def assert_same_folder(ours: Path, theirs: Path) -> None:
     """Same file names; same tensors and metadata in each safetensors file; equal JSON files."""
     assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
@@ -48,7 +42,7 @@ def assert_same_folder(ours: Path, theirs: Path) -> None:
         if name.endswith(".json"):
             assert json.loads((ours / name).read_text()) == json.loads((theirs / name).read_text()), name
         else:
-            assert content(ours / name) == content(theirs / name), name
+            assert tensor_content(ours / name) == tensor_content(theirs / name), name
             with open_index(ours / name) as a, open_index(theirs / name) as b:
                 assert a.metadata == b.metadata, name
 
@@ -69,7 +63,7 @@ def tiny_full(tiny_st: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     out = tmp_path_factory.mktemp("full")
     transform_checkpoints(str(tiny_st), str(out), "c", str(TINY / "src_strategy.ckpt"), None,
                           output_format="safetensors")
-    return content(out / "rank_0" / "c0.safetensors")
+    return tensor_content(out / "rank_0" / "c0.safetensors")
 
 
 CHOICE = "lambda name: False if name.startswith('adam_v') else ('head.w' if name == 'lm_head.weight' else True)"
@@ -175,7 +169,7 @@ def test_hf_layout_loads_with_the_official_package(tiny_st: Path, tiny_full: dic
     assert sorted(loaded) == sorted(tiny_full) == sorted(index["weight_map"])
     for name, (_, dims, data) in tiny_full.items():
         assert loaded[name] == (dims, data), name
-    assert content(tmp_path / "hf") == tiny_full  # through the index, as a deploy source reads it
+    assert tensor_content(tmp_path / "hf") == tiny_full  # through the index, as a deploy source reads it
 
 
 def test_hf_one_shard_still_numbered_with_index(tiny_st: Path, tmp_path: Path) -> None:
@@ -192,7 +186,7 @@ def test_cli_params_and_exclude(tiny_st: Path, tiny_full: dict, tmp_path: Path) 
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     kept = {n for n in tiny_full if not n.startswith("adam_") and "norm" not in n}
-    assert set(content(out)) == kept
+    assert set(tensor_content(out)) == kept
     left = sorted(set(tiny_full) - kept)
     assert f"left out {len(left)}: {left[0]}" in proc.stderr
     assert json.loads((out / "manifest.json").read_text())["left_out"] == [n for n in tiny_full if n in left]
@@ -202,7 +196,7 @@ def test_mindspore_layout_exclude_leaves_hyper_params_out_too(tiny_st: Path, tmp
     options = UnifyOptions(str(tiny_st), str(tmp_path / "u"), str(TINY / "src_strategy.ckpt"),
                            exclude=("adam_*", "global_step"))
     run_unify(options, SerialComm(), manifest=False)
-    names = set(content(tmp_path / "u"))
+    names = set(tensor_content(tmp_path / "u"))
     assert names and not any(n.startswith("adam_") or n == "global_step" for n in names)
 
 
@@ -272,7 +266,7 @@ def remove_redundancy(src: Path, dst: Path) -> None:
             kept[holders[i % len(holders)]].add(name)
     for rank, names in kept.items():
         path = next((src / f"rank_{rank}").glob("*.safetensors"))
-        tensors = {n: v for n, v in content(path).items() if n in names or not layouts.holds(n)}
+        tensors = {n: v for n, v in tensor_content(path).items() if n in names or not layouts.holds(n)}
         out = dst / f"rank_{rank}" / path.name
         with SafetensorsWriter(out, sync=False, metadata={"format": "ms", "remove_redundancy": "True"}) as writer:
             writer.declare([TensorSpec(n, d, dims, len(data)) for n, (d, dims, data) in tensors.items()])
@@ -290,7 +284,7 @@ def test_redundancy_removed_sources_equal_mindspore(tiny_st: Path, tiny_full: di
     assert_same_folder(tmp_path / "ours", tmp_path / "theirs")
     with open_index(tmp_path / "ours" / "part0.safetensors") as part:
         assert part.metadata == {"format": "ms", "remove_redundancy": "False"}
-    parts = content(tmp_path / "ours" / "part0.safetensors")
+    parts = tensor_content(tmp_path / "ours" / "part0.safetensors")
     assert parts == {n: v for n, v in tiny_full.items() if n in parts}
 
 
@@ -312,7 +306,7 @@ def test_h5_by_two_processes_equals_serial(tiny_st: Path, tiny_full: dict, tmp_p
     manifest = json.loads((tmp_path / "mpi.h5.manifest.json").read_text())
     assert [p["process"] for p in manifest["processes"]] == [0, 1]
     assert all(p["bytes_written"] > 0 for p in manifest["processes"])  # both wrote a share of the file
-    assert content(tmp_path / "mpi.h5") == tiny_full
+    assert tensor_content(tmp_path / "mpi.h5") == tiny_full
     with h5py.File(tmp_path / "mpi.h5", "r") as f:  # an ordinary HDF5 file
         name = "model.norm_out.weight"
         assert f[name][()].tobytes() == tiny_full[name][2]
@@ -332,7 +326,7 @@ def test_h5_selection_and_refusals(tiny_st: Path, tiny_full: dict, tmp_path: Pat
     options = UnifyOptions(str(tiny_st), str(tmp_path / "w.h5"), str(TINY / "src_strategy.ckpt"), fmt="h5",
                            exclude=("adam_*",))
     summary = run_unify(options, SerialComm(), sync=False)
-    assert set(content(tmp_path / "w.h5")) == {n for n in tiny_full if not n.startswith("adam_")}
+    assert set(tensor_content(tmp_path / "w.h5")) == {n for n in tiny_full if not n.startswith("adam_")}
     assert summary.left_out and all(n.startswith("adam_") for n in summary.left_out)
     (tmp_path / "folder").mkdir()
     with pytest.raises(DestinationError, match="is a file"):
