@@ -60,10 +60,8 @@ def start_job(options: TransformOptions, comm: Comm,
     """Called on all ranks: this process's job (its own expansions; every task of the run) and the
     destination lock when this process holds one. `lock_destination(options)` checks and locks; `sync`
     fsyncs the merged strategy files."""
-    host = host_name()
+    host, local = _expanded(options, comm)
     per_process = has_placeholders(options.src_dir)
-    local = replace(options, src_dir=expand(options.src_dir, host, comm.rank),
-                    dst_dir=expand(options.dst_dir, host, comm.rank))
     lock: DestinationLock | None = None
     indexes = IndexCache()  # headers read here stay open for this process's targets
 
@@ -104,10 +102,8 @@ def survey_job(options: TransformOptions, comm: Comm) -> Survey:
     """Called on all ranks: the job as `start_job` builds it (folders expanded per process, views and headers
     gathered, every target planned, an `Exchange` where some process lacks a file), but no destination is
     checked or locked and nothing is written (per-stage strategy folders are merged in memory only)."""
-    host = host_name()
+    host, local = _expanded(options, comm)
     per_process = has_placeholders(options.src_dir)
-    local = replace(options, src_dir=expand(options.src_dir, host, comm.rank),
-                    dst_dir=expand(options.dst_dir, host, comm.rank))
 
     def check_names() -> None:
         check_prefix(options.prefix)
@@ -126,6 +122,13 @@ def survey_job(options: TransformOptions, comm: Comm) -> Survey:
         raise SourceMissingError(f"{error}; one process sees only its own expansion of {options.src_dir}: run "
                                  "under mpiexec with a process for each folder holding the other ranks") from None
     return Survey(job, placement)
+
+
+def _expanded(options: TransformOptions, comm: Comm) -> tuple[str, TransformOptions]:
+    """This process's host and the options with `{host}`/`{process}` expanded in both folders."""
+    host = host_name()
+    return host, replace(options, src_dir=expand(options.src_dir, host, comm.rank),
+                         dst_dir=expand(options.dst_dir, host, comm.rank))
 
 
 def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process: bool,
