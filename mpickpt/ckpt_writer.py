@@ -27,7 +27,7 @@ from mpickpt.ckpt_reader import CRC_MARK, CheckpointIndex
 from mpickpt.dtypes import DTYPES, dtype_itemsize, shape_problem
 from mpickpt.errors import CheckpointFormatError, DestinationError
 from mpickpt.formats.base import TensorSpec
-from mpickpt.formats.offsets import byte_view, copy_with_crc, crc32, name_bytes
+from mpickpt.formats.offsets import byte_view, copy_with_crc, crc32, name_bytes, write_all
 
 PIECE_SIZE = 512 * 1024 * 1024
 """Largest content of one entry; MindSpore's save_checkpoint splits bigger tensors at this size."""
@@ -76,12 +76,6 @@ def _byte_view(path: Path, name: str, data: object) -> memoryview:
         return byte_view(data)
     except ValueError:
         raise CheckpointFormatError(f"{path}: data of parameter {name!r} is not C-contiguous") from None
-
-
-def _write_all(fd: int, data: memoryview | bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 # Dirty bytes after which a synced writer asks the kernel to start writing them back (so the final
@@ -309,7 +303,7 @@ class CheckpointWriter(CommitOnExit):
                 self._flush()
         else:
             self._flush()
-            _write_all(self._open_fd(), data)
+            write_all(self._open_fd(), data)
 
     def _kick_writeback(self) -> None:
         """With sync on, start writing back what is dirty once WRITEBACK_CHUNK bytes have piled up."""
@@ -324,7 +318,7 @@ class CheckpointWriter(CommitOnExit):
 
     def _flush(self) -> None:
         if self._buf:
-            _write_all(self._open_fd(), self._buf)
+            write_all(self._open_fd(), self._buf)
             self._buf.clear()
 
 

@@ -33,3 +33,8 @@ class DestinationError(MpickptError):
 
 class LaunchError(MpickptError):
     """The process was started by an MPI launcher but cannot join its MPI world (mpi4py missing, wrong MPI)."""
+
+
+class SourceConflictError(MpickptError):
+    """Processes see different contents under one source file: node-local copies that differ, or a file other
+    than the one the job was planned with (names the file, the processes and their hosts)."""

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     from zlib import crc32
 
 __all__ = ["COPY_CHUNK", "OffsetWriter", "Region", "RegionMap", "Slot", "byte_view", "copy_range", "copy_with_crc",
-           "crc32", "name_bytes", "pwrite_all"]
+           "crc32", "name_bytes", "pwrite_all", "write_all"]
 
 COPY_CHUNK = 8 << 20
 """Bytes per user-space read when data must pass through memory."""
@@ -58,6 +58,13 @@ def name_bytes(path: object, name: str) -> bytes:
         return name.encode("utf-8")
     except UnicodeEncodeError:
         raise CheckpointFormatError(f"{path}: parameter name {name!r} is not valid UTF-8") from None
+
+
+def write_all(fd: int, data: memoryview | bytes | bytearray) -> None:
+    """Append all of ``data`` to ``fd``."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
@@ -118,8 +125,7 @@ def _write_with_crc(fd: int, data: bytes | mmap.mmap, offset: int, count: int, c
             chunk = whole[at:min(at + CACHE_CHUNK, offset + count)]
             crc = crc32(chunk, crc)
             if at_offset is None:
-                while chunk:
-                    chunk = chunk[os.write(fd, chunk):]
+                write_all(fd, chunk)
             else:
                 pwrite_all(fd, chunk, at_offset + at - offset)
             chunk.release()
