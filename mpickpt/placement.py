@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import numpy as np
@@ -23,6 +24,8 @@ PLACEHOLDERS = ("host", "process")
 SAME_HOST_WEIGHT = 1  # weight of a byte a writer would receive from a process of its own host
 OTHER_HOST_WEIGHT = 4  # ... from another host (over the network: dearer than a copy within a host)
 T = TypeVar("T")
+FileStamp = tuple[tuple[str, int, int], ...]
+"""What stands for one source rank's content: (file name, size, modification time in ns) of each of its files."""
 
 
 def expand(template: str, host: str, process: int) -> str:
@@ -45,18 +48,56 @@ def has_placeholders(template: str) -> bool:
 
 @dataclass(frozen=True)
 class ProcessView:
-    """What one process sees: its host, its expansion of the source folder and the rank files found there."""
+    """What one process sees: its host, its expansion of the source folder, the rank files found there and
+    their stamps (size and time of each file)."""
 
     process: int
     host: str
     src_dir: str
     rank_files: dict[int, str]
+    stamps: dict[int, FileStamp] = field(default_factory=dict)
 
     def group_key(self, per_process: bool) -> tuple[object, ...]:
-        """Processes with the same key see the same folder: same path and same rank files (with placeholders,
-        on the same host too); a path that is node-local on several hosts lists different files."""
-        files = tuple(sorted(self.rank_files.items()))
+        """Processes with the same key see the same folder: same path and same rank files with the same stamps
+        (with placeholders, on the same host too); a path that is node-local on several hosts lists different
+        files, or files of other sizes or times."""
+        files = tuple(sorted(self.rank_files.items())), tuple(sorted(self.stamps.items()))
         return (self.host, self.src_dir, files) if per_process else (self.src_dir, files)
+
+
+@dataclass(frozen=True)
+class SourceCopy:
+    """One copy of a source rank's file as a process sees it (the lowest process seeing that copy)."""
+
+    rank: int
+    process: int
+    host: str
+    path: str
+    stamp: FileStamp
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size, _ in self.stamp)
+
+    def describe(self) -> str:
+        """"process 2 (host b) /x/rank_3/c.ckpt: 1234 bytes, modified 2026-12-01 10:00:00.123456 UTC"."""
+        latest = max((mtime for _, _, mtime in self.stamp), default=0)
+        when = datetime.fromtimestamp(latest / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
+        return f"process {self.process} (host {self.host}) {self.path}: {self.size} bytes, modified {when}"
+
+
+def differing_copies(views: Sequence[ProcessView]) -> dict[int, list[SourceCopy]]:
+    """Source rank -> its copies (one per host, path and stamp), for every rank whose copies do not all have
+    the same stamp: node-local copies that may hold different checkpoints (copies on a shared folder, or
+    node-local ones made with their times kept, agree)."""
+    copies: dict[int, dict[tuple[str, str, FileStamp], SourceCopy]] = {}
+    for view in views:
+        for rank, path in view.rank_files.items():
+            stamp = view.stamps.get(rank, ())
+            copies.setdefault(rank, {}).setdefault((view.host, path, stamp),
+                                                   SourceCopy(rank, view.process, view.host, path, stamp))
+    return {rank: list(found.values()) for rank, found in sorted(copies.items())
+            if len({copy.stamp for copy in found.values()}) > 1}
 
 
 def header_share(views: Sequence[ProcessView], process: int, per_process: bool) -> list[int]:

@@ -5,7 +5,10 @@
    file's token back: a path that is not one folder for all of them (node-local on several hosts) is an
    error asking for `{host}` in --dst-dir.
 2. Rank 0 loads the strategies (merging per-stage folders, kept in its destination) and broadcasts them.
-3. Every process lists the rank files it sees; the views are gathered (who holds what).
+3. Every process lists the rank files it sees, with their sizes and times; the views are gathered (who holds
+   what). Copies of one rank's file whose sizes or times differ (node-local copies on several hosts) must
+   hold the same bytes: other sizes are an error, other times have each copy checksummed by a process
+   seeing it and differing contents are an error naming every copy (mpickpt cannot tell which is current).
 4. Processes seeing the same folder split the reading of its headers; the headers are gathered.
 5. Every process checks and catalogs the sources (a rank held by no process is an error naming who
    holds what) and plans its share of the targets; the tasks are gathered, so every process has them all.
@@ -27,14 +30,24 @@ from .destination import (
     lock_token,
     refuse_outputs_beside_sources,
 )
-from .errors import DestinationError, SourceMissingError
+from .errors import DestinationError, SourceConflictError, SourceMissingError
 from .exchange import Exchange
 from .formats import IndexCache, suffix_of
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
 from .mpi import Comm
-from .placement import Placement, ProcessView, expand, has_placeholders, header_share
-from .sources import RANK_FORMATS, find_rank_files
+from .manifest import checksum
+from .placement import (
+    FileStamp,
+    Placement,
+    ProcessView,
+    SourceCopy,
+    differing_copies,
+    expand,
+    has_placeholders,
+    header_share,
+)
+from .sources import RANK_FORMATS, find_rank_files, stamped_files
 from .strategy import Strategy
 from .transform import (
     Sources,
@@ -79,8 +92,8 @@ def start_job(options: TransformOptions, comm: Comm,
         tokens = agree(check_and_lock, comm)
         agree(lambda: _check_one_folder(options.dst_dir, comm.rank, dst_dirs, hosts, tokens), comm)
         src, dst = broadcast_prepared(lambda: load_strategies(local, local.dst_dir, sync), comm)
-        placement, headers = _survey_sources(local, comm, host, per_process, indexes)
-        job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process, indexes)
+        placement, headers, notes = _survey_sources(local, comm, host, per_process, indexes)
+        job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process, indexes, notes)
     except BaseException:
         indexes.close()
         if lock is not None:
@@ -113,8 +126,8 @@ def survey_job(options: TransformOptions, comm: Comm) -> Survey:
     src, dst = broadcast_prepared(lambda: load_strategies(local, None), comm)
     indexes = IndexCache()
     try:
-        placement, headers = _survey_sources(local, comm, host, per_process, indexes)
-        job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process, indexes)
+        placement, headers, notes = _survey_sources(local, comm, host, per_process, indexes)
+        job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process, indexes, notes)
     except BaseException as error:
         indexes.close()
         if not isinstance(error, SourceMissingError) or comm.size > 1 or not per_process:
@@ -132,10 +145,11 @@ def _expanded(options: TransformOptions, comm: Comm) -> tuple[str, TransformOpti
 
 
 def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process: bool,
-                    indexes: IndexCache) -> tuple[Placement, dict[int, SourceHeaders]]:
-    """Who sees which rank file, and every source file's headers (each folder's files read once, split over
-    the processes seeing it; the indexes stay open in `indexes`)."""
+                    indexes: IndexCache) -> tuple[Placement, dict[int, SourceHeaders], tuple[str, ...]]:
+    """Who sees which rank file, every source file's headers (each folder's files read once, split over
+    the processes seeing it; the indexes stay open in `indexes`) and notes for the summary."""
     views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
+    notes = _check_copies(views, comm)
     found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]
                                         for r in header_share(views, comm.rank, per_process)},
                                        indexes.lease), comm)
@@ -143,7 +157,51 @@ def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process:
     for share in found:
         for rank, h in share.items():
             headers.setdefault(rank, h)
-    return Placement(tuple(views)), headers
+    return Placement(tuple(views)), headers, notes
+
+
+def _check_copies(views: Sequence[ProcessView], comm: Comm) -> tuple[str, ...]:
+    """Refuse copies of one rank's file that hold different bytes (SourceConflictError naming every copy);
+    copies of the same size whose times differ are checksummed first, each by the lowest process seeing it.
+    A note when copies were compared and found equal."""
+    differing = differing_copies(views)
+    if not differing:
+        return ()
+    for rank, copies in differing.items():
+        if len({copy.size for copy in copies}) > 1:
+            raise _conflict(rank, copies, "their sizes differ")
+    digests = agree(lambda: {(c.host, c.path, c.stamp): _content_checksum(c.path)
+                             for copies in differing.values() for c in copies if c.process == comm.rank}, comm)
+    found = {key: digest for share in digests for key, digest in share.items()}
+    for rank, copies in differing.items():
+        if len({found[c.host, c.path, c.stamp] for c in copies}) > 1:
+            raise _conflict(rank, copies, "their contents differ")
+    return (f"copies of source ranks {sorted(differing)} on several hosts have different times but the same "
+            "contents (checksummed)",)
+
+
+def _conflict(rank: int, copies: Sequence[SourceCopy], how: str) -> SourceConflictError:
+    return SourceConflictError(
+        f"source rank {rank}: processes see different copies of its file, and {how}: "
+        f"{'; '.join(copy.describe() for copy in copies)}. mpickpt cannot tell which copy is current: make "
+        "every copy the same (e.g. rsync -a from one place) or remove the stale ones")
+
+
+def _content_checksum(source: str) -> tuple[str, ...]:
+    """The CRC-32 of each file standing for one source."""
+    return tuple(checksum(path) for path in stamped_files(source))
+
+
+def _stamps(files: dict[int, str]) -> dict[int, FileStamp]:
+    """(file name, size, time in ns) of each file standing for each rank's source."""
+    stamps = {}
+    for rank, source in files.items():
+        found = []
+        for path in stamped_files(source):
+            st = os.stat(path)
+            found.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
+        stamps[rank] = tuple(found)
+    return stamps
 
 
 def _check_one_folder(template: str, process: int, dst_dirs: Sequence[str], hosts: Sequence[str],
@@ -171,13 +229,13 @@ def _view(options: TransformOptions, process: int, host: str, per_process: bool)
         if not per_process:
             raise
         files = {}
-    return ProcessView(process, host, folder, files)
+    return ProcessView(process, host, folder, files, _stamps(files))
 
 
 def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None, placement: Placement,
           headers: dict[int, SourceHeaders], comm: Comm, template: str, per_process: bool,
-          indexes: IndexCache) -> TransformJob:
-    """Check the sources, plan this process's share of targets, gather every task."""
+          indexes: IndexCache, notes: tuple[str, ...]) -> TransformJob:
+    """Check the sources, plan this process's share of targets, gather every task (`notes` join the job's)."""
     rank_files = placement.rank_files
     if not rank_files:
         looked = " or ".join(f"rank_<r>/*{suffix_of(f)}" for f in
@@ -214,6 +272,7 @@ def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None,
     if comm.size > 1 and any(len(seen_by.get(r, ())) < comm.size for r in sources.rank_files):
         job.exchange = Exchange(comm, lambda r: indexes.lease(mine[r]), seen_by, [v.host for v in placement.views],
                                 sources.headers, budget=options.exchange_buffer)
+    job.notes = job.notes + notes
     if has_placeholders(template):
         job.notes = job.notes + (f"sources per process: {placement.describe()}",)
     return job

@@ -43,7 +43,7 @@ from written_cases import WRITTEN
 from mpickpt import exchange as exchange_module
 from mpickpt.destination import LOCK_NAME
 from mpickpt.driver import deal, run_transform
-from mpickpt.errors import CheckpointFormatError, MpickptError, SourceMissingError
+from mpickpt.errors import CheckpointFormatError, MpickptError, SourceConflictError, SourceMissingError
 from mpickpt.exchange import CONTROL_TAG, Exchange, ExchangeError, blocks
 from mpickpt.execute import Piece
 from mpickpt.formats import open_index
@@ -52,7 +52,9 @@ from mpickpt.layout import Box
 from mpickpt.mpi import SerialComm
 from mpickpt.placement import (
     ProcessView,
+    SourceCopy,
     choose_holder,
+    differing_copies,
     expand,
     has_placeholders,
     header_share,
@@ -98,6 +100,22 @@ def test_processes_seeing_one_folder_split_its_headers() -> None:
     assert header_share(host_views, 1, per_process=True) == list(range(5))  # another host: its own copy
     local = [ProcessView(0, "a", "/s", {0: "/s/rank_0/c.ckpt"}), ProcessView(1, "b", "/s", {1: "/s/rank_1/c.ckpt"})]
     assert [header_share(local, p, per_process=False) for p in (0, 1)] == [[0], [1]]  # same path, node-local
+
+
+def test_copies_of_a_rank_with_other_sizes_or_times_are_found() -> None:
+    """Copies agree when every process sees the same stamp (a shared folder, or copies with times kept);
+    each distinct host, path and stamp is one copy, named by the lowest process seeing it."""
+    files = {r: f"/s/rank_{r}/c.ckpt" for r in range(2)}
+    stamp = {r: (("c.ckpt", 100 + r, 7),) for r in range(2)}
+    shared = [ProcessView(p, "ab"[p // 2], "/s", files, stamp) for p in range(4)]
+    assert differing_copies(shared) == {}
+    stale = {**stamp, 1: (("c.ckpt", 101, 9),)}
+    node_local = [*shared[:2], *(ProcessView(p, "b", "/s", files, stale) for p in (2, 3))]
+    assert differing_copies(node_local) == {1: [SourceCopy(1, 0, "a", files[1], stamp[1]),
+                                                SourceCopy(1, 2, "b", files[1], stale[1])]}
+    assert not shared[0].group_key(False) == node_local[2].group_key(False)  # headers read on each host
+    assert SourceCopy(1, 2, "b", files[1], stale[1]).describe() == \
+        "process 2 (host b) /s/rank_1/c.ckpt: 101 bytes, modified 1970-01-01 00:00:00.000000 UTC"
 
 
 def test_holder_is_the_writer_itself_then_its_host_then_the_least_loaded() -> None:
@@ -249,6 +267,26 @@ def test_a_rank_held_by_no_process_is_named_before_any_output(tmp_path: Path,
     assert "the checkpoint files of ranks [2, 5] are missing" in text, text
     assert "process 0 (host " in text and f"{base / 'p0'}): ranks [1, 3, 7]" in text, text
     assert f"{base / 'p1'}): ranks [0, 4, 6]" in text, text
+    assert not list((tmp_path / "dst").rglob("*.ckpt"))
+
+
+def test_replicas_in_per_process_folders_that_differ_are_refused(tmp_path: Path,
+                                                               written_cases: dict[str, Case]) -> None:
+    """Both processes hold rank 1 in their own folders, process 1's copy with other bytes and time."""
+    case = written_cases["random_8to4"]
+    base = split_sources(case, tmp_path / "src", 2)
+    held = base / "p1" / "rank_0"
+    shutil.copytree(held, base / "p0" / "rank_0")
+    copy = next((base / "p0" / "rank_0").glob("*.ckpt"))
+    copy.write_bytes(copy.read_bytes()[:-1] + bytes([copy.read_bytes()[-1] ^ 1]))
+    options = options_for(case, str(base / SPLIT), str(tmp_path / "dst"))
+
+    errors = transform_errors(options, 2)
+    assert all(isinstance(e, SourceConflictError) for e in errors) and len({str(e) for e in errors}) == 1
+    text = str(errors[0])
+    assert text.startswith("source rank 0: processes see different copies of its file, and their contents differ: "
+                           "process 0 (host "), text
+    assert f"{copy}: {copy.stat().st_size} bytes" in text and "process 1 (host " in text, text
     assert not list((tmp_path / "dst").rglob("*.ckpt"))
 
 
@@ -418,6 +456,64 @@ def test_a_plain_destination_that_is_a_different_folder_per_host_is_refused(flav
     assert done.returncode == 0, done.output
     made = {name: data for host, folder in folders.items() for name, data in outputs(folder / host).items()}
     assert made == serial(case)
+
+
+def _node_local_sources(case: Case, tmp_path: Path, change: str) -> tuple[Path, dict[str, Path]]:
+    """A plain source path that is a copy of the case on each of hosts a and b, host b's copy changed:
+    "values" (every tensor byte flipped, same sizes), "size" (rank 0's file one byte longer) or "time" (same
+    bytes, other modification times)."""
+    plain, folders = tmp_path / "src", {host: tmp_path / f"disk_{host}" for host in "ab"}
+    plain.mkdir()
+    for folder in folders.values():
+        shutil.copytree(case.src_dir, folder)  # copies times too
+    for path in sorted(folders["b"].glob("rank_*/*.ckpt")):
+        if change == "values":
+            with open_index(path) as index:
+                runs = [piece for entry in index.entries.values() for piece in entry.pieces]
+            data = bytearray(path.read_bytes())
+            for offset, length in runs:
+                data[offset:offset + length] = bytes(byte ^ 0x5A for byte in data[offset:offset + length])
+            path.write_bytes(bytes(data))
+        elif change == "size" and path.parent.name == "rank_0":
+            path.write_bytes(path.read_bytes() + b"\0")
+        elif change == "time":
+            os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    return plain, folders
+
+
+@pytest.mark.parametrize(("flavor", "change"), [*((f, "values") for f in FLAVORS), ("mpich", "size")])
+def test_node_local_copies_of_a_source_that_differ_are_refused(flavor: str, change: str, tmp_path: Path,
+                                                               written_cases: dict[str, Case]) -> None:
+    """`--src-dir src` is node-local on hosts a and b and b's copies hold other bytes: every process fails
+    alike naming both copies, before any output (the run used to mix the two checkpoints and exit 0)."""
+    case = written_cases["random_8to4"]
+    plain, folders = _node_local_sources(case, tmp_path, change)
+    dst = tmp_path / "out"
+    command = [sys.executable, "-m", "mpickpt", "transform", *transform_args(case, dst, plain)]
+    done = run(per_host_mounts(flavor, command, plain, folders))
+    assert done.returncode != 0, done.output
+    how = "their contents differ" if change == "values" else "their sizes differ"
+    refused = f"mpickpt: error: source rank 0: processes see different copies of its file, and {how}: process 0 (host a) "
+    assert done.output.count("mpickpt: error:") == done.output.count(refused) == 4, done.output  # all alike
+    assert f"; process 2 (host b) {plain / 'rank_0'}" in done.output
+    assert "mpickpt cannot tell which copy is current" in done.output
+    assert sorted(p.name for p in dst.iterdir()) == [LOCK_NAME]
+
+
+def test_node_local_copies_with_other_times_but_the_same_bytes_are_used(tmp_path: Path,
+                                                                        written_cases: dict[str, Case],
+                                                                        serial: Serial) -> None:  # noqa: F811
+    """Copies made without keeping times are checksummed on their hosts, found equal and used (a note says so)."""
+    case = written_cases["random_8to4"]
+    plain, folders = _node_local_sources(case, tmp_path, "time")
+    dst = tmp_path / "out"
+    command = [sys.executable, "-m", "mpickpt", "transform", *transform_args(case, dst, plain)]
+    done = run(per_host_mounts("mpich", command, plain, folders))
+    assert done.returncode == 0, done.output
+    assert outputs(dst) == serial(case)
+    ranks = sorted(int(p.name.split("_")[1]) for p in case.src_dir.glob("rank_*"))
+    assert (f"copies of source ranks {ranks} on several hosts have different times but the same contents "
+            "(checksummed)") in json.loads((dst / "manifest.json").read_text())["notes"]
 
 
 # --- MindSpore-made cases: a pipeline strategy folder (merged by rank 0), redundancy-removed sources -----
