@@ -43,9 +43,10 @@ if TYPE_CHECKING:
 
 from mpickpt.collective import broadcast_prepared, deal_by_size, fail
 from mpickpt.formats import TensorEntry, TensorSpec, open_index, open_writer, suffix_of
+from mpickpt.shared_folders import SharedCheck, confirm_shared, leave_check
 
-__all__ = ["ckpt_to_safetensors", "convert_file", "convert_files", "output_folders", "plan_conversion",
-           "run_convert", "safetensors_to_ckpt"]
+__all__ = ["ckpt_to_safetensors", "convert_file", "convert_files", "destination", "output_folders",
+           "plan_conversion", "run_convert", "safetensors_to_ckpt"]
 
 _SOURCE_FORMAT = {"safetensors": "ckpt", "ckpt": "safetensors"}
 _FUNCTION = {"safetensors": "ckpt_to_safetensors", "ckpt": "safetensors_to_ckpt"}
@@ -128,6 +129,15 @@ def output_folders(file_path: str | os.PathLike[str], save_path: str | os.PathLi
     if os.path.isdir(src):
         return [out for _, out in _rank_folders(src, save_path, "conversion")]
     return [Path(save_path)] if save_path else []
+
+
+def destination(file_path: str | os.PathLike[str], save_path: str | os.PathLike[str] | None) -> str:
+    """The folder holding every output (or their rank folders): ``save_path``, else the source folder, or
+    the source file's folder."""
+    src = os.fspath(file_path)
+    if os.path.isdir(src):
+        return os.fspath(save_path) if save_path is not None else src
+    return os.fspath(save_path) if save_path else os.path.dirname(os.path.abspath(src))
 
 
 def _rank_folders(src: str, save_path: str | os.PathLike[str] | None, function: str) -> list[tuple[Path, Path]]:
@@ -243,16 +253,19 @@ def _renamed(path: Path, entries: Mapping[str, TensorEntry], name_map: Mapping[s
 
 def run_convert(file_path: str | os.PathLike[str], save_path: str | os.PathLike[str] | None, to_format: str,
                 comm: Comm, *, file_name_regex: str | None = None, sync: bool = True) -> list[Pair]:
-    """Called on every process (`mpickpt convert`): rank 0 plans and makes the output folders, the files
+    """Called on every process (`mpickpt convert`): rank 0 plans and makes the output folders, every process
+    confirms it sees the sources and the destination rank 0 planned with (mpickpt.shared_folders), the files
     are dealt to processes by size, each converts its share; returns every pair converted, on every rank."""
 
-    def prepare() -> list[Pair]:
+    def prepare() -> tuple[list[Pair], SharedCheck | None]:
         pairs = plan_conversion(file_path, save_path, to_format, file_name_regex)
         for folder in output_folders(file_path, save_path):
             _make_folder(folder)
-        return pairs
+        return pairs, leave_check("convert", [str(src) for src, _, _ in pairs], destination(file_path, save_path),
+                                  comm.size)
 
-    pairs = broadcast_prepared(prepare, comm)
+    pairs, check = broadcast_prepared(prepare, comm)
+    confirm_shared(check, comm)
     current: Pair | None = None
     try:
         for current in deal_by_size(pairs, lambda pair: pair[2], comm.size)[comm.rank]:

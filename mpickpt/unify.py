@@ -5,6 +5,8 @@ layout (``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``)
 Planning (:func:`plan_unify`, coordinator only) takes the one-full-target plan of a transform with no
 target strategy and splits its parameters into output files; every output file is then written by one
 process (:func:`run_unify` deals them by size), reading only the source byte runs of its parameters.
+Under MPI every process first confirms it sees the source files and the destination folder rank 0
+planned with (:func:`plan_shared`): node-local copies under one path are refused before any output.
 
 What MindSpore 2.10's ``unified_safetensors`` does, and so this (layout ``mindspore``):
 
@@ -49,11 +51,12 @@ from .layout import Box, Layouts
 from .manifest import write_manifest
 from .mpi import Comm
 from .plan import Copy, ParamPlan, TargetPlan
+from .shared_folders import SharedCheck, confirm_shared, leave_check
 from .transform import TransformJob, TransformOptions
 from .unified import HF_INDEX, HYPER_PARAM, MS_INDEX
 
-__all__ = ["LAYOUTS", "OutputFile", "UnifyOptions", "UnifyPlan", "UnifySummary", "parse_size", "plan_unify",
-           "run_unify", "unified_safetensors"]
+__all__ = ["LAYOUTS", "OutputFile", "UnifyOptions", "UnifyPlan", "UnifySummary", "parse_size", "plan_shared",
+           "plan_unify", "run_unify", "unified_safetensors"]
 
 LAYOUTS = ("mindspore", "hf")
 PART_BYTES = 3 << 30  # MindSpore: one part per started 3 GiB of full tensors
@@ -401,21 +404,16 @@ def write_file(plan: UnifyPlan, file: OutputFile, *, sync: bool = True) -> tuple
 
 def run_unify(options: UnifyOptions, comm: Comm, *, sync: bool = True, choice_func: ChoiceFunc | None = None,
               manifest: bool = True) -> UnifySummary:
-    """Called on every process: rank 0 plans, the output files are dealt by size, each process writes its
-    share; rank 0 then writes the index (and manifest.json) and every process returns the summary."""
+    """Called on every process: rank 0 plans (`plan_shared`), the output files are dealt by size, each process
+    writes its share; rank 0 then writes the index (and manifest.json) and every process returns the summary."""
     if options.fmt == "h5":
         from .unify_h5 import run_unify_h5
 
         return run_unify_h5(options, comm, sync=sync, manifest=manifest)
     started = time.monotonic()
-
-    def prepare() -> UnifyPlan:
-        plan = plan_unify(options, choice_func)
-        if not options.split_dst_file:
-            clear_outputs(plan)
-        return plan
-
-    plan = broadcast_prepared(prepare, comm)
+    plan = plan_shared(options, comm, choice_func)
+    if not options.split_dst_file:
+        broadcast_prepared(lambda: clear_outputs(plan), comm)  # rank 0, before any process writes
     summary = None
     try:
         report = _write_share(plan, deal_by_size(plan.files, lambda f: f.nbytes, comm.size)[comm.rank],
@@ -427,6 +425,19 @@ def run_unify(options: UnifyOptions, comm: Comm, *, sync: bool = True, choice_fu
         fail(comm, exc, f"process {comm.rank}")
     comm.flush()
     return cast(UnifySummary, comm.bcast(summary, root=0))  # rank 0 always has one here
+
+
+def plan_shared(options: UnifyOptions, comm: Comm, choice_func: ChoiceFunc | None = None) -> UnifyPlan:
+    """Called on all ranks: rank 0's plan, once every process has confirmed it sees the source files rank 0
+    planned with and the destination folder (mpickpt.shared_folders)."""
+
+    def prepare() -> tuple[UnifyPlan, SharedCheck | None]:
+        plan = plan_unify(options, choice_func)
+        return plan, leave_check("unify", plan.job.rank_files.values(), plan.dst, comm.size)
+
+    plan, check = broadcast_prepared(prepare, comm)
+    confirm_shared(check, comm)
+    return plan
 
 
 def _write_share(plan: UnifyPlan, files: Sequence[OutputFile], process: int, sync: bool) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Unify into one HDF5 file of full tensors, written by every process at once (``mpickpt unify --format h5``).
 
-Rank 0 plans (:func:`~mpickpt.unify.plan_unify`) and lays the file out under a temporary name
+Rank 0 plans (:func:`~mpickpt.unify.plan_shared`: every process then confirms it sees the source files
+and the output's folder rank 0 planned with) and lays the file out under a temporary name
 (:meth:`~mpickpt.formats.hdf5.H5Writer.layout`), learning each dataset's byte offset; the region map is
 broadcast, the parameters are dealt to processes by size, each process assembles its parameters and writes
 them at their offsets (:func:`~mpickpt.formats.hdf5.open_regions`), and once every process has reported,
@@ -23,7 +24,7 @@ from .manifest import write_json_atomic
 from .mpi import Comm
 from .plan import ParamPlan, TargetPlan
 from .strategy import describe_strategy
-from .unify import Adapted, UnifyOptions, UnifyPlan, UnifySummary, collect, plan_unify
+from .unify import Adapted, UnifyOptions, UnifyPlan, UnifySummary, collect, plan_shared
 
 __all__ = ["run_unify_h5"]
 
@@ -35,7 +36,7 @@ def run_unify_h5(options: UnifyOptions, comm: Comm, *, sync: bool = True, manife
     from .formats.hdf5 import H5Layout, H5Writer, open_regions
 
     started = time.monotonic()
-    plan = broadcast_prepared(lambda: plan_unify(options), comm)
+    plan = plan_shared(options, comm)
     file = plan.files[0]
     writer: H5Writer | None = None
 
