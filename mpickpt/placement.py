@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+import time
 from typing import TypeVar
 
 import numpy as np
@@ -80,10 +80,14 @@ class SourceCopy:
         return sum(size for _, size, _ in self.stamp)
 
     def describe(self) -> str:
-        """"process 2 (host b) /x/rank_3/c.ckpt: 1234 bytes, modified 2026-12-01 10:00:00.123456 UTC"."""
+        """"process 2 (host b) /x/rank_3/c.ckpt: 1234 bytes, modified 2026-12-01 10:00:00.123456789 UTC"."""
         latest = max((mtime for _, _, mtime in self.stamp), default=0)
-        when = datetime.fromtimestamp(latest / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
-        return f"process {self.process} (host {self.host}) {self.path}: {self.size} bytes, modified {when}"
+        return f"process {self.process} (host {self.host}) {self.path}: {self.size} bytes, modified {format_ns(latest)}"
+
+
+def format_ns(ns: int) -> str:
+    """A time in nanoseconds since the epoch, in UTC to the nanosecond."""
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(ns // 10**9))}.{ns % 10**9:09d} UTC"
 
 
 def differing_copies(views: Sequence[ProcessView]) -> dict[int, list[SourceCopy]]:

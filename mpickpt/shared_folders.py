@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from .collective import agree
 from .errors import DestinationError, SourceConflictError
 from .manifest import SourceStamp, stamp_sources
 from .mpi import Comm
+from .placement import format_ns
 from .sources import stamped_files
 
 TOKEN_PREFIX = ".mpickpt.shared."  # + the run's token: the file rank 0 leaves in the destination
@@ -107,11 +107,6 @@ def differences(planned: SourceStamp, here: SourceStamp | None) -> list[str]:
         found.append(f"modification time {format_ns(here.mtime_ns)} here, {format_ns(planned.mtime_ns)} on "
                      f"process 0")
     return found
-
-
-def format_ns(ns: int) -> str:
-    """A time in nanoseconds since the epoch, in UTC to the nanosecond."""
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(ns // 10**9))}.{ns % 10**9:09d} UTC"
 
 
 def _stamp(path: str) -> SourceStamp | None:

@@ -115,7 +115,7 @@ def test_copies_of_a_rank_with_other_sizes_or_times_are_found() -> None:
                                                 SourceCopy(1, 2, "b", files[1], stale[1])]}
     assert not shared[0].group_key(False) == node_local[2].group_key(False)  # headers read on each host
     assert SourceCopy(1, 2, "b", files[1], stale[1]).describe() == \
-        "process 2 (host b) /s/rank_1/c.ckpt: 101 bytes, modified 1970-01-01 00:00:00.000000 UTC"
+        "process 2 (host b) /s/rank_1/c.ckpt: 101 bytes, modified 1970-01-01 00:00:00.000000009 UTC"
 
 
 def test_holder_is_the_writer_itself_then_its_host_then_the_least_loaded() -> None:

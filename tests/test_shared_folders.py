@@ -27,11 +27,11 @@ from mpickpt.convert import destination, run_convert
 from mpickpt.errors import DestinationError, SourceConflictError
 from mpickpt.manifest import SourceStamp
 from mpickpt.mpi import SerialComm
+from mpickpt.placement import format_ns
 from mpickpt.shared_folders import (
     TOKEN_PREFIX,
     check_view,
     differences,
-    format_ns,
     leave_check,
 )
 from mpickpt.startup import HOST_VARIABLE
