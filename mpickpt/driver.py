@@ -9,9 +9,12 @@ targets planned in shares and gathered; any error raised alike everywhere) -> `d
 its targets -> each process skips outputs whose completion record still matches this job, writes the rest
 (record after each) and posts small progress messages to rank 0 (slices of files a process does not see
 come over MPI, mpickpt/exchange.py, and every process serves the others until all are done) -> each process
-posts its report to rank 0 -> rank 0 removes temporaries of dead writers, lists what in dst_dir this job
-does not produce (never deleting it), writes dst_dir/manifest.json and the summary, and broadcasts the
-summary, which ends the run on every rank.
+posts its report to rank 0 -> once rank 0 has every report, the lowest process of each destination folder
+(the one that locked it) removes temporaries of dead writers there and lists what the folder holds that
+this run did not write into it (never deleting it; with `{host}`/`{process}` in --dst-dir also earlier
+runs' folders of that form that no process writes into now) -> rank 0 gathers the lists and builds each
+folder's manifest.json, which those processes write -> rank 0 prints the summary and broadcasts it, which
+ends the run on every rank.
 
 Any exception during the work makes the failing process print `mpickpt: process P (target rank T): ...`
 (without repeating the target when the message already starts with it) and abort the MPI job, so no
@@ -24,6 +27,7 @@ itself SIGKILL (action=kill) or raise (default) once it has written B bytes of t
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import signal
@@ -42,6 +46,7 @@ from .destination import (
     DestinationLock,
     check_destination,
     check_prefix,
+    lock_token,
     source_folders,
 )
 from .errors import MpickptError
@@ -62,7 +67,7 @@ from .manifest import (
     write_record,
 )
 from .mpi import Comm
-from .placement import deal_near_sources
+from .placement import Destinations, deal_near_sources, expansions_pattern
 from .startup import start_job
 from .transform import OutputTask, TransformJob, TransformOptions
 
@@ -135,7 +140,10 @@ class Summary:
     slowest_seconds: float
     manifest: str
     redone: tuple[tuple[str, str], ...] = ()  # (file, why) of outputs that were there but redone
-    stale: tuple[str, ...] = ()  # entries of dst_dir this job does not produce, left as they are
+    # Entries of dst_dir this job does not produce, left as they are; with placeholders in --dst-dir, of every
+    # folder, named "host a (/local/out/a): rank_3/", and listed per folder in stale_folders.
+    stale: tuple[str, ...] = ()
+    stale_folders: tuple[StaleFolder, ...] = ()
     notes: tuple[str, ...] = ()
     exchanged: tuple[tuple[int, int, int, int], ...] = ()  # (process, read, sent, received) when slices moved
 
@@ -152,18 +160,49 @@ class Summary:
                 f"slowest process {self.slowest_process} ({self.slowest_seconds:.2f} s); manifest {self.manifest}")
 
     def lines(self) -> list[str]:
-        """What rank 0 prints at the end: the job's notes, redone outputs and stale entries, then line()."""
+        """What rank 0 prints at the end: the job's notes, redone outputs and stale entries (one line per folder
+        with placeholders in --dst-dir), then line()."""
         lines = [f"mpickpt: note: {note}" for note in self.notes]
         lines += [f"mpickpt: {file}: redone: {why}" for file, why in self.redone[:MAX_LISTED]]
         if len(self.redone) > MAX_LISTED:
             lines.append(f"mpickpt: ... and {len(self.redone) - MAX_LISTED} more redone (see {self.manifest})")
-        if self.stale:
-            more = f" and {len(self.stale) - MAX_LISTED} more" if len(self.stale) > MAX_LISTED else ""
+        if self.stale_folders:
+            lines += [folder.line() for folder in self.stale_folders if folder.entries]
+        elif self.stale:
             lines.append(f"mpickpt: {len(self.stale)} entries of the destination are not from this job and were "
-                         f"left as they are: {', '.join(self.stale[:MAX_LISTED])}{more}")
+                         f"left as they are: {_listed(self.stale)}")
         lines += [f"mpickpt: process {p}: read {_size(read)}, sent {_size(sent)}, received {_size(received)} "
                   f"over MPI" for p, read, sent, received in self.exchanged]
         return lines + [self.line()]
+
+
+@dataclass(frozen=True)
+class StaleFolder:
+    """What one destination folder holds that this run did not write into it, left as it is. `processes`: those
+    of this run writing there; none for an earlier run's folder of --dst-dir's form (it holds an mpickpt lock
+    file) that no process of this run writes into."""
+
+    host: str
+    folder: str  # absolute
+    entries: tuple[str, ...]  # relative to the folder: "rank_3/", "rank_0/old.ckpt"
+    processes: tuple[int, ...] = ()
+
+    def named(self) -> tuple[str, ...]:
+        """The entries with host and folder: "host a (/local/out/a): rank_3/"."""
+        return tuple(f"host {self.host} ({self.folder}): {entry}" for entry in self.entries)
+
+    def line(self) -> str:
+        """The summary's line about this folder."""
+        what = ("the destination" if self.processes else
+                "a destination no process of this run writes into (an earlier run's, matching --dst-dir)")
+        return (f"mpickpt: host {self.host} ({self.folder}): {len(self.entries)} entries of {what} are not from "
+                f"this job and were left as they are: {_listed(self.entries)}")
+
+
+def _listed(entries: Sequence[str]) -> str:
+    """The first MAX_LISTED entries, comma-separated, and how many more."""
+    more = f" and {len(entries) - MAX_LISTED} more" if len(entries) > MAX_LISTED else ""
+    return f"{', '.join(entries[:MAX_LISTED])}{more}"
 
 
 @dataclass(frozen=True)
@@ -174,7 +213,7 @@ class RunInfo:
     finished: str
     options: TransformOptions | None
     notes: tuple[str, ...]
-    stale: tuple[str, ...]
+    stale: tuple[str, ...]  # as Summary.stale
 
 
 @dataclass(frozen=True)
@@ -209,7 +248,11 @@ def _dealt_bytes(task: OutputTask) -> int:
 
 def deal_job(job: Job, processes: int) -> tuple[tuple[OutputTask, ...], ...]:
     """How `run_job` deals a job's targets over `processes`: near their sources where some process lacks
-    files (the job's exchange knows who sees what), else by size."""
+    files (the job's exchange knows who sees what), else by size. Every process deals its own copy of the
+    tasks (paths under its own expansion of --dst-dir); the dealing depends only on target ranks, planned
+    bytes, who sees which source and each process's host, never on paths, so all processes agree, and a
+    rerun of the same command on the same processes and hosts deals alike (finding its outputs where it
+    wrote them)."""
     exchange = getattr(job, "exchange", None)
     near = (exchange.seen_by, exchange.hosts) if exchange is not None else (None, None)
     return deal(job.tasks, processes, *near)
@@ -217,10 +260,10 @@ def deal_job(job: Job, processes: int) -> tuple[tuple[OutputTask, ...], ...]:
 
 def run_transform(options: TransformOptions, comm: Comm, *, sync: bool = True, overwrite: bool = False,
                   quiet: bool = False, stream: TextIO = sys.stderr) -> Summary:
-    """Called on all ranks: rank 0 locks the destination and prepares, the job is broadcast, every target
-    runs once (see run_job), and rank 0 keeps the lock until the end.
+    """Called on all ranks: the job starts on every process (mpickpt/startup.py; the lowest process of each
+    destination folder locks it), every target runs once (see run_job), and the locks are kept until the end.
 
-    If checking, locking or preparing fails on rank 0, every rank raises an error with rank 0's message.
+    If checking, locking or preparing fails on some process, every rank raises the lowest failing one's error.
     """
     started = time.monotonic()
     started_at = utc_now()
@@ -263,28 +306,58 @@ def utc_now() -> str:
 
 def run_job(job: Job, comm: Comm, *, sync: bool = True, overwrite: bool = False, quiet: bool = False,
             stream: TextIO = sys.stderr, started: float | None = None, started_at: str | None = None) -> Summary:
-    """Called on all ranks with the same job: write this process's outputs, then rank 0 writes the manifest
-    and every rank returns the same Summary. `started` is the time.monotonic() the wall time counts from,
-    `started_at` the same moment as utc_now()."""
+    """Called on all ranks with the same job: write this process's outputs, then the destination folders get
+    their manifests and every rank returns the same Summary. `started` is the time.monotonic() the wall time
+    counts from, `started_at` the same moment as utc_now()."""
     started = time.monotonic() if started is None else started
     started_at = utc_now() if started_at is None else started_at
-    if comm.rank == 0:
+    where = destinations(job, comm.size)
+    if where.locker(comm.rank) == comm.rank:
         remove_manifest(job.dst_dir)  # written again only once every output of this run is complete
     view = _ProgressView(job.tasks, comm.size, stream, quiet) if comm.rank == 0 else None
     collector = _Collector(comm, view)
     tracker = _Tracker(comm, collector, _fault_from_env(os.environ))
     exchange = getattr(job, "exchange", None)
     try:
-        report = _work(job, deal_job(job, comm.size)[comm.rank], comm.rank, tracker, sync, overwrite)
+        shares = deal_job(job, comm.size)
+        report = _work(job, shares[comm.rank], comm.rank, tracker, sync, overwrite)
         if exchange is not None:
             exchange.finish()
             report = replace(report, bytes_sent=exchange.bytes_sent, bytes_received=exchange.bytes_received)
         comm.send(("result", report), 0)
-        summary = collector.finish(job, started, started_at, sync) if comm.rank == 0 else None
+        summary = _finish(job, comm, collector, where, shares, (started, started_at), sync)
     except BaseException as exc:
         _fail(comm, exc, tracker.current, stream)
     comm.flush()
     return cast(Summary, comm.bcast(summary, root=0))  # rank 0 always has one here
+
+
+def destinations(job: Job, processes: int) -> Destinations:
+    """Where each process of the job writes (a job without that knowledge: dst_dir, for every process)."""
+    return getattr(job, "destinations", None) or Destinations.shared(job.dst_dir, processes)
+
+
+def _finish(job: Job, comm: Comm, collector: _Collector, where: Destinations,
+            shares: Sequence[Sequence[OutputTask]], start: tuple[float, str], sync: bool) -> Summary | None:
+    """Called on all ranks once this process's report is posted: rank 0 waits for every report, then the
+    lowest process of each destination folder surveys it, rank 0 builds every folder's manifest, those
+    processes write them, and rank 0 prints the summary (its Summary; None on the others)."""
+    reports = collector.wait() if comm.rank == 0 else []
+    comm.bcast(None, root=0)  # every output of the run is written: the folders can be surveyed
+    found = _merged(comm.allgather(_survey(job, where, shares, comm.rank)))
+    stale = tuple(e for f in found for e in f.named()) if where.per_process else found[0].entries
+    wall = time.monotonic() - start[0]
+    run = RunInfo(start[1], utc_now(), job.options, tuple(job.notes), stale)
+    contents = comm.bcast(manifests(reports, wall, run, where, found) if comm.rank == 0 else {}, root=0)
+    mine = contents.get(where.folders[comm.rank]) if where.locker(comm.rank) == comm.rank else None
+    paths = comm.allgather(str(write_manifest(job.dst_dir, mine, sync=sync)) if mine is not None else None)
+    if comm.rank != 0:
+        return None
+    summary = summarize(reports, wall, cast(str, paths[0]), stale=stale, notes=job.notes,
+                        stale_folders=found if where.per_process else ())
+    if collector.view is not None:
+        collector.view.close(summary)
+    return summary
 
 
 def _work(job: Job, tasks: Sequence[OutputTask], process: int, tracker: _Tracker, sync: bool,
@@ -421,9 +494,8 @@ class _Collector:
             else:
                 self.reports[source] = payload
 
-    def finish(self, job: Job, started: float, started_at: str, sync: bool) -> Summary:
-        """Rank 0: wait for every report (showing progress), tidy and survey dst_dir, write the manifest,
-        print the summary."""
+    def wait(self) -> list[ProcessReport]:
+        """Rank 0: every process's report, in process order, once all have come (showing progress)."""
         while True:
             self.receive()
             if len(self.reports) == self.comm.size:
@@ -431,16 +503,7 @@ class _Collector:
             time.sleep(POLL_SECONDS)
             if self.view is not None:
                 self.view.show(force=False)
-        reports = [self.reports[p] for p in range(self.comm.size)]
-        remove_dead_temporaries_in(_output_folders(job))
-        stale = stale_entries(job)
-        run = RunInfo(started_at, utc_now(), job.options, tuple(job.notes), stale)
-        wall = time.monotonic() - started
-        path = write_manifest(job.dst_dir, manifest(reports, wall, run), sync=sync)
-        summary = summarize(reports, wall, str(path), stale=stale, notes=job.notes)
-        if self.view is not None:
-            self.view.close(summary)
-        return summary
+        return [self.reports[p] for p in range(self.comm.size)]
 
 
 def _output_folders(job: Job) -> list[str]:
@@ -448,19 +511,65 @@ def _output_folders(job: Job) -> list[str]:
     return sorted({os.path.abspath(job.dst_dir)} | {os.path.dirname(os.path.abspath(t.path)) for t in job.tasks})
 
 
-def stale_entries(job: Job) -> tuple[str, ...]:
-    """What dst_dir holds that this job does not produce, relative to it: `rank_*` folders it writes nothing
-    into ("rank_9/") and files in its output folders that are neither its outputs nor their records."""
-    root = os.path.abspath(job.dst_dir)
-    made = {os.path.abspath(t.path) for t in job.tasks}
-    known = made | {str(record_path(p)) for p in made}
-    folders = set(_output_folders(job)) - {root}
+def _survey(job: Job, where: Destinations, shares: Sequence[Sequence[OutputTask]],
+            process: int) -> list[tuple[str, StaleFolder]]:
+    """The lowest process of a destination folder, once every output is written: remove dead writers'
+    temporaries there and list what it holds that this run did not write into it (the targets dealt to the
+    processes writing there), then earlier runs' folders of --dst-dir's form it sees. Each list is keyed by
+    its folder's lock token. Other processes: nothing."""
+    if where.locker(process) != process:
+        return []
+    remove_dead_temporaries_in(_output_folders(job))
+    writers = where.writers(process)
+    made = [task for p in writers for task in shares[p]]
+    mine = StaleFolder(where.hosts[process], where.folders[process], stale_entries(job.dst_dir, made), writers)
+    return [(str(where.tokens[process]), mine), *(earlier_folders(where, process) if where.per_process else [])]
+
+
+def stale_entries(dst_dir: str, made: Sequence[OutputTask]) -> tuple[str, ...]:
+    """What dst_dir holds that the outputs `made` into it do not account for, relative to it: `rank_*` folders
+    none is written into ("rank_9/") and files in their folders that are neither those outputs nor their
+    records."""
+    root = os.path.abspath(dst_dir)
+    paths = {os.path.abspath(t.path) for t in made}
+    known = paths | {str(record_path(p)) for p in paths}
+    folders = {os.path.dirname(p) for p in paths} - {root}
     stale = [f"{e.name}/" for e in _entries(root)
              if _RANK_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False) and e.path not in folders]
     for folder in sorted(folders):
         stale += [os.path.relpath(e.path, root) for e in _entries(folder)
                   if e.path not in known and not e.is_dir(follow_symlinks=False)]
     return tuple(sorted(stale))
+
+
+def earlier_folders(where: Destinations, process: int) -> list[tuple[str, StaleFolder]]:
+    """Folders `process` sees that --dst-dir's template may expand to (`{process}`: any number, `{host}`: any
+    name) and that an earlier mpickpt run locked but no process of this run writes into (their lock file holds
+    none of this run's tokens): their `rank_*` folders, keyed by that lock token. A rerun with fewer processes
+    or other hosts leaves such folders behind."""
+    pattern, expansion = expansions_pattern(os.path.abspath(where.template))
+    ours = {token for token in where.tokens if token is not None}
+    found = []
+    for folder in sorted(glob.glob(pattern)):
+        token = lock_token(folder) if expansion.fullmatch(folder) and os.path.isdir(folder) else None
+        if token is None or token in ours:
+            continue
+        ranks = tuple(sorted(f"{e.name}/" for e in _entries(folder)
+                             if _RANK_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False)))
+        if ranks:
+            found.append((token, StaleFolder(where.hosts[process], folder, ranks)))
+    return found
+
+
+def _merged(surveys: Sequence[Sequence[tuple[str, StaleFolder]]]) -> tuple[StaleFolder, ...]:
+    """This run's folders in the order of their lowest processes, then earlier runs' folders by path, each
+    once (one seen by several processes, on a shared filesystem, is named with the lowest one's host)."""
+    found: dict[tuple[str, str], StaleFolder] = {}
+    for survey in surveys:
+        for token, folder in survey:
+            found.setdefault((folder.folder, token), folder)
+    ours = [f for f in found.values() if f.processes]
+    return tuple(ours + sorted((f for f in found.values() if not f.processes), key=lambda f: (f.folder, f.host)))
 
 
 def _entries(folder: str) -> list[os.DirEntry[str]]:
@@ -503,8 +612,32 @@ def manifest(reports: Sequence[ProcessReport], wall_seconds: float, run: RunInfo
     }
 
 
+def manifests(reports: Sequence[ProcessReport], wall_seconds: float, run: RunInfo, where: Destinations,
+              found: Sequence[StaleFolder]) -> dict[str, dict[str, Any]]:
+    """The manifest.json of each destination folder, by folder. A plain --dst-dir: `manifest`. With placeholders,
+    each folder's lists under "files" only the outputs written into it, so that each folder, wherever it is
+    copied, verifies on its own (`mpickpt verify` without sources flags listed files that are missing and
+    output files not listed); every one of them says where every output of the run was written and what each
+    folder holds that is not from this run ("destinations", and "stale" named by host and folder), and each
+    process's host and folder."""
+    content = manifest(reports, wall_seconds, run)
+    if not where.per_process:
+        return {where.folders[0]: content}
+    outputs = {f.folder: [{"target_rank": o.record.target_rank, "file": o.file}
+                          for o in sorted((o for r in reports for o in r.outcomes if o.process in f.processes),
+                                          key=lambda o: o.record.target_rank)] for f in found}
+    content["processes"] = [{**entry, "host": where.hosts[p], "dst_dir": where.folders[p]}
+                            for p, entry in enumerate(content["processes"])]
+    content["destinations"] = [{"folder": f.folder, "host": f.host, "processes": list(f.processes),
+                                "outputs": outputs[f.folder], "stale": list(f.entries)} for f in found]
+    return {where.folders[p]: {**content, "folder": where.folders[p], "host": where.hosts[p],
+                               "files": [e for e in content["files"] if e["process"] in where.writers(p)]}
+            for p in where.lockers}
+
+
 def summarize(reports: Sequence[ProcessReport], wall_seconds: float, manifest_path: str, *,
-              stale: Sequence[str] = (), notes: Sequence[str] = ()) -> Summary:
+              stale: Sequence[str] = (), notes: Sequence[str] = (),
+              stale_folders: Sequence[StaleFolder] = ()) -> Summary:
     """Whole-run figures from every process's report."""
     outcomes = sorted((o for r in reports for o in r.outcomes), key=lambda o: o.record.target_rank)
     slowest = max(reports, key=lambda r: (r.seconds, -r.process))
@@ -514,7 +647,7 @@ def summarize(reports: Sequence[ProcessReport], wall_seconds: float, manifest_pa
                    wall_seconds=wall_seconds, processes=len(reports), slowest_process=slowest.process,
                    slowest_seconds=slowest.seconds, manifest=manifest_path,
                    redone=tuple((o.file, o.reason) for o in outcomes if o.reason), stale=tuple(stale),
-                   notes=tuple(notes), exchanged=_exchanged(reports))
+                   stale_folders=tuple(stale_folders), notes=tuple(notes), exchanged=_exchanged(reports))
 
 
 def _exchanged(reports: Sequence[ProcessReport]) -> tuple[tuple[int, int, int, int], ...]:

@@ -5,10 +5,13 @@ expanded per process: hosts without a shared filesystem each give their own fold
 the rank files it sees (a `ProcessView`); the views, gathered, say who holds what (`Placement`), and for a
 slice a target needs from a file its own process does not see, `choose_holder` picks the process to send it.
 `deal_near_sources` gives each target to a process that sees the files it reads most from, keeping loads even.
+`Destinations` says which process writes into which expansion of `--dst-dir` (and on which host).
 """
 
 from __future__ import annotations
 
+import glob
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +47,51 @@ def expand(template: str, host: str, process: int) -> str:
 def has_placeholders(template: str) -> bool:
     """Whether a folder differs between processes (then each process sees only its own expansion)."""
     return bool(_PLACEHOLDER.search(template))
+
+
+def expansions_pattern(template: str) -> tuple[str, re.Pattern[str]]:
+    """A glob pattern finding every folder `template` may expand to, and the regular expression an expansion
+    fully matches (`{host}`: one path component, `{process}`: digits): "out/{process}" -> ("out/*", out/\\d+)."""
+    parts = _PLACEHOLDER.split(template)  # literal, name, literal, name, ..., literal
+    pattern = "".join(glob.escape(part) if i % 2 == 0 else "*" for i, part in enumerate(parts))
+    regex = "".join(re.escape(part) if i % 2 == 0 else (r"\d+" if part == "process" else "[^/]+")
+                    for i, part in enumerate(parts))
+    return pattern, re.compile(regex)
+
+
+@dataclass(frozen=True)
+class Destinations:
+    """Where the processes of a run write: `--dst-dir` as given and, per process, its expansion (absolute), its
+    host and the token of the lock it took (None unless it is the lowest process of its folder, which locks it)."""
+
+    template: str
+    folders: tuple[str, ...]
+    hosts: tuple[str, ...]
+    tokens: tuple[str | None, ...]
+
+    @classmethod
+    def shared(cls, dst_dir: str, processes: int, host: str = "") -> Destinations:
+        """One folder for every process (a plain `--dst-dir`), locked by process 0."""
+        return cls(dst_dir, (os.path.abspath(dst_dir),) * processes, (host,) * processes,
+                   (None,) * processes)
+
+    @property
+    def per_process(self) -> bool:
+        """Whether `--dst-dir` has placeholders: folders are then named with their hosts and each gets a manifest."""
+        return has_placeholders(self.template)
+
+    def locker(self, process: int) -> int:
+        """The lowest process writing into `process`'s folder (it locked it, and surveys it after the run)."""
+        return self.folders.index(self.folders[process])
+
+    def writers(self, process: int) -> tuple[int, ...]:
+        """The processes writing into `process`'s folder."""
+        return tuple(p for p, folder in enumerate(self.folders) if folder == self.folders[process])
+
+    @property
+    def lockers(self) -> tuple[int, ...]:
+        """The lowest process of each folder, in process order."""
+        return tuple(p for p in range(len(self.folders)) if self.locker(p) == p)
 
 
 @dataclass(frozen=True)

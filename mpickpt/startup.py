@@ -38,6 +38,7 @@ from .layout import Layouts
 from .mpi import Comm
 from .manifest import checksum
 from .placement import (
+    Destinations,
     FileStamp,
     Placement,
     ProcessView,
@@ -70,9 +71,9 @@ def host_name() -> str:
 def start_job(options: TransformOptions, comm: Comm,
               lock_destination: Callable[[TransformOptions], DestinationLock], *,
               sync: bool = True) -> tuple[TransformJob, DestinationLock | None]:
-    """Called on all ranks: this process's job (its own expansions; every task of the run) and the
-    destination lock when this process holds one. `lock_destination(options)` checks and locks; `sync`
-    fsyncs the merged strategy files."""
+    """Called on all ranks: this process's job (its own expansions; every task of the run; where every
+    process writes) and the destination lock when this process holds one. `lock_destination(options)` checks
+    and locks; `sync` fsyncs the merged strategy files."""
     host, local = _expanded(options, comm)
     per_process = has_placeholders(options.src_dir)
     lock: DestinationLock | None = None
@@ -99,6 +100,7 @@ def start_job(options: TransformOptions, comm: Comm,
         if lock is not None:
             lock.release()
         raise
+    job.destinations = Destinations(options.dst_dir, tuple(dst_dirs), tuple(hosts), tuple(tokens))
     return job, lock
 
 

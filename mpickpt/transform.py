@@ -26,6 +26,7 @@ from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
 from .manifest import SourceStamp, WrittenOutput, checksum_text
 from .matrix import transfer_bytes
+from .placement import Destinations
 from .plan import Planner, TargetPlan, TensorInfo
 from .sources import find_rank_files, stamped_files
 from .strategy import (
@@ -98,6 +99,7 @@ class TransformJob:
     local_files: dict[int, str] | None = None  # the rank files this process sees (None: all of rank_files)
     remote_headers: dict[int, SourceHeaders] = field(default_factory=dict)  # of rank files it does not see
     exchange: Any = field(default=None, repr=False, compare=False)  # an Exchange when some files are remote
+    destinations: Destinations | None = None  # where each process writes (None: dst_dir, for every process)
     _planner: Planner | None = field(default=None, repr=False, compare=False)
     # Plans made while preparing, used once by run_task in the same process (not sent to others).
     _plans: dict[int, TargetPlan] = field(default_factory=dict, repr=False, compare=False)
