@@ -122,6 +122,7 @@ class SourceCopy:
     host: str
     path: str
     stamp: FileStamp
+    seen_by: tuple[int, ...] = ()  # every process seeing this copy (process first)
 
     @property
     def size(self) -> int:
@@ -142,14 +143,26 @@ def differing_copies(views: Sequence[ProcessView]) -> dict[int, list[SourceCopy]
     """Source rank -> its copies (one per host, path and stamp), for every rank whose copies do not all have
     the same stamp: node-local copies that may hold different checkpoints (copies on a shared folder, or
     node-local ones made with their times kept, agree)."""
-    copies: dict[int, dict[tuple[str, str, FileStamp], SourceCopy]] = {}
+    seen: dict[int, dict[tuple[str, str, FileStamp], list[int]]] = {}
     for view in views:
         for rank, path in view.rank_files.items():
-            stamp = view.stamps.get(rank, ())
-            copies.setdefault(rank, {}).setdefault((view.host, path, stamp),
-                                                   SourceCopy(rank, view.process, view.host, path, stamp))
-    return {rank: list(found.values()) for rank, found in sorted(copies.items())
-            if len({copy.stamp for copy in found.values()}) > 1}
+            seen.setdefault(rank, {}).setdefault((view.host, path, view.stamps.get(rank, ())), []).append(view.process)
+    return {rank: [SourceCopy(rank, processes[0], host, path, stamp, tuple(processes))
+                   for (host, path, stamp), processes in found.items()]
+            for rank, found in sorted(seen.items()) if len({stamp for _, _, stamp in found}) > 1}
+
+
+def checksum_readers(differing: Mapping[int, Sequence[SourceCopy]]) -> dict[tuple[int, str, str, FileStamp], int]:
+    """Which process checksums each copy: the copies a process group sees dealt round-robin over the group, so
+    the processes of one host share the reading."""
+    readers: dict[tuple[int, str, str, FileStamp], int] = {}
+    dealt: dict[tuple[int, ...], int] = {}
+    for copies in differing.values():
+        for copy in copies:
+            turn = dealt.get(copy.seen_by, 0)
+            readers[copy.rank, copy.host, copy.path, copy.stamp] = copy.seen_by[turn % len(copy.seen_by)]
+            dealt[copy.seen_by] = turn + 1
+    return readers
 
 
 def header_share(views: Sequence[ProcessView], process: int, per_process: bool) -> list[int]:

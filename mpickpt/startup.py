@@ -8,7 +8,8 @@
 3. Every process lists the rank files it sees, with their sizes and times; the views are gathered (who holds
    what). Copies of one rank's file whose sizes or times differ (node-local copies on several hosts) must
    hold the same bytes: other sizes are an error, other times have each copy checksummed by a process
-   seeing it and differing contents are an error naming every copy (mpickpt cannot tell which is current).
+   seeing it (the processes of one host share the reading) and differing contents are an error naming every
+   copy (mpickpt cannot tell which is current).
 4. Processes seeing the same folder split the reading of its headers; the headers are gathered.
 5. Every process checks and catalogs the sources (a rank held by no process is an error naming who
    holds what) and plans its share of the targets; the tasks are gathered, so every process has them all.
@@ -43,6 +44,7 @@ from .placement import (
     Placement,
     ProcessView,
     SourceCopy,
+    checksum_readers,
     differing_copies,
     expand,
     has_placeholders,
@@ -164,7 +166,7 @@ def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process:
 
 def _check_copies(views: Sequence[ProcessView], comm: Comm) -> tuple[str, ...]:
     """Refuse copies of one rank's file that hold different bytes (SourceConflictError naming every copy);
-    copies of the same size whose times differ are checksummed first, each by the lowest process seeing it.
+    copies of the same size whose times differ are checksummed first, each by one process seeing it.
     A note when copies were compared and found equal."""
     differing = differing_copies(views)
     if not differing:
@@ -172,11 +174,12 @@ def _check_copies(views: Sequence[ProcessView], comm: Comm) -> tuple[str, ...]:
     for rank, copies in differing.items():
         if len({copy.size for copy in copies}) > 1:
             raise _conflict(rank, copies, "their sizes differ")
-    digests = agree(lambda: {(c.host, c.path, c.stamp): _content_checksum(c.path)
-                             for copies in differing.values() for c in copies if c.process == comm.rank}, comm)
+    readers = checksum_readers(differing)
+    digests = agree(lambda: {key: _content_checksum(key[2]) for key, reader in readers.items()
+                             if reader == comm.rank}, comm)
     found = {key: digest for share in digests for key, digest in share.items()}
     for rank, copies in differing.items():
-        if len({found[c.host, c.path, c.stamp] for c in copies}) > 1:
+        if len({found[rank, c.host, c.path, c.stamp] for c in copies}) > 1:
             raise _conflict(rank, copies, "their contents differ")
     return (f"copies of source ranks {sorted(differing)} on several hosts have different times but the same "
             "contents (checksummed)",)
