@@ -77,9 +77,10 @@ class Exchange:
     def __init__(self, comm: Comm, open_index: Callable[[int], AbstractContextManager[SourceIndex]],
                  seen_by: Mapping[int, Sequence[int]], hosts: Sequence[str], headers: Mapping[int, SourceHeaders],
                  *, budget: int = DEFAULT_BUDGET, message_bytes: int | None = None,
-                 stall_seconds: float | None = None) -> None:
+                 stall_seconds: float | None = None, check_unchanged: Callable[[int], None] | None = None) -> None:
         self.comm = comm
         self._open_index = open_index
+        self._check_unchanged = check_unchanged  # raises when a rank's file changed while being read
         self.seen_by = {r: tuple(p) for r, p in seen_by.items()}
         self.hosts = tuple(hosts)
         self.headers = dict(headers)
@@ -107,6 +108,8 @@ class Exchange:
         while self._queue and (in_flight < self.budget or not self._sending):
             dest, piece, lo, hi = self._queue.popleft()
             data = read_piece_rows(self._checked(piece), piece, lo, hi)
+            if self._check_unchanged is not None:
+                self._check_unchanged(piece.rank)  # the rows just read are of the file the job was planned on
             size = memoryview(data).nbytes  # type: ignore[arg-type]  # ndarray, memoryview or bytearray
             self._sending.append((self.comm.isend_bytes(data, dest, DATA_TAG), size, piece))
             in_flight += size

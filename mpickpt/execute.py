@@ -151,13 +151,17 @@ def write_target(
     progress: Progress | None = None,
     on_file_crc: Callable[[int], None] | None = None,
     tick: Callable[[], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> int:
     """Write one target rank's file in format `fmt` atomically; returns the bytes of tensor content written.
     `on_file_crc` is given the finished file's CRC-32 where the writer computed it on the way out; `tick()` is
-    called every few MiB of a long parameter (an MPI process serves the others there)."""
+    called every few MiB of a long parameter (an MPI process serves the others there); `before_commit()`, once
+    every byte is written, may still refuse the output by raising (nothing is then left under its name)."""
     with open_writer(Path(out_path), fmt, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs,
                      checksum=on_file_crc is not None, tick=tick) as writer:
         written = write_plan(plan, sources, writer, progress=progress, tick=tick)
+        if before_commit is not None:
+            before_commit()
     file_crc = getattr(writer, "file_crc", None)
     if on_file_crc is not None and file_crc is not None:
         on_file_crc(file_crc)

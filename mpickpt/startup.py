@@ -276,7 +276,8 @@ def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None,
     seen_by = placement.seen_by
     if comm.size > 1 and any(len(seen_by.get(r, ())) < comm.size for r in sources.rank_files):
         job.exchange = Exchange(comm, lambda r: indexes.lease(mine[r]), seen_by, [v.host for v in placement.views],
-                                sources.headers, budget=options.exchange_buffer)
+                                sources.headers, budget=options.exchange_buffer,
+                                check_unchanged=lambda r: indexes.check_unchanged(mine[r]))
     job.notes = job.notes + notes
     if has_placeholders(template):
         job.notes = job.notes + (f"sources per process: {placement.describe()}",)

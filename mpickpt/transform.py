@@ -237,7 +237,8 @@ class TransformJob:
             with SourceFiles(paths, remote, opener=self.indexes.lease) as sources:
                 write_target(plan, sources, task.path, fmt=self.output_format, crc=self.crc, sync=sync,
                              forbidden_dirs=self.forbidden_dirs, progress=progress, on_file_crc=file_crcs.append,
-                             tick=self.exchange.serve if self.exchange is not None else None)
+                             tick=self.exchange.serve if self.exchange is not None else None,
+                             before_commit=lambda: self.indexes.check_unchanged(*paths.values()))
         except MpickptError as error:
             raise type(error)(f"target rank {task.target_rank} ({task.path}): {error}") from error
         return WrittenOutput(checksum_text(file_crcs[0]), len(plan.params)) if file_crcs else None

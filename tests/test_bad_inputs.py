@@ -5,6 +5,7 @@ Sources are never modified."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -171,3 +172,32 @@ def test_crc_outputs_carry_mindspores_trailer(tmp_path: Path, clean: dict) -> No
     for path in (tmp_path / "dst").glob("rank_*/*.ckpt"):
         with index_checkpoint(path, verify_crc=True) as index:
             assert index.crc is not None
+
+
+def test_a_source_rewritten_in_place_while_read_leaves_no_output(tmp_path: Path, clean: dict) -> None:
+    """A file changed while a target reads it (a training job saving over it, say) would give an output mixing
+    two versions: the target is refused before it is committed; once the file is final a rerun writes it."""
+    src = tmp_path / "src"
+    shutil.copytree(EXAMPLE / "src", src)
+    job = TransformJob.prepare(TransformOptions(str(src), str(tmp_path / "dst"), src_strategy=str(SRC_STRATEGY),
+                                                dst_strategy=str(DST_STRATEGY)))
+    task = job.tasks[0]
+    victim = Path(job.rank_files[task.source_ranks[0]])
+
+    def save_over_it(_written: int) -> None:
+        if victim.stat().st_mtime_ns != 0:  # once: rewrite a few bytes in place, as an overwriting save would
+            with open(victim, "r+b") as f:
+                f.seek(victim.stat().st_size // 2)
+                f.write(b"\xff" * 8)
+            os.utime(victim, ns=(0, 0))
+
+    with pytest.raises(CheckpointFormatError, match=rf"{victim}: the file changed while this run read it \(size "
+                       r"\d+ -> \d+ bytes, modification time moved by -\d+\.\d{3} s\): what was read may mix two "
+                       "versions, so nothing made from it is kept; run again once the file is final"):
+        job.run_task(task, sync=False, progress=save_over_it)
+    assert not Path(task.path).exists() and not list(Path(task.path).parent.glob(".*tmp"))
+    job.close()
+
+    shutil.copy2(EXAMPLE / "src" / victim.parent.name / victim.name, victim)  # the file is final again
+    _convert(src, tmp_path / "dst")
+    assert _content(tmp_path / "dst") == clean

@@ -46,7 +46,7 @@ from mpickpt.driver import deal, run_transform
 from mpickpt.errors import CheckpointFormatError, MpickptError, SourceConflictError, SourceMissingError
 from mpickpt.exchange import CONTROL_TAG, Exchange, ExchangeError, blocks
 from mpickpt.execute import Piece
-from mpickpt.formats import open_index
+from mpickpt.formats import IndexCache, open_index
 from mpickpt.inventory import read_headers
 from mpickpt.layout import Box
 from mpickpt.mpi import SerialComm
@@ -207,6 +207,27 @@ def test_a_holder_refuses_a_parameter_changed_since_start_up(written_cases: dict
     comm.send([Piece(0, name, Box((0,) * len(dims), dims), found.nbytes[name])], 0, CONTROL_TAG)
     with pytest.raises(CheckpointFormatError, match=rf"{path}: parameter '{name}' changed since the job started"):
         exchange.serve()
+
+
+def test_a_holder_refuses_to_send_rows_of_a_file_rewritten_since_it_was_indexed(tmp_path: Path,
+                                                                              written_cases: dict[str, Case]) -> None:
+    """Same shapes, other bytes written in place: the rows read may mix two versions, so none are sent."""
+    path = tmp_path / "checkpoint_0.ckpt"
+    shutil.copy2(next((written_cases["random_8to4"].src_dir / "rank_0").glob("*.ckpt")), path)
+    cache, comm = IndexCache(), SerialComm()
+    (found,) = read_headers({0: str(path)}, cache.lease).values()  # start-up indexes it
+    name, _, dims = found.rows[0]
+    exchange = Exchange(comm, lambda rank: cache.lease(path), {0: (0,)}, ["h"], {0: found},
+                        check_unchanged=lambda rank: cache.check_unchanged(path))
+    comm.send([Piece(0, name, Box((0,) * len(dims), dims), found.nbytes[name])], 0, CONTROL_TAG)
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size - 4)
+        f.write(b"\0\0\0\0")
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(CheckpointFormatError, match=rf"{path}: the file changed while this run read it"):
+        exchange.serve()
+    assert exchange.bytes_sent == 0
+    cache.close()
 
 
 # --- in-process worlds (threads) ----------------------------------------------------------------------

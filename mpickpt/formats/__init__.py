@@ -77,12 +77,14 @@ def open_index(path: str | os.PathLike[str], *, verify_crc: bool = False, fmt: s
 class IndexCache:
     """Indexes of source files kept open across a process's targets, so each file's headers are read once
     per run: `lease(path)` lends an index for a `with` block; up to `limit` indexes not on lease stay open
-    (least recently used closed first), and `close()` closes them all."""
+    (least recently used closed first), and `close()` closes them all. `check_unchanged(path)` refuses a file
+    whose size or time moved since its index was first made in this run (its headers are what was read)."""
 
     def __init__(self, limit: int = 128) -> None:
         self._limit = limit
         self._open: OrderedDict[str, SourceIndex] = OrderedDict()
         self._leases: dict[str, int] = {}
+        self._stamps: dict[str, tuple[int, int]] = {}  # (size, latest mtime_ns) when first indexed
 
     @contextmanager
     def lease(self, path: str | os.PathLike[str]) -> Iterator[SourceIndex]:
@@ -90,6 +92,7 @@ class IndexCache:
         key = os.fspath(path)
         if key not in self._open:
             self._open[key] = open_index(key)
+            self._stamps.setdefault(key, _stamp(self._open[key]))
         self._open.move_to_end(key)
         self._leases[key] = self._leases.get(key, 0) + 1
         try:
@@ -105,11 +108,32 @@ class IndexCache:
             self._open.pop(key).close()
             self._leases.pop(key, None)
 
+    def check_unchanged(self, *paths: str | os.PathLike[str]) -> None:
+        """CheckpointFormatError when one of `paths`, as open here, no longer has the size and time it had when
+        first indexed: it was rewritten in place while being read (what was read may mix two versions)."""
+        for path in paths:
+            key = os.fspath(path)
+            if key not in self._open or key not in self._stamps:
+                continue
+            before, now = self._stamps[key], _stamp(self._open[key])
+            if now == before:
+                continue
+            raise CheckpointFormatError(
+                f"{key}: the file changed while this run read it (size {before[0]} -> {now[0]} bytes, "
+                f"modification time moved by {(now[1] - before[1]) / 1e9:+.3f} s): what was read may mix two "
+                "versions, so nothing made from it is kept; run again once the file is final")
+
     def close(self) -> None:
         """Close every index (also those on lease: the run is over or failing)."""
         while self._open:
             self._open.popitem()[1].close()
         self._leases.clear()
+
+
+def _stamp(index: SourceIndex) -> tuple[int, int]:
+    """Total size and latest modification time of the files an index reads (a unified source: its shards)."""
+    infos = [os.fstat(fd) for fd in {index.fd_of(name) for name in index.entries}]
+    return sum(i.st_size for i in infos), max((i.st_mtime_ns for i in infos), default=0)
 
 
 def open_writer(path: str | os.PathLike[str], fmt: str, *, crc: bool = False, sync: bool = True,
