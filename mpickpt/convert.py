@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from mpickpt.mpi import Comm
 
 from mpickpt.collective import broadcast_prepared, deal_by_size, fail
-from mpickpt.formats import TensorEntry, TensorSpec, open_index, open_writer, suffix_of
+from mpickpt.formats import TensorEntry, TensorSpec, index_stamp, open_index, open_writer, refuse_if_changed, suffix_of
 from mpickpt.shared_folders import SharedCheck, confirm_shared, leave_check
 
 __all__ = ["ckpt_to_safetensors", "convert_file", "convert_files", "destination", "output_folders",
@@ -222,6 +222,7 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], to_fo
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise DestinationError(f"{dst}: refusing to replace source file {src}")
     with open_index(src, fmt=_SOURCE_FORMAT[to_format]) as index:
+        opened = index_stamp(index)
         renamed = _renamed(index.path, index.entries, name_map, sort=to_format == "ckpt")
         with open_writer(dst, to_format, sync=sync) as writer:
             writer.declare([TensorSpec(new, e.dtype, e.dims, e.nbytes, e.kind) for new, e in renamed])
@@ -233,6 +234,7 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], to_fo
                 else:
                     writer.copy_tensor_segments(new, entry.dtype, entry.dims,
                                                 [(index.fileno(), offset, length) for offset, length in entry.pieces])
+            refuse_if_changed(index, opened)  # before the output commits
 
 
 def _renamed(path: Path, entries: Mapping[str, TensorEntry], name_map: Mapping[str, str] | None,

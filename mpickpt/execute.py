@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,11 +22,11 @@ import numpy as np
 from .dtypes import dtype_itemsize
 from .errors import CheckpointFormatError, PlanError
 from .formats import (
+    IndexCache,
     SourceIndex,
     TensorEntry,
     TensorSpec,
     TensorWriter,
-    open_index,
     open_writer,
 )
 from .layout import Box
@@ -71,12 +71,14 @@ class Remote(Protocol):
 
 class SourceFiles:
     """Lazily opened, cached indexes of the source files one target reads (a context manager); ranks
-    not among `paths` come from `remote`. `opener` opens one file (or lends it from a cache of open indexes)."""
+    not among `paths` come from `remote`. `indexes` lends indexes kept open across targets (default: its own,
+    closed on exit)."""
 
     def __init__(self, paths: Mapping[int, str], remote: Remote | None = None,
-                 opener: Callable[[str], AbstractContextManager[SourceIndex]] = open_index) -> None:
+                 indexes: IndexCache | None = None) -> None:
         self._paths = dict(paths)
-        self._opener = opener
+        self._own = indexes is None
+        self._indexes = IndexCache() if indexes is None else indexes
         self._open: dict[int, SourceIndex] = {}
         self._stack = ExitStack()
         self.remote = remote
@@ -87,6 +89,12 @@ class SourceFiles:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
         self._open.clear()
+        if self._own:
+            self._indexes.close()
+
+    def check_unchanged(self) -> None:
+        """Refuse (CheckpointFormatError) when a file read here changed since its headers were read."""
+        self._indexes.check_unchanged(*(self._paths[rank] for rank in self._open))
 
     def is_remote(self, rank: int) -> bool:
         """Whether another process holds this rank's file."""
@@ -111,7 +119,7 @@ class SourceFiles:
     def index(self, rank: int) -> SourceIndex:
         """The index of one source rank's file, opened on first use."""
         if rank not in self._open:
-            self._open[rank] = self._stack.enter_context(self._opener(self.path(rank)))
+            self._open[rank] = self._stack.enter_context(self._indexes.lease(self.path(rank)))
         return self._open[rank]
 
     def entry(self, rank: int, name: str) -> TensorEntry:
@@ -151,17 +159,13 @@ def write_target(
     progress: Progress | None = None,
     on_file_crc: Callable[[int], None] | None = None,
     tick: Callable[[], None] | None = None,
-    before_commit: Callable[[], None] | None = None,
 ) -> int:
     """Write one target rank's file in format `fmt` atomically; returns the bytes of tensor content written.
     `on_file_crc` is given the finished file's CRC-32 where the writer computed it on the way out; `tick()` is
-    called every few MiB of a long parameter (an MPI process serves the others there); `before_commit()`, once
-    every byte is written, may still refuse the output by raising (nothing is then left under its name)."""
+    called every few MiB of a long parameter (an MPI process serves the others there)."""
     with open_writer(Path(out_path), fmt, crc=crc, sync=sync, forbidden_dirs=forbidden_dirs,
                      checksum=on_file_crc is not None, tick=tick) as writer:
         written = write_plan(plan, sources, writer, progress=progress, tick=tick)
-        if before_commit is not None:
-            before_commit()
     file_crc = getattr(writer, "file_crc", None)
     if on_file_crc is not None and file_crc is not None:
         on_file_crc(file_crc)
@@ -171,7 +175,8 @@ def write_target(
 def write_plan(plan: TargetPlan, sources: SourceFiles, writer: TensorWriter, *,
                progress: Progress | None = None, tick: Callable[[], None] | None = None) -> int:
     """Declare and write every parameter of a plan into an opened writer (it commits on its own exit);
-    returns the bytes of tensor content written."""
+    returns the bytes of tensor content written. A source file that changed while being read refuses the
+    output before the writer commits."""
     order = output_order(plan, sources)
     writer.declare([_spec(param, sources) for param in order])
     written = 0
@@ -179,6 +184,7 @@ def write_plan(plan: TargetPlan, sources: SourceFiles, writer: TensorWriter, *,
         written += _write_param(writer, param, sources, tick)
         if progress is not None:
             progress(written)
+    sources.check_unchanged()  # before the writer commits: bytes of a file rewritten meanwhile may mix versions
     return written
 
 

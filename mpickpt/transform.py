@@ -234,11 +234,10 @@ class TransformJob:
                 progress = _serving(self.exchange, progress)
             elif self.exchange is not None:
                 progress = _serving(self.exchange, progress)
-            with SourceFiles(paths, remote, opener=self.indexes.lease) as sources:
+            with SourceFiles(paths, remote, indexes=self.indexes) as sources:
                 write_target(plan, sources, task.path, fmt=self.output_format, crc=self.crc, sync=sync,
                              forbidden_dirs=self.forbidden_dirs, progress=progress, on_file_crc=file_crcs.append,
-                             tick=self.exchange.serve if self.exchange is not None else None,
-                             before_commit=lambda: self.indexes.check_unchanged(*paths.values()))
+                             tick=self.exchange.serve if self.exchange is not None else None)
         except MpickptError as error:
             raise type(error)(f"target rank {task.target_rank} ({task.path}): {error}") from error
         return WrittenOutput(checksum_text(file_crcs[0]), len(plan.params)) if file_crcs else None

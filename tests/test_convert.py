@@ -13,6 +13,7 @@ import pytest
 from mindspore_helpers import requires_mindspore, run_mindspore
 from test_safetensors import header
 
+import mpickpt.convert as convert_module
 from mpickpt.ckpt import CheckpointWriter, index_checkpoint, save_checkpoint
 from mpickpt.convert import (
     ckpt_to_safetensors,
@@ -243,3 +244,24 @@ def test_cli_convert_round_trip_under_mpi_keeps_every_tensor(tmp_path: Path) -> 
     assert sorted(p.name for p in there.glob("rank_*/*")) == sorted(f"checkpoint_{r}.safetensors" for r in range(8))
     for original in sorted(example.glob("rank_*/*.ckpt")):
         assert_same_content(back / original.relative_to(example), original)
+
+
+def test_a_source_rewritten_in_place_during_its_conversion_leaves_no_output(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file saved over while it is converted would give an output of two versions: nothing is committed."""
+    src = tmp_path / "model.ckpt"
+    save_checkpoint(src, [(name, dtype, list(dims), data) for name, dtype, dims, data in params(3)])
+    real_open_writer = convert_module.open_writer
+
+    def saving_over_it(*args: object, **kwargs: object) -> object:
+        with open(src, "r+b") as f:  # the first tensors are being copied: rewrite the end in place
+            f.seek(src.stat().st_size - 4)
+            f.write(b"\xff" * 4)
+        os.utime(src, ns=(1, 1))
+        return real_open_writer(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "open_writer", saving_over_it)
+    out = tmp_path / "model.safetensors"
+    with pytest.raises(CheckpointFormatError, match=rf"{src}: the file changed while this run read it"):
+        convert_file(src, out, "safetensors", sync=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]

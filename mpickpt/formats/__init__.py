@@ -12,8 +12,8 @@ from pathlib import Path
 from mpickpt.errors import CheckpointFormatError, MpickptError, SourceMissingError
 from mpickpt.formats.base import SourceIndex, TensorEntry, TensorSpec, TensorWriter
 
-__all__ = ["FORMATS", "IndexCache", "SourceIndex", "TensorEntry", "TensorSpec", "TensorWriter", "format_of", "open_index",
-           "open_writer", "suffix_of"]
+__all__ = ["FORMATS", "IndexCache", "SourceIndex", "TensorEntry", "TensorSpec", "TensorWriter", "format_of", "index_stamp",
+           "open_index", "open_writer", "refuse_if_changed", "suffix_of"]
 
 FORMATS = ("ckpt", "safetensors", "h5")
 _SUFFIXES = {"ckpt": ".ckpt", "safetensors": ".safetensors", "h5": ".h5"}
@@ -92,7 +92,7 @@ class IndexCache:
         key = os.fspath(path)
         if key not in self._open:
             self._open[key] = open_index(key)
-            self._stamps.setdefault(key, _stamp(self._open[key]))
+            self._stamps.setdefault(key, index_stamp(self._open[key]))
         self._open.move_to_end(key)
         self._leases[key] = self._leases.get(key, 0) + 1
         try:
@@ -115,13 +115,7 @@ class IndexCache:
             key = os.fspath(path)
             if key not in self._open or key not in self._stamps:
                 continue
-            before, now = self._stamps[key], _stamp(self._open[key])
-            if now == before:
-                continue
-            raise CheckpointFormatError(
-                f"{key}: the file changed while this run read it (size {before[0]} -> {now[0]} bytes, "
-                f"modification time moved by {(now[1] - before[1]) / 1e9:+.3f} s): what was read may mix two "
-                "versions, so nothing made from it is kept; run again once the file is final")
+            refuse_if_changed(self._open[key], self._stamps[key])
 
     def close(self) -> None:
         """Close every index (also those on lease: the run is over or failing)."""
@@ -130,10 +124,22 @@ class IndexCache:
         self._leases.clear()
 
 
-def _stamp(index: SourceIndex) -> tuple[int, int]:
+def index_stamp(index: SourceIndex) -> tuple[int, int]:
     """Total size and latest modification time of the files an index reads (a unified source: its shards)."""
     infos = [os.fstat(fd) for fd in {index.fd_of(name) for name in index.entries}]
     return sum(i.st_size for i in infos), max((i.st_mtime_ns for i in infos), default=0)
+
+
+def refuse_if_changed(index: SourceIndex, before: tuple[int, int]) -> None:
+    """CheckpointFormatError when the files of `index` no longer have the size and time `before` (its
+    `index_stamp` when its headers were read): rewritten in place while being read, so what was read may mix
+    two versions."""
+    now = index_stamp(index)
+    if now != before:
+        raise CheckpointFormatError(
+            f"{index.path}: the file changed while this run read it (size {before[0]} -> {now[0]} bytes, "
+            f"modification time moved by {(now[1] - before[1]) / 1e9:+.3f} s): what was read may mix two "
+            "versions, so nothing made from it is kept; run again once the file is final")
 
 
 def open_writer(path: str | os.PathLike[str], fmt: str, *, crc: bool = False, sync: bool = True,
