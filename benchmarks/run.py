@@ -7,7 +7,7 @@ Every contender runs `--repeat` times, round-robin, each time from a warm page c
 just before) with earlier writes flushed (`sync`) and its output folder removed. Every mpickpt output must be
 byte-identical to the first serial run's; MindSpore's outputs must hold the same parameters (names, dtypes,
 dims, bytes); the first serial output is also checked against the case generator's own tensors. The tables
-are printed and saved to benchmarks/results/<case>_8to<target>.md.
+are printed and saved to benchmarks/results/<case>_8to<target>.md (`_devshm` added for a case in a tmpfs).
 """
 
 from __future__ import annotations
@@ -574,7 +574,8 @@ def report(case: Case, cs: list[Contender], checker: Checker, repeat: int, plann
     d = case.desc
     tgt = d["targets"][case.target]
     head = [
-        f"# {case.name}: {d['src_ranks']} -> {case.dst_ranks} ranks",
+        f"# {case.name}: {d['src_ranks']} -> {case.dst_ranks} ranks"
+        + (" (sources and outputs in /dev/shm)" if in_memory(case) else ""),
         "",
         (f"- case: {d['src_bytes'] / 1e9:.2f} GB source in {d['src_ranks']} ranks "
          f"({'2 pipeline stages x tp2 x dp2' if d['pipeline'] else 'tp2 x dp4'}, optimizer parallel), "
@@ -628,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         checker.notes.append(f"mpickpt sources CHANGED during the run (started at sources {digest}): rerun")
     text = report(case, cs, checker, args.repeat, planned_read_bytes(case), code_version(digest))
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = f"{case.name}_8to{args.target}"
+    stem = f"{case.name}_8to{args.target}" + ("_devshm" if in_memory(case) else "")
     if plot_scaling(cs, args.results / f"{stem}.png", f"{case.name}: {case.desc['src_ranks']} -> {case.dst_ranks} "
                     f"ranks, median of {args.repeat}"):
         text += f"\n![wall time and speed-up against process count]({stem}.png)\n"
