@@ -154,6 +154,11 @@ def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process:
     the processes seeing it; the indexes stay open in `indexes`) and notes for the summary."""
     views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
     notes = _check_copies(views, comm)
+    mine = views[comm.rank]
+    for rank, path in mine.rank_files.items():
+        if len(mine.stamps[rank]) == 1 and os.path.isfile(path):  # one file (a unified folder: its shards)
+            (_, size, mtime_ns), = mine.stamps[rank]
+            indexes.expect(path, size, mtime_ns)  # the files as the copies were compared and headers read
     found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]
                                         for r in header_share(views, comm.rank, per_process)},
                                        indexes.lease), comm)

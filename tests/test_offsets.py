@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mpickpt.ckpt import save_checkpoint
+from mpickpt.errors import CheckpointFormatError
 from mpickpt.formats import IndexCache
 from mpickpt.formats.offsets import CACHE_CHUNK, COPY_CHUNK, copy_with_crc
 
@@ -79,6 +80,21 @@ def test_index_cache_closes_what_it_evicts(tmp_path: Path) -> None:
         pass
     with pytest.raises(OSError):
         os.fstat(fd)  # the first index was closed once a second one exceeded the limit
+    cache.close()
+
+
+def test_index_cache_refuses_a_file_changed_since_it_was_expected_or_first_indexed(tmp_path: Path) -> None:
+    """The reference is the first of: the size and time expected (a start-up stat), the first indexing."""
+    early, late = _files(tmp_path, 2)
+    cache = IndexCache()
+    info = os.stat(early)
+    cache.expect(early, info.st_size, info.st_mtime_ns)  # as start-up saw it
+    os.utime(early, ns=(5, 5))  # rewritten before this process indexed it
+    with cache.lease(early), cache.lease(late):
+        cache.check_unchanged(late)  # unchanged since first indexed
+        with pytest.raises(CheckpointFormatError, match=rf"{early}: the file changed while this run read it "
+                           rf"\(size {info.st_size} -> {info.st_size} bytes, modification time moved by -\d+\.\d{{3}} s\)"):
+            cache.check_unchanged(early, late)
     cache.close()
 
 

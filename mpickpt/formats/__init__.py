@@ -108,6 +108,11 @@ class IndexCache:
             self._open.pop(key).close()
             self._leases.pop(key, None)
 
+    def expect(self, path: str | os.PathLike[str], size: int, mtime_ns: int) -> None:
+        """Take `path`'s size and time as seen before its headers are read here (at start-up, when another
+        process read them): a change from then on is refused too."""
+        self._stamps.setdefault(os.fspath(path), (size, mtime_ns))
+
     def check_unchanged(self, *paths: str | os.PathLike[str]) -> None:
         """CheckpointFormatError when one of `paths`, as open here, no longer has the size and time it had when
         first indexed: it was rewritten in place while being read (what was read may mix two versions)."""
