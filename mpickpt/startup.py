@@ -36,8 +36,8 @@ from .exchange import Exchange
 from .formats import IndexCache, suffix_of
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
-from .mpi import Comm
 from .manifest import checksum
+from .mpi import Comm
 from .placement import (
     Destinations,
     FileStamp,
@@ -154,11 +154,7 @@ def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process:
     the processes seeing it; the indexes stay open in `indexes`) and notes for the summary."""
     views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
     notes = _check_copies(views, comm)
-    mine = views[comm.rank]
-    for rank, path in mine.rank_files.items():
-        if len(mine.stamps[rank]) == 1 and os.path.isfile(path):  # one file (a unified folder: its shards)
-            (_, size, mtime_ns), = mine.stamps[rank]
-            indexes.expect(path, size, mtime_ns)  # the files as the copies were compared and headers read
+    _expect_as_seen(views[comm.rank], indexes)
     found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]
                                         for r in header_share(views, comm.rank, per_process)},
                                        indexes.lease), comm)
@@ -167,6 +163,16 @@ def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process:
         for rank, h in share.items():
             headers.setdefault(rank, h)
     return Placement(tuple(views)), headers, notes
+
+
+def _expect_as_seen(view: ProcessView, indexes: IndexCache) -> None:
+    """Hand `indexes` the size and time of each rank file as this process saw it now (when the copies were
+    compared, before any header is read), so a file rewritten from now on refuses what is made from it. A
+    unified folder is left to its index's own stamp when opened."""
+    for rank, path in view.rank_files.items():
+        if len(view.stamps[rank]) == 1 and os.path.isfile(path):
+            (_, size, mtime_ns), = view.stamps[rank]
+            indexes.expect(path, size, mtime_ns)
 
 
 def _check_copies(views: Sequence[ProcessView], comm: Comm) -> tuple[str, ...]:

@@ -78,7 +78,8 @@ class IndexCache:
     """Indexes of source files kept open across a process's targets, so each file's headers are read once
     per run: `lease(path)` lends an index for a `with` block; up to `limit` indexes not on lease stay open
     (least recently used closed first), and `close()` closes them all. `check_unchanged(path)` refuses a file
-    whose size or time moved since its index was first made in this run (its headers are what was read)."""
+    whose size or time moved since `expect` gave them, else since its index was first made in this run (its
+    headers are what was read)."""
 
     def __init__(self, limit: int = 128) -> None:
         self._limit = limit
