@@ -30,7 +30,7 @@ from pathlib import Path
 
 from make_case import TARGETS
 from run import (BENCH_DIR, MIB, RSS_SLACK, Case, Contender, Run, code_version, compare_digests, content_digests,
-                 expected_digests, file_digests, machine, median, median_cpu, mpickpt_cmd,
+                 expected_digests, file_digests, machine, median, median_cpu, median_run, mpickpt_cmd, peak_rss_mib,
                  sources_digest, timed_run, under_mpiexec)
 
 EXCHANGE_BUFFER = 256 * MIB
@@ -118,9 +118,7 @@ def tables(cs: list[Contender], seen: dict[str, dict[int, list[int]]], bound: in
             lines.append(f"| {c.label} | {where} | failed | | | | | | | | {reason} |")
             continue
         walls = [r.wall_s for r in c.runs]
-        mid = min(c.runs, key=lambda r: abs(r.wall_s - median(c)))
-        peaks = [max(r.procs[i].maxrss_bytes for r in c.runs if i < len(r.procs)) / MIB
-                 for i in range(max(len(r.procs) for r in c.runs))]
+        mid, peaks = median_run(c), peak_rss_mib(c)
         lines.append(
             f"| {c.label} | {where} | {median(c):.2f} | {min(walls):.2f}-{max(walls):.2f} | {median_cpu(c):.2f} | "
             f"{', '.join(f'{x:.0f}' for x in peaks)} | {_per_process(mid, 'bytes_sent')} | "

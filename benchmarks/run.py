@@ -399,6 +399,17 @@ def median_cpu(c: Contender) -> float:
     return statistics.median(sum(p.cpu_s for p in r.procs) for r in c.runs)
 
 
+def median_run(c: Contender) -> Run:
+    """The run whose wall time is nearest the median (its byte counts stand for the contender)."""
+    return min(c.runs, key=lambda r: abs(r.wall_s - median(c)))
+
+
+def peak_rss_mib(c: Contender) -> list[float]:
+    """Per process position (rank), its largest peak RSS over the runs, in MiB."""
+    return [max(r.procs[i].maxrss_bytes for r in c.runs if i < len(r.procs)) / MIB
+            for i in range(max(len(r.procs) for r in c.runs))]
+
+
 def planned_read_bytes(case: Case) -> int:
     cmd = [str(BIN / "mpickpt"), "plan", "--src-dir", str(case.src_dir), "--src-strategy", str(case.src_strategy),
            "--dst-strategy", str(case.dst_strategy), "--json"]
@@ -415,9 +426,7 @@ def contender_table(cs: list[Contender], planned_read: int) -> list[str]:
             lines.append(f"| {c.label} | failed | | | | | | | | | {c.failed.splitlines()[0] if c.failed else ''} |")
             continue
         walls = [r.wall_s for r in c.runs]
-        mid = min(c.runs, key=lambda r: abs(r.wall_s - median(c)))
-        peaks = [max(r.procs[i].maxrss_bytes for r in c.runs if i < len(r.procs)) / MIB
-                 for i in range(max(len(r.procs) for r in c.runs))]
+        mid, peaks = median_run(c), peak_rss_mib(c)
         read = sum(p.rchar for p in mid.procs) / 1e9
         read_s = f"{read:.2f}" + (f" (planned {planned_read / 1e9:.2f})" if c.group == "mpickpt" else "")
         calls = [r.call_s for r in c.runs if r.call_s is not None]
