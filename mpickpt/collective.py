@@ -53,15 +53,17 @@ def agree(work: Callable[[], T], comm: Comm) -> list[T]:
     return [pickle.loads(data) for data, _ in gathered]
 
 
-def deal_by_size(items: Sequence[T], size: Callable[[T], int], processes: int) -> list[list[T]]:
+def deal_by_size(items: Sequence[T], size: Callable[[T], int], processes: int,
+                 allowed: Callable[[T], Sequence[int]] | None = None) -> list[list[T]]:
     """Items per process: largest first onto the process with the fewest bytes so far (ties: fewer items,
-    lower process). Deterministic; extra processes get nothing."""
+    lower process), among the processes `allowed(item)` names (None: any). Deterministic; extra processes get
+    nothing."""
     if processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes}")
     loads = [(0, 0, p) for p in range(processes)]
     shares: list[list[T]] = [[] for _ in range(processes)]
     for item in sorted(items, key=lambda i: -size(i)):
-        load, count, process = min(loads)
+        load, count, process = min(loads) if allowed is None else min(loads[p] for p in allowed(item))
         loads[process] = (load + size(item), count + 1, process)
         shares[process].append(item)
     return shares

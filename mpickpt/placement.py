@@ -13,9 +13,9 @@ from __future__ import annotations
 import glob
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-import time
 from typing import TypeVar
 
 import numpy as np
@@ -115,14 +115,18 @@ class ProcessView:
 
 @dataclass(frozen=True)
 class SourceCopy:
-    """One copy of a source rank's file as a process sees it (the lowest process seeing that copy)."""
+    """One copy of a source rank's file: where it is, its stamp, and every process seeing it (lowest first)."""
 
     rank: int
-    process: int
     host: str
     path: str
     stamp: FileStamp
-    seen_by: tuple[int, ...] = ()  # every process seeing this copy (process first)
+    seen_by: tuple[int, ...]
+
+    @property
+    def process(self) -> int:
+        """The lowest process seeing this copy (named in messages)."""
+        return self.seen_by[0]
 
     @property
     def size(self) -> int:
@@ -147,7 +151,7 @@ def differing_copies(views: Sequence[ProcessView]) -> dict[int, list[SourceCopy]
     for view in views:
         for rank, path in view.rank_files.items():
             seen.setdefault(rank, {}).setdefault((view.host, path, view.stamps.get(rank, ())), []).append(view.process)
-    return {rank: [SourceCopy(rank, processes[0], host, path, stamp, tuple(processes))
+    return {rank: [SourceCopy(rank, host, path, stamp, tuple(processes))
                    for (host, path, stamp), processes in found.items()]
             for rank, found in sorted(seen.items()) if len({stamp for _, _, stamp in found}) > 1}
 

@@ -36,7 +36,7 @@ from .exchange import Exchange
 from .formats import IndexCache, suffix_of
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
-from .manifest import checksum
+from .manifest import checksum, stamp_sources
 from .mpi import Comm
 from .placement import (
     Destinations,
@@ -210,14 +210,8 @@ def _content_checksum(source: str) -> tuple[str, ...]:
 
 def _stamps(files: dict[int, str]) -> dict[int, FileStamp]:
     """(file name, size, time in ns) of each file standing for each rank's source."""
-    stamps = {}
-    for rank, source in files.items():
-        found = []
-        for path in stamped_files(source):
-            st = os.stat(path)
-            found.append((os.path.basename(path), st.st_size, st.st_mtime_ns))
-        stamps[rank] = tuple(found)
-    return stamps
+    return {rank: tuple((os.path.basename(s.path), s.size, s.mtime_ns) for s in stamp_sources(stamped_files(source)))
+            for rank, source in files.items()}
 
 
 def _check_one_folder(template: str, process: int, dst_dirs: Sequence[str], hosts: Sequence[str],

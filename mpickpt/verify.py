@@ -33,7 +33,7 @@ from typing import Self, cast
 
 import numpy as np
 
-from .collective import agree, broadcast_prepared, fail
+from .collective import agree, broadcast_prepared, deal_by_size, fail
 from .dtypes import dtype_itemsize
 from .errors import MpickptError
 from .exchange import Exchange, RemoteSource, header_entries
@@ -194,15 +194,10 @@ def deal(checks: Sequence[Check], processes: int,
          seers: Sequence[Sequence[int]] | None = None) -> list[list[Check]]:
     """Checks per process: largest file first onto the process with the fewest bytes so far (ties: fewer
     checks, lower process), among the processes that see it (`seers[i]` for `checks[i]`; None: all)."""
-    loads = [(0, 0, p) for p in range(processes)]
-    shares: list[list[Check]] = [[] for _ in range(processes)]
-    order = sorted(range(len(checks)), key=lambda i: (-checks[i].size, checks[i].path))
-    for i in order:
-        _, _, process = min(loads[p] for p in (range(processes) if seers is None else seers[i]))
-        load, count, _ = loads[process]
-        loads[process] = (load + checks[i].size, count + 1, process)
-        shares[process].append(checks[i])
-    return shares
+    indexed = sorted(range(len(checks)), key=lambda i: checks[i].path)
+    shares = deal_by_size(indexed, lambda i: checks[i].size, processes,
+                          None if seers is None else lambda i: seers[i])
+    return [[checks[i] for i in share] for share in shares]
 
 
 def _checker(job: Job, exchange: Exchange | None = None

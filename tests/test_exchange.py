@@ -112,15 +112,15 @@ def test_copies_of_a_rank_with_other_sizes_or_times_are_found() -> None:
     assert differing_copies(shared) == {}
     stale = {**stamp, 1: (("c.ckpt", 101, 9),)}
     node_local = [*shared[:2], *(ProcessView(p, "b", "/s", files, stale) for p in (2, 3))]
-    assert differing_copies(node_local) == {1: [SourceCopy(1, 0, "a", files[1], stamp[1], (0, 1)),
-                                                SourceCopy(1, 2, "b", files[1], stale[1], (2, 3))]}
+    assert differing_copies(node_local) == {1: [SourceCopy(1, "a", files[1], stamp[1], (0, 1)),
+                                                SourceCopy(1, "b", files[1], stale[1], (2, 3))]}
     everything_stale = [*shared[:2], *(ProcessView(p, "b", "/s", files, {**stale, 0: (("c.ckpt", 5, 9),)})
                                        for p in (2, 3))]
     readers = checksum_readers(differing_copies(everything_stale))  # each host's processes share the reading
     assert readers == {(0, "a", files[0], stamp[0]): 0, (0, "b", files[0], (("c.ckpt", 5, 9),)): 2,
                        (1, "a", files[1], stamp[1]): 1, (1, "b", files[1], stale[1]): 3}
     assert not shared[0].group_key(False) == node_local[2].group_key(False)  # headers read on each host
-    assert SourceCopy(1, 2, "b", files[1], stale[1], (2, 3)).describe() == \
+    assert SourceCopy(1, "b", files[1], stale[1], (2, 3)).describe() == \
         "process 2 (host b) /s/rank_1/c.ckpt: 101 bytes, modified 1970-01-01 00:00:00.000000009 UTC"
 
 
