@@ -14,7 +14,7 @@ import errno
 import fcntl
 import os
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import Protocol, TextIO
 
 from .errors import DestinationError
 
@@ -178,6 +178,15 @@ class DestinationLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def lock_for_run(dst_dir: str, stream: TextIO) -> DestinationLock:
+    """Lock dst_dir for a run (DestinationLock.acquire), with a warning on `stream` where locks are unsupported."""
+    lock = DestinationLock.acquire(dst_dir)
+    if not lock.held:
+        print(f"mpickpt: warning: {dst_dir}: the filesystem does not support locks; "
+              "a concurrent run into the same folder would not be noticed", file=stream, flush=True)
+    return lock
 
 
 def lock_token(dst_dir: str) -> str | None:

@@ -46,6 +46,7 @@ from .destination import (
     DestinationLock,
     check_destination,
     check_prefix,
+    lock_for_run,
     lock_token,
     source_folders,
 )
@@ -292,11 +293,7 @@ def lock_destination(options: TransformOptions, stream: TextIO) -> DestinationLo
     """Check the prefix and the destination, then lock the destination (a warning if locks are unsupported)."""
     check_prefix(options.prefix)
     check_destination(options.dst_dir, source_folders(options))
-    lock = DestinationLock.acquire(options.dst_dir)
-    if not lock.held:
-        print(f"mpickpt: warning: {options.dst_dir}: the filesystem does not support locks; "
-              "a concurrent run into the same folder would not be noticed", file=stream, flush=True)
-    return lock
+    return lock_for_run(options.dst_dir, stream)
 
 
 def utc_now() -> str:

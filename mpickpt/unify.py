@@ -23,8 +23,9 @@ What MindSpore 2.10's ``unified_safetensors`` does, and so this (layout ``mindsp
   ``hyper_param.safetensors`` and ``param_name_map.json`` (listing every part).
 - Part metadata: ``{"format": "ms"}`` with the sources' ``remove_redundancy`` as ``"False"``.
   Deliberate difference: MindSpore also copies the sources' ``crc_num`` (a checksum of another file)
-  into every part; this does not. A whole run first removes the index and unified files an earlier run
-  left in ``dst_dir`` that it will not rewrite, and writes the index last.
+  into every part; this does not. A whole run first removes the manifest, the index and the unified files an
+  earlier run left in ``dst_dir`` that it will not rewrite, and writes the index last; ``mpickpt unify``
+  (:func:`run_unify`) also locks ``dst_dir`` for the run, as ``transform`` does.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -43,12 +45,12 @@ from typing import Any, cast
 
 from .atomic import write_bytes_atomic
 from .collective import broadcast_prepared, deal_by_size, fail
-from .destination import check_destination, refuse_destination_inside
+from .destination import DestinationLock, check_destination, lock_for_run, refuse_destination_inside
 from .errors import DestinationError, MpickptError, PlanError
 from .execute import SourceFiles, write_plan
 from .formats import TensorSpec, open_index
 from .layout import Box, Layouts
-from .manifest import write_manifest
+from .manifest import remove_manifest, write_manifest
 from .mpi import Comm
 from .plan import Copy, ParamPlan, TargetPlan
 from .shared_folders import SharedCheck, confirm_shared, leave_check
@@ -343,12 +345,13 @@ _OURS = re.compile(r"model-\d+-of-\d+\.safetensors|part\d+\.safetensors|"
 
 
 def clear_outputs(plan: UnifyPlan) -> None:
-    """Before a whole run (not a split_dst_file share: the others write there too) writes: remove the index
-    files and the unified files of an earlier run that this run will not rewrite, so the folder never mixes
-    two runs."""
+    """Before a whole run (not a split_dst_file share: the others write there too) writes: remove the earlier
+    run's manifest.json (written again once this run is complete), the index files and the unified files of an
+    earlier run that this run will not rewrite, so the folder never mixes two runs."""
     folder = Path(plan.dst)
     if not folder.is_dir():
         return
+    remove_manifest(plan.dst)
     keep = {os.path.basename(f.path) for f in plan.files}
     for path in folder.iterdir():
         if _OURS.fullmatch(path.name) and path.name not in keep and path.is_file():
@@ -412,8 +415,13 @@ def run_unify(options: UnifyOptions, comm: Comm, *, sync: bool = True, choice_fu
         return run_unify_h5(options, comm, sync=sync, manifest=manifest)
     started = time.monotonic()
     plan = plan_shared(options, comm, choice_func)
-    if not options.split_dst_file:
-        broadcast_prepared(lambda: clear_outputs(plan), comm)  # rank 0, before any process writes
+    lock: DestinationLock | None = None
+
+    def claim() -> None:
+        nonlocal lock
+        lock = claim_destination(plan, whole=not options.split_dst_file)
+
+    broadcast_prepared(claim, comm)  # rank 0, before any process writes
     summary = None
     try:
         report = _write_share(plan, deal_by_size(plan.files, lambda f: f.nbytes, comm.size)[comm.rank],
@@ -423,8 +431,24 @@ def run_unify(options: UnifyOptions, comm: Comm, *, sync: bool = True, choice_fu
             summary = _finish(plan, collect(comm), started, sync, manifest)
     except BaseException as exc:
         fail(comm, exc, f"process {comm.rank}")
+    finally:
+        if lock is not None:
+            lock.release()
     comm.flush()
     return cast(UnifySummary, comm.bcast(summary, root=0))  # rank 0 always has one here
+
+
+def claim_destination(plan: UnifyPlan, *, whole: bool) -> DestinationLock:
+    """Lock the destination folder for the run, as `transform` does (a second run into it, of either command,
+    fails naming this one), then, for a whole run, clear what an earlier run left (clear_outputs)."""
+    lock = lock_for_run(plan.dst, sys.stderr)
+    try:
+        if whole:
+            clear_outputs(plan)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def plan_shared(options: UnifyOptions, comm: Comm, choice_func: ChoiceFunc | None = None) -> UnifyPlan:

@@ -17,6 +17,7 @@ import safetensors
 from fixture_cases import tensor_content
 from mindspore_helpers import requires_mindspore, run_mindspore
 from mpickpt.convert import ckpt_to_safetensors
+from mpickpt.destination import LOCK_NAME, DestinationLock
 from mpickpt.errors import DestinationError, MpickptError
 from mpickpt.formats import open_index
 from mpickpt.mpi import SerialComm
@@ -175,7 +176,7 @@ def test_hf_layout_loads_with_the_official_package(tiny_st: Path, tiny_full: dic
 def test_hf_one_shard_still_numbered_with_index(tiny_st: Path, tmp_path: Path) -> None:
     run_unify(hf_options(tiny_st, tmp_path / "hf"), SerialComm())
     files = sorted(os.listdir(tmp_path / "hf"))
-    assert files == ["manifest.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    assert files == [LOCK_NAME, "manifest.json", "model-00001-of-00001.safetensors", "model.safetensors.index.json"]
 
 
 def test_cli_params_and_exclude(tiny_st: Path, tiny_full: dict, tmp_path: Path) -> None:
@@ -224,7 +225,7 @@ def test_mpi_two_processes_equal_serial(tiny_st: Path, tmp_path: Path, layout: s
     unify_serial_and_mpi(tiny_st, ["--layout", layout, "--max-shard-size", "400kB"], tmp_path / "serial",
                          tmp_path / "mpi")
     for name in os.listdir(tmp_path / "serial"):
-        if name != "manifest.json":
+        if name not in ("manifest.json", LOCK_NAME):
             assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "mpi" / name).read_bytes(), name
     manifest = json.loads((tmp_path / "mpi" / "manifest.json").read_text())
     assert [p["process"] for p in manifest["processes"]] == [0, 1]
@@ -294,8 +295,55 @@ def test_a_rerun_leaves_no_file_of_the_earlier_run(tiny_st: Path, tmp_path: Path
     (out / "param_name_map.json").write_text("{}")
     (out / "notes.txt").write_text("kept")
     run_unify(hf_options(tiny_st, out), SerialComm(), sync=False)
-    assert sorted(os.listdir(out)) == ["manifest.json", "model-00001-of-00001.safetensors",
+    assert sorted(os.listdir(out)) == [LOCK_NAME, "manifest.json", "model-00001-of-00001.safetensors",
                                        "model.safetensors.index.json", "notes.txt"]
+
+
+def folder_bytes(root: Path) -> dict[str, bytes]:
+    """Every file directly in root, by name."""
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def test_unify_into_a_folder_another_run_is_writing_fails_and_leaves_it_alone(tiny_st: Path, tmp_path: Path) -> None:
+    """Found: `unify` took no lock, so a second run into a folder a first one was writing removed the first
+    one's shards and wrote its own among them: a folder mixing two runs, both exiting 0."""
+    out = tmp_path / "hf"
+    run_unify(hf_options(tiny_st, out, max_shard_size=300_000), SerialComm(), sync=False)
+    holder = DestinationLock.acquire(str(out))  # another run (a transform or a unify) writing there now
+    before = folder_bytes(out)
+    try:
+        with pytest.raises(DestinationError, match=f"another mpickpt run is writing here .*{LOCK_NAME}"):
+            run_unify(hf_options(tiny_st, out), SerialComm(), sync=False)
+    finally:
+        holder.release()
+    assert folder_bytes(out) == before
+    run_unify(hf_options(tiny_st, out), SerialComm(), sync=False)  # once it has ended
+    assert "model-00001-of-00001.safetensors" in os.listdir(out)
+
+
+def test_a_failed_rerun_leaves_no_manifest_of_the_earlier_run(tiny_st: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found: a rerun that failed after writing some shards left the earlier run's manifest.json beside them,
+    as if the folder were the complete output of a run."""
+    import mpickpt.unify as unify
+
+    out = tmp_path / "hf"
+    run_unify(hf_options(tiny_st, out, max_shard_size=300_000), SerialComm(), sync=False)
+    assert (out / "manifest.json").exists()
+    real_write_file = unify.write_file
+    written: list[str] = []
+
+    def failing_after_one(plan: object, file: unify.OutputFile, **kwargs: object) -> tuple[int, int]:
+        if written:
+            raise DestinationError(f"{file.path}: no space left (injected)")
+        written.append(file.path)
+        return real_write_file(plan, file, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(unify, "write_file", failing_after_one)
+    with pytest.raises(DestinationError, match="injected"):
+        run_unify(hf_options(tiny_st, out, max_shard_size=300_000), SerialComm(), sync=False)
+    assert len(written) == 1
+    assert not (out / "manifest.json").exists() and not (out / "model.safetensors.index.json").exists()
 
 
 @pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec at {MPIEXEC}")
