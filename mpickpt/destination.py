@@ -52,11 +52,28 @@ def check_destination(dst_dir: str | os.PathLike[str], read_dirs: Iterable[str |
     if not os.fspath(dst_dir):
         raise DestinationError("dst_dir: no destination folder given")
     _refuse_inside(dst_dir, read_dirs, depth=1)
-    existing = next(p for p in _ancestors(os.path.abspath(dst_dir)) if os.path.lexists(p))
+    _refuse_unwritable_folder(os.fspath(dst_dir), f"dst_dir {os.fspath(dst_dir)}")
+
+
+def refuse_unwritable_outputs(outputs: Iterable[str]) -> None:
+    """Refuse, before anything is written, outputs that could not be written: a folder of theirs that exists
+    as a non-folder or cannot be written (a read-only mount), or a folder under an output's name."""
+    outputs = list(outputs)
+    for folder in sorted({os.path.dirname(os.path.abspath(output)) for output in outputs}):
+        _refuse_unwritable_folder(folder, folder)
+    for output in outputs:
+        if os.path.isdir(output):
+            raise DestinationError(f"{output}: a folder has this output's name")
+
+
+def _refuse_unwritable_folder(folder: str, named: str) -> None:
+    """Raise DestinationError (message starting with `named`) unless `folder`, or the nearest existing folder
+    above it, is a folder this process can create files in."""
+    existing = next(p for p in _ancestors(os.path.abspath(folder)) if os.path.lexists(p))
     if not os.path.isdir(existing):
-        raise DestinationError(f"dst_dir {dst_dir}: {existing} exists and is not a folder")
+        raise DestinationError(f"{named}: {existing} exists and is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise DestinationError(f"dst_dir {dst_dir}: folder {existing} is not writable")
+        raise DestinationError(f"{named}: folder {existing} is not writable")
 
 
 def refuse_destination_inside(dst: str | os.PathLike[str], read_dirs: Iterable[str | os.PathLike[str]]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .atomic import write_bytes_atomic
+from .errors import DestinationError
 from .formats.offsets import crc32
 
 RECORD_SUFFIX = ".done.json"
@@ -143,7 +144,15 @@ def read_record(output: str) -> CompletionRecord | None:
 
 def remove_record(output: str) -> None:
     """Forget that `output` was complete (before it is rewritten)."""
-    record_path(output).unlink(missing_ok=True)
+    _remove(record_path(output), "completion record")
+
+
+def _remove(path: Path, what: str) -> None:
+    """Remove a file if it is there; DestinationError naming it when it cannot be (a read-only folder)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        raise DestinationError(f"{path}: cannot remove the earlier {what}: {err.strerror or err}") from err
 
 
 def check_record(output: str, target_rank: int, job_key: str, source_ranks: Iterable[int],
@@ -204,7 +213,7 @@ def strategy_hashes(options: object) -> dict[str, str | None]:
 
 def remove_manifest(dst_dir: str) -> None:
     """Forget that dst_dir was complete (at the start of a run, which may change what it holds)."""
-    (Path(dst_dir) / MANIFEST_NAME).unlink(missing_ok=True)
+    _remove(Path(dst_dir) / MANIFEST_NAME, "run's manifest")
 
 
 def write_manifest(dst_dir: str, manifest: dict[str, Any], *, sync: bool) -> Path:

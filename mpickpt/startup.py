@@ -30,6 +30,7 @@ from .destination import (
     check_prefix,
     lock_token,
     refuse_outputs_beside_sources,
+    refuse_unwritable_outputs,
 )
 from .errors import DestinationError, SourceConflictError, SourceMissingError
 from .exchange import Exchange
@@ -278,6 +279,7 @@ def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None,
     local_files = job.local_files = {r: mine[r] for r in sources.rank_files if r in mine}
     job.remote_headers = {r: h for r, h in sources.headers.items() if r not in mine}
     agree(lambda: refuse_outputs_beside_sources([t.path for t in job.tasks], local_files.values()), comm)
+    agree(lambda: refuse_unwritable_outputs(t.path for t in job.tasks), comm)
     seen_by = placement.seen_by
     if comm.size > 1 and any(len(seen_by.get(r, ())) < comm.size for r in sources.rank_files):
         job.exchange = Exchange(comm, lambda r: indexes.lease(mine[r]), seen_by, [v.host for v in placement.views],

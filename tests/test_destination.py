@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixture_cases import Case
 
 from mpickpt.atomic import write_bytes_atomic
 from mpickpt.destination import (
@@ -28,8 +29,10 @@ from mpickpt.destination import (
     lock_token,
     refuse_destination_inside,
 )
-from mpickpt.driver import lock_destination
+from mpickpt.driver import lock_destination, run_transform
 from mpickpt.errors import DestinationError, MpickptError
+from mpickpt.manifest import remove_manifest, remove_record
+from mpickpt.mpi import SerialComm
 from mpickpt.startup import _check_one_folder
 from mpickpt.transform import TransformOptions
 
@@ -177,6 +180,64 @@ def test_read_only_mount_is_refused(tmp_path: Path, mounts: list[Path]) -> None:
         check_destination(tmp_path / "ro" / "dst", [])
     with pytest.raises(DestinationError, match="cannot create"):
         DestinationLock.acquire(str(tmp_path / "ro"))
+
+
+def transform_case(case: Case, dst: Path) -> None:
+    """A serial transform of one of the cases mpickpt writes itself into dst."""
+    run_transform(TransformOptions(src_dir=str(case.src_dir), dst_dir=str(dst), prefix=case.prefix,
+                                   src_strategy=case.strategy("src"), dst_strategy=case.strategy("dst")),
+                  SerialComm(), sync=False, quiet=True)
+
+
+def test_read_only_output_rank_folder_is_refused_before_anything_is_written(
+        tmp_path: Path, mounts: list[Path], written_cases: dict[str, Case]) -> None:
+    """Found: a destination whose rank_2 folder is a read-only mount (or a file) was written up to rank_2, then
+    failed with an untyped OSError from removing rank_2's old completion record."""
+    case = written_cases["random_8to4"]
+    dst = tmp_path / "dst"
+    (tmp_path / "folder").mkdir()
+    bind_mount(tmp_path / "folder", dst / "rank_2", read_only=True)
+    mounts.append(dst / "rank_2")
+    before = snapshot(case.src_dir)
+    with pytest.raises(DestinationError, match=r"rank_2: folder .*rank_2 is not writable"):
+        transform_case(case, dst)
+    assert not [p for p in dst.rglob("*") if p.is_file() and p.name != LOCK_NAME]
+    assert snapshot(case.src_dir) == before
+
+
+def test_records_and_manifests_that_cannot_be_removed_give_a_typed_error(tmp_path: Path,
+                                                                        mounts: list[Path]) -> None:
+    """A destination made read-only during a run: removing an output's old record (or the old manifest) fails
+    with a DestinationError naming it, not a bare OSError."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "out.ckpt.done.json").write_text("{}")
+    (tmp_path / "folder" / "manifest.json").write_text("{}")
+    bind_mount(tmp_path / "folder", tmp_path / "ro", read_only=True)
+    mounts.append(tmp_path / "ro")
+    with pytest.raises(DestinationError, match=r"out.ckpt.done.json: cannot remove the earlier completion record"):
+        remove_record(str(tmp_path / "ro" / "out.ckpt"))
+    with pytest.raises(DestinationError, match=r"manifest.json: cannot remove the earlier run's manifest"):
+        remove_manifest(str(tmp_path / "ro"))
+
+
+@pytest.mark.parametrize("taken", ["file", "folder"])
+def test_output_path_taken_by_another_kind_of_entry_is_refused_before_anything_is_written(
+        tmp_path: Path, taken: str, written_cases: dict[str, Case]) -> None:
+    """A file where an output's rank folder goes, or a folder under an output's name: refused up front, naming
+    it, instead of after writing the outputs before it (and, for the folder, the output itself)."""
+    case = written_cases["random_8to4"]
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    if taken == "file":
+        (dst / "rank_2").write_text("not a folder")
+        expected = r"rank_2 exists and is not a folder"
+    else:
+        (dst / "rank_2" / f"{case.prefix}2.ckpt").mkdir(parents=True)
+        expected = rf"rank_2/{case.prefix}2.ckpt: a folder has this output's name"
+    with pytest.raises(DestinationError, match=expected):
+        transform_case(case, dst)
+    assert not list(dst.rglob("*.ckpt*")) or taken == "folder" and [p.name for p in dst.rglob("*.ckpt*")] == \
+        [f"{case.prefix}2.ckpt"]
 
 
 def test_immutable_folder_is_refused(tmp_path: Path) -> None:
