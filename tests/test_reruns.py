@@ -207,3 +207,38 @@ def test_records_computed_while_writing_match_the_files_and_catch_a_changed_byte
     victim.write_bytes(bytes(data))
     summary = run(options(case, dst))
     assert summary.redone == ((str(victim.relative_to(dst)), OUTPUT_CHANGED),)
+
+
+def test_full_disk_fails_typed_leaves_no_partial_output_and_the_rerun_after_freeing_space_completes(
+        tmp_path: Path) -> None:
+    """ENOSPC mid-run (a 64 KiB tmpfs; the outputs need about 90 kB): a DestinationError naming the output, only
+    whole outputs under final names, no temporary left, sources untouched; once the filesystem has room, a
+    rerun keeps what was complete and finishes the rest, equal to a fresh run."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a tmpfs mount needs root and mount(8)")
+    case = CASE["random_8to4"]
+    small = tmp_path / "small"
+    small.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        sources = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in case.src_dir.rglob("*") if p.is_file()}
+        dst = small / "dst"
+        with pytest.raises(DestinationError, match=r"rank_\d/checkpoint_\d\.ckpt.*No space left on device"):
+            run(options(case, dst))
+        fresh = tmp_path / "fresh"
+        run(options(case, fresh))
+        partial = outputs(dst)
+        assert partial and len(partial) < len(outputs(fresh))
+        assert all(data == outputs(fresh)[name] for name, data in partial.items())
+        assert not [p for p in dst.rglob("*") if p.name.endswith(".tmp")]
+        assert not (dst / "manifest.json").exists()
+        subprocess.run(["mount", "-o", "remount,size=1m", str(small)], check=True)
+        summary = run(options(case, dst))
+        assert outputs(dst) == outputs(fresh) and summary.written == len(outputs(fresh)) - summary.skipped
+        assert summary.skipped >= 1
+        assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in case.src_dir.rglob("*") if p.is_file()} == sources
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True, check=False)
