@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .catalog import SourceCatalog, build_catalog
+from .catalog import SourceCatalog, build_catalog, check_copies_agree, copied_through
 from .destination import check_destination, check_prefix
 from .errors import CheckpointFormatError, MpickptError, PlanError, SourceMissingError
 from .execute import SourceFiles, write_target
@@ -137,8 +137,8 @@ class TransformJob:
         src, dst = load_strategies(options, keep_in, sync)
         indexes = IndexCache()
         try:
-            sources = Sources.check(src, dst, rank_files, read_headers(rank_files, indexes.lease), options,
-                                    str(src_dir))
+            headers = read_headers(rank_files, indexes.lease, copied_through(src))
+            sources = Sources.check(src, dst, rank_files, headers, options, str(src_dir))
             job = cls.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix, read_dirs,
                            sources.src_stage, catalog=sources.catalog, options=options, notes=sources.notes)
             check_values_kept_as_stored(job._plans.values(), sources.headers)
@@ -305,6 +305,7 @@ class Sources:
         kept = _ranks_of_strategy(src, src_stage, dict(rank_files), where)
         found = {r: headers[r] for r in kept}
         catalog = build_catalog(src, {r: h.rows for r, h in found.items()}, lambda r: kept[r], src_stage=src_stage)
+        check_copies_agree({r: h.fingerprints for r, h in found.items()}, lambda r: kept[r])
         _check_output_format(catalog.params, found, options.output_format)
         if catalog.holders:
             notes.append(f"redundancy-removed sources: {len(catalog.holders)} parameter(s) are held by only some "
