@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import zlib
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -254,3 +255,29 @@ def test_large_copied_values_are_fingerprinted_by_their_ends(tmp_path: Path) -> 
     assert found["big"] == Fingerprint(zlib.crc32(raw[-SAMPLE:], zlib.crc32(raw[:SAMPLE])), sampled=True)
     assert found["step"] == Fingerprint(zlib.crc32(np.int32(3).tobytes()), shown="[3]")
     assert not read_headers({0: str(path)})[0].fingerprints
+
+
+def test_a_parameter_only_the_target_strategy_splits_is_refused(tmp_path: Path) -> None:
+    """model.norm_out.weight left out of the source strategy is copied whole ([192]) as MindSpore copies it, but
+    the target strategy cuts it in 4: both wrote [192] where the target expects [48] and exited 0. Refused;
+    a target layout keeping it whole still converts."""
+    name = "model.norm_out.weight"
+    src = load_strategy(SRC_STRATEGY)
+    save_strategy(replace(src, layout_items=tuple(i for i in src.layout_items if i.name != name)),
+                  tmp_path / "src.ckpt")
+    dst = load_strategy(DST_STRATEGY)
+    for split, tensor_map in ((True, ((0,),)), (False, ((-1,),))):
+        items = tuple(replace(i, tensor_map=tensor_map) if i.name == name else i
+                      for i in dst.layout_items if i.name != "lm_head.weight")  # not a superset of the source
+        save_strategy(replace(dst, layout_items=items), tmp_path / f"dst_{split}.ckpt")
+        options = TransformOptions(str(EXAMPLE / "src"), str(tmp_path / f"out_{split}"),
+                                   src_strategy=str(tmp_path / "src.ckpt"), dst_strategy=str(tmp_path / f"dst_{split}.ckpt"))
+        if not split:
+            job = TransformJob.prepare(options, write_merged=False)
+            assert {p.dims for plan in job._plans.values() for p in plan.params if p.name == name} == {(192,)}
+            job.close()
+            continue
+        with pytest.raises(PlanError, match=rf"parameter '{name}' is not in the source strategy \(.*src.ckpt\), so "
+                           r"its stored value \[192\] is copied whole, but the target strategy \(.*dst_True.ckpt\) "
+                           r"gives target rank 0 a slice of \[48\] of it"):
+            TransformJob.prepare(options, write_merged=False)
