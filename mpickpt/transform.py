@@ -169,8 +169,10 @@ class TransformJob:
         """Plan the targets of a conversion whose source files are known (their headers are read here
         unless a catalog of them is given): every target, or `targets` only."""
         if catalog is None:
-            catalog = build_catalog(src, {r: h.rows for r, h in read_headers(rank_files).items()},
-                                    lambda r: rank_files[r], src_stage=src_stage)
+            found = read_headers(rank_files, fingerprinted=copied_through(src))
+            catalog = build_catalog(src, {r: h.rows for r, h in found.items()}, lambda r: rank_files[r],
+                                    src_stage=src_stage)
+            check_copies_agree({r: h.fingerprints for r, h in found.items()}, lambda r: rank_files[r])
         output_format = options.output_format if options else "ckpt"
         job = cls(src, dst, catalog.params, dict(rank_files), (), str(dst_dir), tuple(map(str, forbidden_dirs)),
                   src_stage, dict(catalog.holders), output_format, bool(options and options.crc),

@@ -281,3 +281,17 @@ def test_a_parameter_only_the_target_strategy_splits_is_refused(tmp_path: Path) 
                            r"its stored value \[192\] is copied whole, but the target strategy \(.*dst_True.ckpt\) "
                            r"gives target rank 0 a slice of \[48\] of it"):
             TransformJob.prepare(options, write_merged=False)
+
+
+def test_transform_checkpoint_by_rank_refuses_files_disagreeing_on_a_copied_value(tmp_path: Path) -> None:
+    import mpickpt as ms
+
+    src = _copy_src(tmp_path)
+    rank3 = next((src / "rank_3").glob("*.ckpt"))
+    _rewrite(rank3, lambda n: True, lambda n, a: np.full_like(a, 999) if n == "global_step" else a)
+    files = {r: str(next((src / f"rank_{r}").glob("*.ckpt"))) for r in (7, 5, 3, 1)}  # what target 2 reads
+    out = tmp_path / "out" / "checkpoint_2.ckpt"
+    with pytest.raises(SourceDisagreementError, match=r"parameter 'global_step' .*rank_3/checkpoint_3.ckpt holds "
+                       r"\[999\], .*rank_1/checkpoint_1.ckpt holds \[1000\]"):
+        ms.transform_checkpoint_by_rank(2, files, str(out), str(SRC_STRATEGY), str(DST_STRATEGY))
+    assert not out.exists()
