@@ -43,4 +43,4 @@ class SourceConflictError(MpickptError):
 class SourceDisagreementError(MpickptError):
     """Source files disagree on what must be one value: a parameter outside the source strategy (copied
     through whole from one rank's file) whose copies differ between rank files (names the files and the
-    parameter)."""
+    parameter), or two rank folders (`rank_1`, `rank_01`) claim one source rank (names both)."""

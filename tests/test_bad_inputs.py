@@ -27,6 +27,7 @@ from mpickpt.errors import (
     SourceMissingError,
 )
 from mpickpt.inventory import SAMPLE, read_headers
+from mpickpt.sources import find_rank_files
 from mpickpt.strategy import load_strategy, save_strategy
 from mpickpt.transform import TransformJob, TransformOptions
 
@@ -295,3 +296,17 @@ def test_transform_checkpoint_by_rank_refuses_files_disagreeing_on_a_copied_valu
                        r"\[999\], .*rank_1/checkpoint_1.ckpt holds \[1000\]"):
         ms.transform_checkpoint_by_rank(2, files, str(out), str(SRC_STRATEGY), str(DST_STRATEGY))
     assert not out.exists()
+
+
+def test_two_rank_folders_of_one_rank_are_refused(tmp_path: Path) -> None:
+    """rank_1 and rank_01 both name source rank 1: which one a listing gives last decided (MindSpore too)."""
+    src = _copy_src(tmp_path)
+    shutil.copytree(src / "rank_1", src / "rank_01")
+    with pytest.raises(SourceDisagreementError, match=r"rank folders .*rank_01 and .*rank_1 both hold checkpoint "
+                       r"files of source rank 1"):
+        find_rank_files(src)
+    with pytest.raises(SourceDisagreementError):
+        _convert(src, tmp_path / "dst")
+    for p in (src / "rank_01").iterdir():
+        p.unlink()  # an empty folder claims nothing
+    assert find_rank_files(src)[1] == str(src / "rank_1" / "checkpoint_1.ckpt")
