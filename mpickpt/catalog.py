@@ -12,12 +12,27 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import LayoutError, PlanError
+from .errors import LayoutError, PlanError, SourceDisagreementError
 from .layout import Layouts
 from .plan import TensorInfo
 from .strategy import Strategy
 
 Header = tuple[str, str, tuple[int, ...]]  # (name, MindSpore dtype, stored dims)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """One file's copy of a value copied through whole: a CRC-32 of its bytes (`sampled`: of its first and
+    last bytes only), and a small tensor's elements as text (None for others)."""
+
+    crc: int
+    sampled: bool = False
+    shown: str | None = None
+
+    def describe(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        return f"bytes of CRC-32 {self.crc:08x}{' (its first and last 32 KiB)' if self.sampled else ''}"
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,33 @@ def build_catalog(src: Strategy | None, headers: Mapping[int, Sequence[Header]],
             if in_strategy:
                 _check_every_slice_held(layouts, name, held[name], where)
     return SourceCatalog(params, holders)
+
+
+def copied_through(src: Strategy | None) -> Callable[[str], bool]:
+    """Which stored values a conversion copies through whole from one rank's file (those the source strategy
+    does not lay out), so every rank file must hold them alike; none without a strategy (one source file)."""
+    if src is None:
+        return lambda name: False
+    laid_out = frozenset(src.layouts_by_param())
+    return lambda name: name not in laid_out
+
+
+def check_copies_agree(fingerprints: Mapping[int, Mapping[str, Fingerprint]],
+                       path_of: Callable[[int], str] | None = None) -> None:
+    """Raise SourceDisagreementError naming both files when two rank files hold different copies of a value
+    copied through whole (rank files of different saves, or a strategy lacking a sharded parameter): which
+    rank's copy each target gets would be arbitrary."""
+    where = path_of or (lambda r: f"source rank {r}")
+    first: dict[str, tuple[Fingerprint, int]] = {}
+    for rank in sorted(fingerprints):
+        for name, print_ in fingerprints[rank].items():
+            known, known_rank = first.setdefault(name, (print_, rank))
+            if known.crc != print_.crc:
+                raise SourceDisagreementError(
+                    f"parameter {name!r} is outside the source strategy, so every rank file should hold the same "
+                    f"value, but {where(rank)} holds {print_.describe()}, {where(known_rank)} holds "
+                    f"{known.describe()}: are all rank files from one save, and is the source strategy this "
+                    f"checkpoint's? (a parameter sharded over ranks must be in it)")
 
 
 def _stage(layouts: Layouts, rank: int, where: Callable[[int], str]) -> int:

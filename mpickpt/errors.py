@@ -38,3 +38,9 @@ class LaunchError(MpickptError):
 class SourceConflictError(MpickptError):
     """Processes see different contents under one source file: node-local copies that differ, or a file other
     than the one the job was planned with (names the file, the processes and their hosts)."""
+
+
+class SourceDisagreementError(MpickptError):
+    """Source files disagree on what must be one value: a parameter outside the source strategy (copied
+    through whole from one rank's file) whose copies differ between rank files (names the files and the
+    parameter), or two rank folders (`rank_1`, `rank_01`) claim one source rank (names both)."""

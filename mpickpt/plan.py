@@ -364,6 +364,7 @@ class Planner:
         reading = {c.src_rank for p in params for c in p.copies}
         extras = {name: self._absent_source(name, info, choice, reading) for name, info in pending}
         for name, info in pending:
+            self._check_kept_whole(name, info, target_rank)
             whole = Box.full(info.shape)
             params.append(ParamPlan(name, info.dtype, info.shape, (Copy(extras[name], whole, whole),), False))
         order = {name: i for i, name in enumerate(self.catalog)}
@@ -420,6 +421,25 @@ class Planner:
         """Laid out by both strategies but not in the target's pipeline stage."""
         return (not self.dst.unsharded and self.dst.holds(name) and self.src.holds(name)
                 and self.dst.stage_of(target_rank) not in self.dst.stages_of(name))
+
+    def _check_kept_whole(self, name: str, info: TensorInfo, target_rank: int) -> None:
+        """A value absent from the source strategy is copied whole (as MindSpore copies it): PlanError when the
+        target strategy gives this target a slice of it instead, which the whole value would contradict."""
+        if self.dst.unsharded or not self.dst.holds(name):
+            return
+        stage = self.dst.stage_of(target_rank)
+        if stage not in self.dst.stages_of(name):
+            return
+        layout = self.dst.layout(name, stage)
+        self.dst.check(name, layout, info.shape)
+        wanted = layout.box(info.shape, target_rank % self.dst.stage_device_num).shape
+        if wanted != tuple(info.shape):
+            raise PlanError(
+                f"parameter {name!r} is not in the source strategy ({self.src.path}), so its stored value "
+                f"{list(info.shape)} is copied whole, but the target strategy ({self.dst.path}) gives target rank "
+                f"{target_rank} a slice of {list(wanted)} of it ({layout.describe()}): give the source strategy "
+                f"that lays it out, or a target strategy keeping it whole (MindSpore writes it whole, which the "
+                f"target network cannot load)")
 
     def _absent_source(self, name: str, info: TensorInfo, choice: _Choice, reading: set[int]) -> int:
         """Source rank for a parameter absent from the source strategy: MindSpore's choice if read anyway,

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import MpickptError, SourceMissingError
+from .errors import MpickptError, SourceDisagreementError, SourceMissingError
 from .formats import suffix_of
 
 RANK_FORMATS = ("ckpt", "safetensors")  # what MindSpore saves per rank (and so what rank folders are searched for)
@@ -22,7 +22,8 @@ def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = No
 
     With several files in one rank folder, MindSpore takes the lexicographically last `.ckpt`, and the
     `.safetensors` whose last two numbers are largest (compared as numbers: `x-10_1875` over `x-9_1875`).
-    A folder holding both formats is an error unless `src_format` picks one.
+    A folder holding both formats is an error unless `src_format` picks one; so are two folders of one rank
+    (`rank_1` and `rank_01`), which a listing would order by chance.
     """
     root = Path(src_dir).absolute()
     if root.is_file() and root.suffix in (".h5", ".safetensors"):
@@ -33,12 +34,17 @@ def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = No
     if src_format is not None and src_format not in RANK_FORMATS:
         raise MpickptError(f"--src-format {src_format!r}: rank folders hold {' or '.join(RANK_FORMATS)} files")
     files: dict[int, str] = {}
-    for folder in root.iterdir():
+    for folder in sorted(root.iterdir()):
         match = _RANK_DIR.fullmatch(folder.name)
         if match and folder.is_dir():
             chosen = _pick(folder, src_format)
             if chosen is not None:
-                files[int(match.group(1))] = str(chosen)
+                rank = int(match.group(1))
+                if rank in files:
+                    raise SourceDisagreementError(
+                        f"rank folders {Path(files[rank]).parent} and {folder} both hold checkpoint files of source "
+                        f"rank {rank}: move the one not of this checkpoint away")
+                files[rank] = str(chosen)
     if not files:
         unified = _unified_source(root)
         if unified is not None:

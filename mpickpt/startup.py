@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from .catalog import copied_through
 from .collective import agree, broadcast_prepared
 from .destination import (
     DestinationLock,
@@ -96,7 +97,7 @@ def start_job(options: TransformOptions, comm: Comm,
         tokens = agree(check_and_lock, comm)
         agree(lambda: _check_one_folder(options.dst_dir, comm.rank, dst_dirs, hosts, tokens), comm)
         src, dst = broadcast_prepared(lambda: load_strategies(local, local.dst_dir, sync), comm)
-        placement, headers, notes = _survey_sources(local, comm, host, per_process, indexes)
+        placement, headers, notes = _survey_sources(local, comm, host, per_process, indexes, src)
         job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process, indexes, notes)
     except BaseException:
         indexes.close()
@@ -131,7 +132,7 @@ def survey_job(options: TransformOptions, comm: Comm) -> Survey:
     src, dst = broadcast_prepared(lambda: load_strategies(local, None), comm)
     indexes = IndexCache()
     try:
-        placement, headers, notes = _survey_sources(local, comm, host, per_process, indexes)
+        placement, headers, notes = _survey_sources(local, comm, host, per_process, indexes, src)
         job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process, indexes, notes)
     except BaseException as error:
         indexes.close()
@@ -149,16 +150,17 @@ def _expanded(options: TransformOptions, comm: Comm) -> tuple[str, TransformOpti
                          dst_dir=expand(options.dst_dir, host, comm.rank))
 
 
-def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process: bool,
-                    indexes: IndexCache) -> tuple[Placement, dict[int, SourceHeaders], tuple[str, ...]]:
+def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process: bool, indexes: IndexCache,
+                    src: Strategy | None) -> tuple[Placement, dict[int, SourceHeaders], tuple[str, ...]]:
     """Who sees which rank file, every source file's headers (each folder's files read once, split over
-    the processes seeing it; the indexes stay open in `indexes`) and notes for the summary."""
+    the processes seeing it; the indexes stay open in `indexes`; the values `src` copies through whole
+    fingerprinted) and notes for the summary."""
     views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
     notes = _check_copies(views, comm)
     _expect_as_seen(views[comm.rank], indexes)
     found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]
                                         for r in header_share(views, comm.rank, per_process)},
-                                       indexes.lease), comm)
+                                       indexes.lease, copied_through(src)), comm)
     headers: dict[int, SourceHeaders] = {}
     for share in found:
         for rank, h in share.items():

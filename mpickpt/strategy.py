@@ -208,7 +208,7 @@ def merge_strategies(strategies: Sequence[Strategy]) -> Strategy:
             raise StrategyFormatError(
                 f"{_where(strategy)}: cannot merge a strategy without parallel_strategy_item or parallel_layout_item"
             )
-        by_stage.setdefault(strategy.stage, strategy)
+        _check_same_layouts(by_stage.setdefault(strategy.stage, strategy), strategy)
     kept = [(stage, by_stage[stage]) for stage in sorted(by_stage)]
     return Strategy(
         current_stage=1,
@@ -219,6 +219,30 @@ def merge_strategies(strategies: Sequence[Strategy]) -> Strategy:
             for layout in strategy.layout_items
         ),
     )
+
+
+def _check_same_layouts(kept: Strategy, other: Strategy) -> None:
+    """Two files of one pipeline stage must lay out the same parameters alike: MindSpore keeps whichever its
+    folder listing gives first, so files that differ (a stale file of another run) make the merge arbitrary."""
+    mine, theirs = ({layout.name: layout for layout in s.layout_items} for s in (kept, other))
+    for name in [*mine, *(n for n in theirs if n not in mine)]:
+        if mine.get(name) != theirs.get(name):
+            raise StrategyFormatError(
+                f"{_where(kept)} and {_where(other)} are strategy files of pipeline stage {kept.stage} but lay out "
+                f"parameter {name!r} differently: {_describe_layout(mine.get(name))} in {_where(kept)}, "
+                f"{_describe_layout(theirs.get(name))} in {_where(other)}: are they from one run? Keep the "
+                f"strategy files of the run that saved the checkpoint only")
+
+
+def _describe_layout(layout: LayoutItem | None) -> str:
+    if layout is None:
+        return "none"
+    parts = [f"dev_matrix={list(layout.dev_matrix)}", f"tensor_map={[list(m) for m in layout.tensor_map]}"]
+    parts += [f"{key}={[list(m) for m in getattr(layout, key)]}" for key in _REPEATED_MESSAGES[1:]
+              if any(getattr(layout, key))]
+    parts += [f"{key}={getattr(layout, key)}" for key in (*_SCALARS, "tensor_shape", "tensor_type")
+              if getattr(layout, key)]
+    return ", ".join(parts)
 
 
 def merge_strategy_folder(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .catalog import SourceCatalog, build_catalog
+from .catalog import SourceCatalog, build_catalog, check_copies_agree, copied_through
 from .destination import check_destination, check_prefix
 from .errors import CheckpointFormatError, MpickptError, PlanError, SourceMissingError
 from .execute import SourceFiles, write_target
@@ -137,8 +137,8 @@ class TransformJob:
         src, dst = load_strategies(options, keep_in, sync)
         indexes = IndexCache()
         try:
-            sources = Sources.check(src, dst, rank_files, read_headers(rank_files, indexes.lease), options,
-                                    str(src_dir))
+            headers = read_headers(rank_files, indexes.lease, copied_through(src))
+            sources = Sources.check(src, dst, rank_files, headers, options, str(src_dir))
             job = cls.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix, read_dirs,
                            sources.src_stage, catalog=sources.catalog, options=options, notes=sources.notes)
             check_values_kept_as_stored(job._plans.values(), sources.headers)
@@ -169,8 +169,10 @@ class TransformJob:
         """Plan the targets of a conversion whose source files are known (their headers are read here
         unless a catalog of them is given): every target, or `targets` only."""
         if catalog is None:
-            catalog = build_catalog(src, {r: h.rows for r, h in read_headers(rank_files).items()},
-                                    lambda r: rank_files[r], src_stage=src_stage)
+            found = read_headers(rank_files, fingerprinted=copied_through(src))
+            catalog = build_catalog(src, {r: h.rows for r, h in found.items()}, lambda r: rank_files[r],
+                                    src_stage=src_stage)
+            check_copies_agree({r: h.fingerprints for r, h in found.items()}, lambda r: rank_files[r])
         output_format = options.output_format if options else "ckpt"
         job = cls(src, dst, catalog.params, dict(rank_files), (), str(dst_dir), tuple(map(str, forbidden_dirs)),
                   src_stage, dict(catalog.holders), output_format, bool(options and options.crc),
@@ -305,6 +307,7 @@ class Sources:
         kept = _ranks_of_strategy(src, src_stage, dict(rank_files), where)
         found = {r: headers[r] for r in kept}
         catalog = build_catalog(src, {r: h.rows for r, h in found.items()}, lambda r: kept[r], src_stage=src_stage)
+        check_copies_agree({r: h.fingerprints for r, h in found.items()}, lambda r: kept[r])
         _check_output_format(catalog.params, found, options.output_format)
         if catalog.holders:
             notes.append(f"redundancy-removed sources: {len(catalog.holders)} parameter(s) are held by only some "

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import zlib
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,8 +16,18 @@ import numpy as np
 import pytest
 
 from fixture_cases import checkpoint_content
+from mpickpt.catalog import Fingerprint
 from mpickpt.ckpt import index_checkpoint, save_checkpoint
-from mpickpt.errors import CheckpointFormatError, LayoutError, MpickptError, PlanError, SourceMissingError
+from mpickpt.errors import (
+    CheckpointFormatError,
+    LayoutError,
+    MpickptError,
+    PlanError,
+    SourceDisagreementError,
+    SourceMissingError,
+)
+from mpickpt.inventory import SAMPLE, read_headers
+from mpickpt.sources import find_rank_files
 from mpickpt.strategy import load_strategy, save_strategy
 from mpickpt.transform import TransformJob, TransformOptions
 
@@ -201,3 +213,100 @@ def test_a_source_rewritten_in_place_while_read_leaves_no_output(tmp_path: Path,
     shutil.copy2(EXAMPLE / "src" / victim.parent.name / victim.name, victim)  # the file is final again
     _convert(src, tmp_path / "dst")
     assert _content(tmp_path / "dst") == clean
+
+
+def test_a_copied_through_value_that_differs_between_rank_files_is_refused(tmp_path: Path) -> None:
+    """global_step is outside the strategy, so one rank's copy is written to every target: rank files from
+    different saves (rank_1's from step 999) would convert to outputs mixing steps, and which rank's value
+    lands where is arbitrary (MindSpore's target 1 takes rank 1's, ours took rank 0's). Refused, naming both."""
+    src = _copy_src(tmp_path)
+    rank1 = next((src / "rank_1").glob("*.ckpt"))
+    _rewrite(rank1, lambda n: True, lambda n, a: np.full_like(a, 999) if n == "global_step" else a)
+    with pytest.raises(SourceDisagreementError, match=r"parameter 'global_step' is outside the source strategy, so "
+                       r"every rank file should hold the same value, but .*rank_1/checkpoint_1.ckpt holds \[999\], "
+                       r".*rank_0/checkpoint_0.ckpt holds \[1000\]"):
+        _convert(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists() or not list((tmp_path / "dst").rglob("*.ckpt"))
+
+
+def test_a_sharded_parameter_missing_from_both_strategies_is_refused(tmp_path: Path) -> None:
+    """Strategies of another run that lack a tensor-parallel weight: the ranks' slices all have the same dims,
+    so the weight looked replicated and one rank's slice went to every target. Its copies differ: refused."""
+    name = "model.layers.0.attention.wq.weight"
+    strategies = {}
+    for kind, path in (("src", SRC_STRATEGY), ("dst", DST_STRATEGY)):
+        strategy = load_strategy(path)
+        strategies[kind] = tmp_path / f"{kind}.ckpt"
+        save_strategy(type(strategy)(strategy.current_stage, strategy.strategy_items,
+                                     tuple(item for item in strategy.layout_items if item.name != name)),
+                      strategies[kind])
+    job = TransformOptions(str(EXAMPLE / "src"), str(tmp_path / "dst"), src_strategy=str(strategies["src"]),
+                           dst_strategy=str(strategies["dst"]))
+    with pytest.raises(SourceDisagreementError, match=rf"parameter '{name}' is outside the source strategy"):
+        TransformJob.prepare(job)
+
+
+def test_large_copied_values_are_fingerprinted_by_their_ends(tmp_path: Path) -> None:
+    values = np.arange(40_000, dtype=np.float32)  # 160,000 bytes: fingerprinted by its first and last 32 KiB
+    path = tmp_path / "rank_0" / "a.ckpt"
+    path.parent.mkdir()
+    save_checkpoint(path, [("big", "Float32", values.shape, values), ("step", "Int32", (1,), np.array([3], np.int32))])
+    found = read_headers({0: str(path)}, fingerprinted=lambda name: True)[0].fingerprints
+    raw = values.tobytes()
+    assert found["big"] == Fingerprint(zlib.crc32(raw[-SAMPLE:], zlib.crc32(raw[:SAMPLE])), sampled=True)
+    assert found["step"] == Fingerprint(zlib.crc32(np.int32(3).tobytes()), shown="[3]")
+    assert not read_headers({0: str(path)})[0].fingerprints
+
+
+def test_a_parameter_only_the_target_strategy_splits_is_refused(tmp_path: Path) -> None:
+    """model.norm_out.weight left out of the source strategy is copied whole ([192]) as MindSpore copies it, but
+    the target strategy cuts it in 4: both wrote [192] where the target expects [48] and exited 0. Refused;
+    a target layout keeping it whole still converts."""
+    name = "model.norm_out.weight"
+    src = load_strategy(SRC_STRATEGY)
+    save_strategy(replace(src, layout_items=tuple(i for i in src.layout_items if i.name != name)),
+                  tmp_path / "src.ckpt")
+    dst = load_strategy(DST_STRATEGY)
+    for split, tensor_map in ((True, ((0,),)), (False, ((-1,),))):
+        items = tuple(replace(i, tensor_map=tensor_map) if i.name == name else i
+                      for i in dst.layout_items if i.name != "lm_head.weight")  # not a superset of the source
+        save_strategy(replace(dst, layout_items=items), tmp_path / f"dst_{split}.ckpt")
+        options = TransformOptions(str(EXAMPLE / "src"), str(tmp_path / f"out_{split}"),
+                                   src_strategy=str(tmp_path / "src.ckpt"), dst_strategy=str(tmp_path / f"dst_{split}.ckpt"))
+        if not split:
+            job = TransformJob.prepare(options, write_merged=False)
+            assert {p.dims for plan in job._plans.values() for p in plan.params if p.name == name} == {(192,)}
+            job.close()
+            continue
+        with pytest.raises(PlanError, match=rf"parameter '{name}' is not in the source strategy \(.*src.ckpt\), so "
+                           r"its stored value \[192\] is copied whole, but the target strategy \(.*dst_True.ckpt\) "
+                           r"gives target rank 0 a slice of \[48\] of it"):
+            TransformJob.prepare(options, write_merged=False)
+
+
+def test_transform_checkpoint_by_rank_refuses_files_disagreeing_on_a_copied_value(tmp_path: Path) -> None:
+    import mpickpt as ms
+
+    src = _copy_src(tmp_path)
+    rank3 = next((src / "rank_3").glob("*.ckpt"))
+    _rewrite(rank3, lambda n: True, lambda n, a: np.full_like(a, 999) if n == "global_step" else a)
+    files = {r: str(next((src / f"rank_{r}").glob("*.ckpt"))) for r in (7, 5, 3, 1)}  # what target 2 reads
+    out = tmp_path / "out" / "checkpoint_2.ckpt"
+    with pytest.raises(SourceDisagreementError, match=r"parameter 'global_step' .*rank_3/checkpoint_3.ckpt holds "
+                       r"\[999\], .*rank_1/checkpoint_1.ckpt holds \[1000\]"):
+        ms.transform_checkpoint_by_rank(2, files, str(out), str(SRC_STRATEGY), str(DST_STRATEGY))
+    assert not out.exists()
+
+
+def test_two_rank_folders_of_one_rank_are_refused(tmp_path: Path) -> None:
+    """rank_1 and rank_01 both name source rank 1: which one a listing gives last decided (MindSpore too)."""
+    src = _copy_src(tmp_path)
+    shutil.copytree(src / "rank_1", src / "rank_01")
+    with pytest.raises(SourceDisagreementError, match=r"rank folders .*rank_01 and .*rank_1 both hold checkpoint "
+                       r"files of source rank 1"):
+        find_rank_files(src)
+    with pytest.raises(SourceDisagreementError):
+        _convert(src, tmp_path / "dst")
+    for p in (src / "rank_01").iterdir():
+        p.unlink()  # an empty folder claims nothing
+    assert find_rank_files(src)[1] == str(src / "rank_1" / "checkpoint_1.ckpt")

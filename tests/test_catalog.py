@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mpickpt.catalog import build_catalog
-from mpickpt.errors import LayoutError, PlanError
+from mpickpt.catalog import Fingerprint, build_catalog, check_copies_agree, copied_through
+from mpickpt.errors import LayoutError, PlanError, SourceDisagreementError
 from mpickpt.plan import TensorInfo
 from test_plan import F32, item, strategy
 
@@ -83,3 +83,19 @@ def test_a_slice_no_replica_holds_is_an_error() -> None:
                3: [("global_step", "Int32", ())]}
     with pytest.raises(PlanError, match=r"'w': no source file holds the slice of source ranks \[1, 3\]"):
         build_catalog(src, headers, PATHS)
+
+
+def test_copies_of_a_copied_through_value_must_agree() -> None:
+    src = strategy(item("w", (2,), (0, -1)))
+    outside = copied_through(src)
+    assert outside("global_step") and not outside("w") and not copied_through(None)("global_step")
+    same = {r: {"global_step": Fingerprint(7, shown="[7]")} for r in range(4)}
+    check_copies_agree(same, PATHS)
+    check_copies_agree({0: {}, 1: {"big": Fingerprint(1, sampled=True)}, 2: {}}, PATHS)  # held by one file
+    with pytest.raises(SourceDisagreementError, match=r"parameter 'global_step' is outside the source strategy, so "
+                       r"every rank file should hold the same value, but /ckpt/rank_2/a.ckpt holds \[8\], "
+                       r"/ckpt/rank_0/a.ckpt holds \[7\]"):
+        check_copies_agree({**same, 2: {"global_step": Fingerprint(8, shown="[8]")}}, PATHS)
+    with pytest.raises(SourceDisagreementError, match=r"rank_1/a.ckpt holds bytes of CRC-32 00000002 \(its first and "
+                       r"last 32 KiB\), /ckpt/rank_0/a.ckpt holds bytes of CRC-32 00000001 \(its first"):
+        check_copies_agree({r: {"big": Fingerprint(r + 1, sampled=True)} for r in range(2)}, PATHS)

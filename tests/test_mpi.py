@@ -20,9 +20,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fixture_cases import Case, assert_same_content
+from mpickpt.ckpt import index_checkpoint, save_checkpoint
 from mpickpt.destination import LOCK_NAME
 from written_cases import WRITTEN
 
@@ -246,6 +248,29 @@ def test_corrupt_source_is_refused_before_any_output_naming_file_and_parameter(f
     line = errors.pop()
     assert str(victim) in line and "parameter '" in line, line
     assert not list((tmp_path / "dst").rglob("*.ckpt"))  # the whole job is validated before writing
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_rank_files_disagreeing_on_a_copied_value_are_refused_on_every_rank(flavor: str, tmp_path: Path,
+                                                                           written_cases: dict[str, Case]) -> None:
+    """Each process fingerprints its share of the files' copied-through values; every process refuses alike."""
+    case = written_cases[KILL_CASE]
+    src = tmp_path / "src"
+    shutil.copytree(case.src_dir, src)
+    victim = next((src / "rank_3").glob("*.ckpt"))
+    with index_checkpoint(victim) as index:
+        params = [(n, e.dtype, e.dims, np.array(index.array(n))) for n, e in index.entries.items()]
+    victim.chmod(0o600)
+    victim.unlink()
+    save_checkpoint(victim, [(n, d, dims, np.full_like(a, 8) if n == "global_step" else a)
+                             for n, d, dims, a in params])
+    done = mpickpt(transform_args(case, tmp_path / "dst", src), launcher(flavor) + ["-n", "2"])
+    assert done.returncode != 0
+    errors = {line for line in done.output.splitlines() if line.startswith("mpickpt: error:")}
+    assert len(errors) == 1 and done.output.count("mpickpt: error:") == 2, done.output
+    line = errors.pop()
+    assert "parameter 'global_step' is outside the source strategy" in line and f"{victim} holds [8]" in line, line
+    assert not list((tmp_path / "dst").rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)

@@ -194,10 +194,20 @@ def test_source_only_parameter_is_copied_through_as_mindspore_does() -> None:
 
 
 def test_target_only_parameter_in_the_sources_is_copied_through() -> None:
-    planner = Planner(strategy(item("w", (2,), (0,))), strategy(item("w", (2,), (0,)), item("extra", (2,), (0,))),
+    planner = Planner(strategy(item("w", (2,), (0,))), strategy(item("w", (2,), (0,)), item("extra", (2,), (-1,))),
                       {"w": TensorInfo(F32, (4,)), "extra": TensorInfo(F32, (4,))})
     extra = planner.plan(1).params[1]
     assert (extra.dims, extra.in_strategy, extra.copies[0].src_rank) == ((4,), False, 1)
+
+
+def test_target_only_parameter_the_target_splits_is_refused() -> None:
+    """Copied whole (as MindSpore does), it would contradict the target layout, which gives each target half."""
+    planner = Planner(strategy(item("w", (2,), (0,))), strategy(item("w", (2,), (0,)), item("extra", (2,), (0,))),
+                      {"w": TensorInfo(F32, (4,)), "extra": TensorInfo(F32, (4,))})
+    with pytest.raises(PlanError, match=r"parameter 'extra' is not in the source strategy \(strategy\), so its "
+                       r"stored value \[4\] is copied whole, but the target strategy \(strategy\) gives target "
+                       r"rank 0 a slice of \[2\] of it \(dev_matrix=\[2\], tensor_map=\[\[0\]\]\)"):
+        planner.plan(0)
 
 
 def test_pipelined_target_keeps_only_its_stage() -> None:

@@ -116,13 +116,33 @@ def test_merge_pipeline_strategys_is_reproducible(pipeline: Path, stage_files: P
 
 
 def test_merge_keeps_the_first_input_of_each_stage() -> None:
-    def stage_strategy(stage: int, layout_name: str) -> Strategy:
-        return Strategy(0, (StrategyItem(f"op{stage}", stage, ((1,),)),), (_layout(layout_name),), path=layout_name)
+    def stage_strategy(stage: int, layout_name: str, node: str = "op") -> Strategy:
+        return Strategy(0, (StrategyItem(f"{node}{stage}", stage, ((1,),)),), (_layout(layout_name),),
+                        path=layout_name)
 
-    merged = merge_strategies([stage_strategy(1, "b"), stage_strategy(0, "a"), stage_strategy(1, "c")])
+    merged = merge_strategies([stage_strategy(1, "b"), stage_strategy(0, "a"), stage_strategy(1, "b", "other")])
     assert [layout.name for layout in merged.layout_items] == ["0-a", "1-b"]
     assert [item.node_name for item in merged.strategy_items] == ["op0", "op1"]
     assert merge_strategies([]) == Strategy(current_stage=1)
+
+
+@pytest.mark.parametrize(("second", "message"), [
+    ((_layout("b", tensor_map=((-1, 1),)),), r"lay out parameter 'b' differently: dev_matrix=\[2, 4\], "
+     r"tensor_map=\[\[1, -1\]\] in s1_a.ckpt, dev_matrix=\[2, 4\], tensor_map=\[\[-1, 1\]\] in s1_b.ckpt"),
+    ((_layout("b"), _layout("c")), r"lay out parameter 'c' differently: none in s1_a.ckpt, dev_matrix=\[2, 4\]"),
+    ((_layout("c"),), r"lay out parameter 'b' differently: dev_matrix=\[2, 4\], tensor_map=\[\[1, -1\]\] in "
+     r"s1_a.ckpt, none in s1_b.ckpt"),
+    ((_layout("b", opt_weight_shard_size=2, opt_weight_shard_step=1),), r"lay out parameter 'b' differently: .*, "
+     r"opt_weight_shard_step=1, opt_weight_shard_size=2 in s1_b.ckpt: are they from one run"),
+], ids=["layout", "extra parameter", "missing parameter", "optimizer shard"])
+def test_merge_refuses_two_files_of_one_stage_that_disagree(second: tuple[LayoutItem, ...], message: str) -> None:
+    """Per-stage files of one run are alike within a stage; files that differ (a stale file of another run in the
+    folder) leave which one MindSpore keeps to the folder's listing order: refused, naming both."""
+    first = Strategy(0, (StrategyItem("op", 1, ()),), (_layout("b"),), path="s1_a.ckpt")
+    other = Strategy(0, (StrategyItem("op", 1, ()),), second, path="s1_b.ckpt")
+    with pytest.raises(StrategyFormatError, match=r"s1_a.ckpt and s1_b.ckpt are strategy files of pipeline stage 1 "
+                       r"but " + message):
+        merge_strategies([first, other])
 
 
 def test_merge_folder_errors(tmp_path: Path) -> None:
