@@ -59,6 +59,7 @@ from .transform import (
     TransformJob,
     TransformOptions,
     check_values_kept_as_stored,
+    keep_merged,
     load_strategies,
     output_path,
     source_dirs,
@@ -96,9 +97,10 @@ def start_job(options: TransformOptions, comm: Comm,
         dst_dirs, hosts = zip(*comm.allgather((os.path.abspath(local.dst_dir), host)), strict=True)
         tokens = agree(check_and_lock, comm)
         agree(lambda: _check_one_folder(options.dst_dir, comm.rank, dst_dirs, hosts, tokens), comm)
-        src, dst = broadcast_prepared(lambda: load_strategies(local, local.dst_dir, sync), comm)
+        src, dst = broadcast_prepared(lambda: load_strategies(local), comm)
         placement, headers, notes = _survey_sources(local, comm, host, per_process, indexes, src)
         job = _plan(local, src, dst, placement, headers, comm, options.src_dir, per_process, indexes, notes)
+        job.src, job.dst = broadcast_prepared(lambda: keep_merged(local, src, dst, local.dst_dir, sync), comm)
     except BaseException:
         indexes.close()
         if lock is not None:
@@ -129,7 +131,7 @@ def survey_job(options: TransformOptions, comm: Comm) -> Survey:
         suffix_of(options.output_format)
 
     agree(check_names, comm)
-    src, dst = broadcast_prepared(lambda: load_strategies(local, None), comm)
+    src, dst = broadcast_prepared(lambda: load_strategies(local), comm)
     indexes = IndexCache()
     try:
         placement, headers, notes = _survey_sources(local, comm, host, per_process, indexes, src)

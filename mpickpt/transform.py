@@ -134,7 +134,7 @@ class TransformJob:
         if keep_in is not None:
             check_destination(options.dst_dir, read_dirs)
         rank_files = find_rank_files(src_dir, options.src_format)
-        src, dst = load_strategies(options, keep_in, sync)
+        src, dst = load_strategies(options)
         indexes = IndexCache()
         try:
             headers = read_headers(rank_files, indexes.lease, copied_through(src))
@@ -142,6 +142,8 @@ class TransformJob:
             job = cls.plan(src, dst, sources.rank_files, options.dst_dir, options.prefix, read_dirs,
                            sources.src_stage, catalog=sources.catalog, options=options, notes=sources.notes)
             check_values_kept_as_stored(job._plans.values(), sources.headers)
+            if keep_in is not None:
+                job.src, job.dst = keep_merged(options, job.src, job.dst, keep_in, sync)
         except BaseException:
             indexes.close()
             raise
@@ -275,11 +277,16 @@ def source_dirs(options: TransformOptions) -> list[str]:
     return [options.src_dir] + [d for d in (options.src_strategy_dir, options.dst_strategy_dir) if d]
 
 
-def load_strategies(options: TransformOptions, keep_in: str | None,
-                    sync: bool = True) -> tuple[Strategy | None, Strategy | None]:
-    """Both strategies, per-stage folders merged (and saved in `keep_in` when given, fsynced if `sync`)."""
-    src = _strategy(options.src_strategy, options.src_strategy_dir)
-    dst = _strategy(options.dst_strategy, options.dst_strategy_dir)
+def load_strategies(options: TransformOptions) -> tuple[Strategy | None, Strategy | None]:
+    """Both strategies, per-stage folders merged in memory."""
+    return (_strategy(options.src_strategy, options.src_strategy_dir),
+            _strategy(options.dst_strategy, options.dst_strategy_dir))
+
+
+def keep_merged(options: TransformOptions, src: Strategy | None, dst: Strategy | None, keep_in: str,
+                sync: bool = True) -> tuple[Strategy | None, Strategy | None]:
+    """Save the strategies merged from per-stage folders in `keep_in` (fsynced if `sync`) and name them by
+    those files; called once the job is validated, so a refused job writes nothing."""
     return (_kept(src, options.src_strategy_dir, keep_in, MERGED_SRC_STRATEGY, sync),
             _kept(dst, options.dst_strategy_dir, keep_in, MERGED_DST_STRATEGY, sync))
 
@@ -320,14 +327,14 @@ def _strategy(file: str | None, folder: str | None) -> Strategy | None:
     if file and folder:
         raise MpickptError(f"give either a strategy file ({file}) or a strategy folder ({folder}), not both")
     if folder:
-        return merge_strategy_folder(folder)
+        return replace(merge_strategy_folder(folder), path=folder)  # errors name the folder until it is kept
     return load_strategy(file) if file else None
 
 
-def _kept(strategy: Strategy | None, folder: str | None, keep_in: str | None, merged_name: str,
+def _kept(strategy: Strategy | None, folder: str | None, keep_in: str, merged_name: str,
           sync: bool) -> Strategy | None:
-    """A strategy merged from a folder, saved in `keep_in` (when given) as `merged_name`."""
-    if strategy is None or not folder or keep_in is None:
+    """A strategy merged from a folder, saved in `keep_in` as `merged_name`."""
+    if strategy is None or not folder:
         return strategy
     target = Path(keep_in) / merged_name
     save_strategy(strategy, target, sync=sync)

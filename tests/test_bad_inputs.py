@@ -29,6 +29,7 @@ from mpickpt.errors import (
 from mpickpt.inventory import SAMPLE, read_headers
 from mpickpt.sources import find_rank_files
 from mpickpt.strategy import load_strategy, save_strategy
+from mpickpt.cli import main
 from mpickpt.transform import TransformJob, TransformOptions
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_llama"
@@ -310,3 +311,42 @@ def test_two_rank_folders_of_one_rank_are_refused(tmp_path: Path) -> None:
     for p in (src / "rank_01").iterdir():
         p.unlink()  # an empty folder claims nothing
     assert find_rank_files(src)[1] == str(src / "rank_1" / "checkpoint_1.ckpt")
+
+
+
+@pytest.mark.parametrize("entry", ["cli", "prepare"])
+def test_a_refused_job_leaves_no_merged_strategy_in_the_destination(tmp_path: Path, entry: str) -> None:
+    """Strategies merged from a per-stage folder are kept in dst_dir only once the whole job is validated."""
+    stages, src, out = tmp_path / "stages", tmp_path / "src", tmp_path / "out"
+    stages.mkdir()
+    shutil.copy(SRC_STRATEGY, stages / "src_strategy_0.ckpt")
+    shutil.copytree(EXAMPLE / "src", src)
+    shutil.rmtree(src / "rank_5")
+
+    def run() -> None:
+        if entry == "cli":
+            status = main(["transform", "--src-dir", str(src), "--src-strategy-dir", str(stages), "--dst-strategy",
+                           str(DST_STRATEGY), "--dst-dir", str(out), "--no-sync", "--quiet"])
+            if status:
+                raise SourceMissingError(f"exit status {status}")
+        else:
+            TransformJob.prepare(TransformOptions(str(src), str(out), src_strategy_dir=str(stages),
+                                                  dst_strategy=str(DST_STRATEGY)), sync=False).close()
+
+    with pytest.raises(SourceMissingError):
+        run()
+    assert not (out / "merged_src_strategy.ckpt").exists()
+    shutil.copytree(EXAMPLE / "src" / "rank_5", src / "rank_5")
+    run()
+    assert load_strategy(out / "merged_src_strategy.ckpt").layout_items
+
+
+def test_errors_name_the_folder_a_strategy_was_merged_from(tmp_path: Path) -> None:
+    stages, src = tmp_path / "stages", tmp_path / "src"
+    stages.mkdir()
+    shutil.copy(SRC_STRATEGY, stages / "src_strategy_0.ckpt")
+    shutil.copytree(EXAMPLE / "src", src)
+    shutil.rmtree(src / "rank_5")
+    with pytest.raises(SourceMissingError, match=rf"source strategy \({stages}\) covers ranks 0\.\.7.*\[5\]"):
+        TransformJob.prepare(TransformOptions(str(src), str(tmp_path / "out"), src_strategy_dir=str(stages),
+                                              dst_strategy=str(DST_STRATEGY)), write_merged=False)

@@ -534,7 +534,7 @@ def test_failure_in_a_process_prints_its_name_and_aborts(tmp_path: Path) -> None
 def test_strategies_that_cannot_be_broadcast_abort_instead_of_hanging(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     job = FakeJob(tmp_path, 2)
-    monkeypatch.setattr(startup, "load_strategies", lambda options, keep_in, sync: (lambda: None, None))
+    monkeypatch.setattr(startup, "load_strategies", lambda options: (lambda: None, None))
     stream = io.StringIO()
     aborted: list[int] = []
 
