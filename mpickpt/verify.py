@@ -5,7 +5,8 @@ comes from the target layout; every source file holding the parameter gives its 
 layout; wherever the two overlap, the bytes must be equal (compared byte for byte, one bounded block of rows
 of the overlap at a time, so memory stays within a few blocks however large the tensors).
 Every target box must be covered by source files; parameters outside the strategies must equal the value
-of a source file holding them; each output must hold exactly the expected parameters, dtypes and dims.
+of a source file holding them; each output must hold exactly the expected parameters, dtypes and dims, and
+match the checksum it stores of itself, if any (`--crc`).
 
 Without sources (`verify_records`): every output listed in `manifest.json` must match its completion
 record and its manifest entry (size, CRC-32), and every checkpoint file of the destination must be listed.
@@ -368,7 +369,7 @@ class ContentChecker:
         assert check.target_rank is not None
         self._target = check.target_rank
         try:
-            index = open_index(check.path)
+            index = open_index(check.path, verify_crc=True)  # MindSpore refuses a file whose checksum is wrong
         except MpickptError as exc:
             return 0, [Problem(check.path, None, f"cannot be read: {exc}")]
         with index:

@@ -227,6 +227,34 @@ def test_missing_output_file_fails(converted: dict[str, Path], tmp_path: Path) -
     assert not verdict.ok and verdict.problems[0].file == str(path) and "missing" in verdict.problems[0].text
 
 
+def damage_stored_checksum(path: Path) -> None:
+    """Change the checksum an output stores of itself (its content stays right): the last digit of a `.ckpt`
+    crc_num trailer, a digit of a safetensors header's crc_num (same length, so every offset stays)."""
+    path.chmod(0o600)
+    data = bytearray(path.read_bytes())
+    if path.suffix == ".ckpt":
+        data[-1] ^= 0x01
+    else:
+        at = data.index(b'"crc_num":"') + len(b'"crc_num":"')
+        data[at] = ord("1") if data[at] != ord("1") else ord("2")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("output_format", ["ckpt", "safetensors"])
+def test_a_wrong_stored_checksum_fails(tmp_path: Path, output_format: str) -> None:
+    """Outputs written with --crc hold MindSpore's checksum of their content; MindSpore refuses to load one
+    whose checksum does not match, so verify must not call it right (it did: only the content was compared)."""
+    options = replace(example_options("4", tmp_path / "out"), crc=True, output_format=output_format)
+    convert(options)
+    assert verify(options).ok
+    path = tmp_path / "out" / "rank_2" / f"checkpoint_2.{output_format}"
+    damage_stored_checksum(path)
+    rerecord(path)
+    verdict = verify(options)
+    assert [(p.file, p.param) for p in verdict.problems] == [(str(path), None)], verdict.lines()
+    assert "CRC check failed" in verdict.problems[0].text
+
+
 def test_records_alone_detect_changed_missing_and_unlisted_files(converted: dict[str, Path], tmp_path: Path) -> None:
     out = copy_of(converted, "4", tmp_path)
     changed, gone = out / "rank_1" / "checkpoint_1.ckpt", out / "rank_2" / "checkpoint_2.ckpt"
