@@ -21,8 +21,10 @@ Any exception during the work makes the failing process print `mpickpt: process 
 process waits for a dead peer (in a one-process world it is simply raised). Writers abort on the way out,
 so a raising process leaves no temporary; a killed one's are removed by the next run.
 
-Test-only hook: MPICKPT_TEST_FAIL="process=P[,after_bytes=B][,action=kill|raise]" makes process P send
-itself SIGKILL (action=kill) or raise (default) once it has written B bytes of tensor data in this run.
+Test-only hook: MPICKPT_TEST_FAIL="process=P[,after_bytes=B][,action=kill|raise|stop]" makes process P send
+itself SIGKILL (action=kill) or SIGSTOP (action=stop: it hangs until continued) or raise (default) once it has
+written B bytes of tensor data in this run. A process stopped or hung before it reports ends the job from rank
+0 once no process has sent anything for REPORT_STALL_SECONDS (test-only: MPICKPT_TEST_REPORT_STALL).
 """
 
 from __future__ import annotations
@@ -76,7 +78,9 @@ PROGRESS_SEND_SECONDS = 0.5  # how often a process tells rank 0 its counters whi
 PROGRESS_LINE_SECONDS = 2.0  # how often rank 0 prints a progress line when stderr is not a terminal
 PROGRESS_BAR_SECONDS = 0.2  # how often rank 0 redraws the bar on a terminal
 POLL_SECONDS = 0.002  # rank 0's sleep between checks for messages once its own work is done (0.02: ~10 ms later)
+REPORT_STALL_SECONDS = 1800.0  # rank 0 ends the job when, while it waits for reports, no process sends anything
 TEST_FAIL_VARIABLE = "MPICKPT_TEST_FAIL"
+STALL_VARIABLE = "MPICKPT_TEST_REPORT_STALL"  # test-only: REPORT_STALL_SECONDS in seconds
 MAX_LISTED = 10  # redone outputs and stale entries named in the summary (the manifest has them all)
 OVERWRITTEN = "--overwrite"
 _RANK_DIR = re.compile(r"rank_\d+")
@@ -443,7 +447,8 @@ class _Tracker:
         self.written_this_run += max(written - self.task_bytes, 0)
         self.task_bytes = written
         if self.fault is not None and self.written_this_run >= self.fault.after_bytes:
-            self._fire(self.fault)
+            fault, self.fault = self.fault, None  # fires once
+            self._fire(fault)
         self._tell(force=False)
 
     def task_done(self, task: OutputTask) -> None:
@@ -467,6 +472,9 @@ class _Tracker:
     def _fire(self, fault: _Fault) -> None:
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if fault.action == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
         raise MpickptError(f"{TEST_FAIL_VARIABLE}: injected failure after {self.written_this_run} bytes")
 
 
@@ -477,6 +485,7 @@ class _Collector:
         self.comm = comm
         self.view = view
         self.reports: dict[int, ProcessReport] = {}
+        self.heard = time.monotonic()  # when a message last came
 
     def update(self, process: int, counters: tuple[int, int]) -> None:
         """New counters of one process."""
@@ -486,17 +495,27 @@ class _Collector:
     def receive(self) -> None:
         """Take in every message that has arrived, without waiting."""
         for source, (kind, payload) in self.comm.poll():
+            self.heard = time.monotonic()
             if kind == "progress":
                 self.update(source, payload)
             else:
                 self.reports[source] = payload
 
     def wait(self) -> list[ProcessReport]:
-        """Rank 0: every process's report, in process order, once all have come (showing progress)."""
+        """Rank 0: every process's report, in process order, once all have come (showing progress). A process
+        stopped or hung never reports: once no process has sent anything for the stall time (counted from
+        the wait's start at the earliest), MpickptError naming the processes that have not reported."""
+        stall = _report_stall(os.environ)
+        self.heard = time.monotonic()
         while True:
             self.receive()
             if len(self.reports) == self.comm.size:
                 break
+            if time.monotonic() - self.heard > stall:
+                silent = [p for p in range(self.comm.size) if p not in self.reports]
+                raise MpickptError(f"process{'es' if len(silent) > 1 else ''} {', '.join(map(str, silent))} "
+                                   f"{'have' if len(silent) > 1 else 'has'} not reported and no process has sent "
+                                   f"anything for {stall:g} s (stopped or hung?): ending the job")
             time.sleep(POLL_SECONDS)
             if self.view is not None:
                 self.view.show(force=False)
@@ -724,8 +743,20 @@ def _size(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
+def _report_stall(env: Mapping[str, str]) -> float:
+    """How long rank 0 waits for reports while no process sends anything (MPICKPT_TEST_REPORT_STALL, test-only,
+    else REPORT_STALL_SECONDS)."""
+    text = env.get(STALL_VARIABLE)
+    if not text:
+        return REPORT_STALL_SECONDS
+    try:
+        return float(text)
+    except ValueError:
+        raise MpickptError(f"{STALL_VARIABLE}={text!r}: expected seconds") from None
+
+
 def _fault_from_env(env: Mapping[str, str]) -> _Fault | None:
-    """Parse MPICKPT_TEST_FAIL (test-only): "process=P[,after_bytes=B][,action=kill|raise]"."""
+    """Parse MPICKPT_TEST_FAIL (test-only): "process=P[,after_bytes=B][,action=kill|raise|stop]"."""
     text = env.get(TEST_FAIL_VARIABLE)
     if not text:
         return None
@@ -735,7 +766,7 @@ def _fault_from_env(env: Mapping[str, str]) -> _Fault | None:
                        action=fields.pop("action", "raise"))
     except (KeyError, ValueError) as exc:
         raise MpickptError(f"{TEST_FAIL_VARIABLE}={text!r}: expected process=P[,after_bytes=B]"
-                           f"[,action=kill|raise] ({exc})") from None
-    if fields or fault.action not in ("kill", "raise"):
+                           f"[,action=kill|raise|stop] ({exc})") from None
+    if fields or fault.action not in ("kill", "raise", "stop"):
         raise MpickptError(f"{TEST_FAIL_VARIABLE}={text!r}: unknown field or action")
     return fault

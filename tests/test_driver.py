@@ -531,6 +531,37 @@ def test_failure_in_a_process_prints_its_name_and_aborts(tmp_path: Path) -> None
     assert text.count("target rank 2") == 1
 
 
+def test_a_process_that_stops_before_reporting_ends_the_job_naming_it(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped or hung process (SIGSTOP, a hung file system) never reports: rank 0 waited for it forever."""
+    job = FakeJob(tmp_path, 4)
+    streams = [io.StringIO() for _ in range(2)]
+    aborted: list[int] = []
+    stopped = threading.Event()
+    real = driver._work
+
+    def work(job: FakeJob, tasks: Any, process: int, *args: Any) -> Any:
+        if process == 1:
+            stopped.wait(30)
+        return real(job, tasks, process, *args)
+
+    monkeypatch.setattr(driver, "_work", work)
+    monkeypatch.setattr(driver, "REPORT_STALL_SECONDS", 0.5)
+
+    def body(comm: ThreadComm) -> None:
+        try:
+            run_job(job, AbortingComm(comm.shared, comm.rank, aborted), quiet=True, stream=streams[comm.rank])
+        except (SystemExit, threading.BrokenBarrierError):
+            pass
+        finally:
+            stopped.set()
+
+    run_threads(2, body)
+    assert aborted[0] == 0
+    assert "mpickpt: process 0: process 1 has not reported and no process has sent anything for 0.5 s" \
+        in streams[0].getvalue()
+
+
 def test_strategies_that_cannot_be_broadcast_abort_instead_of_hanging(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     job = FakeJob(tmp_path, 2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -215,6 +216,42 @@ def test_killed_process_ends_the_job_and_a_rerun_finishes_it(flavor: str, tmp_pa
     files = {f["file"]: f for f in json.loads((tmp_path / "manifest.json").read_text())["files"]}
     assert all(not files[name]["skipped"] for name in missing)
     assert all(files[name]["skipped"] for name in recorded)  # complete with a record: kept, not redone
+
+
+def run_in_session(cmd: list[str], **env: str) -> Run:
+    """`run`, the command in a session of its own whose processes are all killed when it ends or times out
+    (a stopped process outlives its launcher)."""
+    began = time.monotonic()
+    with subprocess.Popen(cmd, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=REPO, start_new_session=True) as proc:
+        try:
+            output, _ = proc.communicate(timeout=TIMEOUT)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return Run(proc.returncode, output, time.monotonic() - began)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_stopped_process_ends_the_job_naming_it_and_a_rerun_finishes_it(flavor: str, tmp_path: Path,
+                                                                        serial: Serial,
+                                                                        written_cases: dict[str, Case]) -> None:
+    """A process that hangs (SIGSTOP) while writing never reports; rank 0 waited for it forever."""
+    case = written_cases[KILL_CASE]
+    prefix = launcher(flavor) + ["-n", "2"]
+    cmd = prefix + [sys.executable, "-m", "mpickpt", "transform", *transform_args(case, tmp_path)]
+    stopped = run_in_session(cmd, MPICKPT_TEST_FAIL="process=1,after_bytes=1,action=stop",
+                             MPICKPT_TEST_REPORT_STALL="3")
+    assert stopped.returncode != 0, stopped.output
+    assert stopped.seconds < ENDS_WITHIN, f"the job took {stopped.seconds:.1f} s to end"
+    assert "mpickpt: process 0: process 1 has not reported and no process has sent anything for 3 s" \
+        in stopped.output, stopped.output
+    assert not (tmp_path / "manifest.json").exists()
+    rerun = mpickpt(transform_args(case, tmp_path), prefix)
+    assert rerun.returncode == 0, rerun.output
+    assert outputs(tmp_path) == serial(case)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
