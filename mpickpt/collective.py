@@ -36,15 +36,18 @@ def broadcast_prepared(prepare: Callable[[], T], comm: Comm) -> T:
 
 def agree(work: Callable[[], T], comm: Comm) -> list[T]:
     """Every rank runs `work`; every rank returns all ranks' results, in rank order, or raises the error of
-    the lowest failing rank (as a plain error of the same type). Results travel pickled, so one that does
-    not pickle fails like any error instead of leaving the others waiting."""
+    the lowest failing rank (as a plain error of the same type; an error other than MpickptError becomes one
+    naming that rank). Results travel pickled, so one that does not pickle fails like any error instead of
+    leaving the others waiting."""
     mine: tuple[bytes, MpickptError | None]
     try:
         mine = (pickle.dumps(work()), None)
     except Exception as exc:
         if comm.size == 1:
             raise
-        error = exc if isinstance(exc, MpickptError) else MpickptError(f"{type(exc).__name__}: {exc}")
+        # An unexpected error (OSError, a bug) is often this process's alone (its host's files): name the process.
+        error = exc if isinstance(exc, MpickptError) else MpickptError(f"process {comm.rank}: "
+                                                                       f"{type(exc).__name__}: {exc}")
         mine = (b"", type(error)(str(error)))
     gathered = comm.allgather(mine)
     for _, failed in gathered:

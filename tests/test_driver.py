@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from fixture_cases import checkpoint_content
 from mpickpt import driver, startup
 from mpickpt.ckpt_writer import CheckpointWriter
+from mpickpt.collective import agree
 from mpickpt.driver import deal, run_job, run_transform
 from mpickpt.destination import DestinationLock
 from mpickpt.errors import DestinationError, MpickptError
@@ -706,3 +707,19 @@ def test_world_without_a_launcher_is_serial() -> None:
         comm.send(1, 1)
     with pytest.raises(SystemExit):
         comm.abort(3)
+
+
+def test_an_unexpected_error_on_one_process_is_raised_on_every_process_naming_it() -> None:
+    def body(comm: ThreadComm) -> str:
+        def work() -> int:
+            if comm.rank == 1:
+                raise PermissionError(13, "Permission denied", "/local/src/rank_3/checkpoint_3.ckpt")
+            return comm.rank
+        try:
+            agree(work, comm)
+        except MpickptError as exc:
+            return str(exc)
+        return "no error"
+
+    assert run_threads(3, body) == ["process 1: PermissionError: [Errno 13] Permission denied: "
+                                    "'/local/src/rank_3/checkpoint_3.ckpt'"] * 3
