@@ -13,6 +13,9 @@ import mpickpt
 from mindspore_helpers import requires_mindspore, run_mindspore
 from mpickpt.ckpt import save_checkpoint
 from mpickpt.convert import ckpt_to_safetensors
+from mpickpt.errors import MpickptError, SourceMissingError
+from mpickpt.sources import find_rank_files
+from random_cases import make_case, write_case
 
 
 def _segmented_folder(folder: Path) -> Path:
@@ -64,3 +67,78 @@ def test_load_segmented_checkpoints_matches_mindspore(tmp_path: Path) -> None:
     folder = _segmented_folder(tmp_path / "rank_0")
     theirs = json.loads(run_mindspore(_MS_SEGMENTED, tmp_path, [str(folder)]).strip().splitlines()[-1])
     assert _plain(mpickpt.load_segmented_checkpoints(str(folder))) == theirs
+
+
+def _case(root: Path) -> Path:
+    """A 4-device checkpoint (src/rank_<r>/checkpoint_<r>.ckpt) and both strategies (4 -> 2 devices)."""
+    write_case(make_case(3, devices=(4, 2)), root)
+    return root
+
+
+def _transform(root: Path, output_format: str = "ckpt") -> None:
+    mpickpt.transform_checkpoints(str(root / "src"), str(root / "dst"), "checkpoint_", str(root / "src_strategy.ckpt"),
+                                  str(root / "dst_strategy.ckpt"), output_format=output_format)
+
+
+_MS_TRANSFORM = """
+import sys
+import mindspore as ms
+root = sys.argv[1]
+try:
+    ms.transform_checkpoints(root + "/src", root + "/ms", "checkpoint_", root + "/src_strategy.ckpt",
+                             root + "/dst_strategy.ckpt", output_format=sys.argv[2])
+    print("converted")
+except ValueError as error:
+    print("ValueError:", error)
+"""
+
+
+def _mindspore_transform(root: Path, output_format: str = "ckpt") -> str:
+    return run_mindspore(_MS_TRANSFORM, root, [str(root), output_format]).strip().splitlines()[-1]
+
+
+def _hide_rank_file(root: Path) -> None:
+    """Rank 3's only checkpoint is hidden (`.checkpoint_3.ckpt`): MindSpore's glob does not list it."""
+    rank_file = root / "src" / "rank_3" / "checkpoint_3.ckpt"
+    rank_file.rename(rank_file.with_name(".checkpoint_3.ckpt"))
+
+
+def test_a_hidden_file_is_not_a_rank_checkpoint(tmp_path: Path) -> None:
+    root = _case(tmp_path / "case")
+    _hide_rank_file(root)
+    with pytest.raises(SourceMissingError, match=r"checkpoint files of ranks \[3\] are missing"):
+        _transform(root)
+    assert not (root / "dst").exists() or not list((root / "dst").rglob("*.ckpt"))
+
+
+def _mix_formats(root: Path) -> None:
+    """Ranks 2 and 3 as safetensors, ranks 0 and 1 as .ckpt."""
+    for rank in (2, 3):
+        rank_file = root / "src" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt"
+        ckpt_to_safetensors(str(rank_file), str(rank_file.parent))
+        rank_file.unlink()
+
+
+@pytest.mark.parametrize("output_format", ["ckpt", "safetensors"])
+def test_rank_folders_of_both_formats_are_refused(tmp_path: Path, output_format: str) -> None:
+    root = _case(tmp_path / "case")
+    _mix_formats(root)
+    with pytest.raises(MpickptError, match=r"rank folders hold checkpoints of both formats, .*rank_0 \(ckpt\) and "
+                                           r".*rank_2 \(safetensors\); choose one"):
+        _transform(root, output_format)
+    assert not (root / "dst").exists() or not list((root / "dst").rglob("rank_*/*"))
+    assert sorted(find_rank_files(root / "src", "ckpt")) == [0, 1]
+
+
+@requires_mindspore
+@pytest.mark.mindspore
+def test_mindspore_refuses_a_hidden_rank_file_and_mixed_formats_too(tmp_path: Path) -> None:
+    hidden = _case(tmp_path / "hidden")
+    _hide_rank_file(hidden)
+    assert _mindspore_transform(hidden).startswith("ValueError: The checkpoint file of rank3 is needed")
+    mixed = _case(tmp_path / "mixed")
+    _mix_formats(mixed)
+    for output_format in ("ckpt", "safetensors"):
+        assert _mindspore_transform(mixed, output_format).startswith(
+            "ValueError: For 'transform_checkpoints', the 'src_checkpoints_dir' cannot contain both ckpt file and "
+            "safetensors file simultaneously")
