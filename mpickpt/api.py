@@ -20,6 +20,8 @@ from .transform import OutputTask, TransformJob, TransformOptions
 from .unified import load_distributed_checkpoint
 from .unify import unified_safetensors
 
+OUTPUT_FORMATS = ("ckpt", "safetensors")  # what MindSpore's transform_checkpoints writes
+
 __all__ = [
     "ckpt_to_safetensors",
     "load_distributed_checkpoint",
@@ -51,6 +53,8 @@ def transform_checkpoints(
         raise TypeError("ckpt_prefix should be a str")
     if not isinstance(process_num, int) or process_num < 1:
         raise ValueError(f"process_num should be a positive int, got {process_num!r}")
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be 'safetensors' or 'ckpt', got {output_format!r}")
     options = TransformOptions(
         src_dir=str(src_checkpoints_dir),
         dst_dir=str(dst_checkpoints_dir),

@@ -142,3 +142,14 @@ def test_mindspore_refuses_a_hidden_rank_file_and_mixed_formats_too(tmp_path: Pa
         assert _mindspore_transform(mixed, output_format).startswith(
             "ValueError: For 'transform_checkpoints', the 'src_checkpoints_dir' cannot contain both ckpt file and "
             "safetensors file simultaneously")
+
+
+@pytest.mark.parametrize("output_format", ["h5", "SafeTensors", "ckpt "])
+def test_transform_checkpoints_refuses_an_output_format_mindspore_does_not_write(tmp_path: Path,
+                                                                                  output_format: str) -> None:
+    """MindSpore writes .ckpt for any other value from .ckpt sources and refuses it from safetensors
+    sources; "h5" wrote rank_y/checkpoint_y.h5, files MindSpore never makes."""
+    root = _case(tmp_path / "case")
+    with pytest.raises(ValueError, match=rf"output_format must be 'safetensors' or 'ckpt', got '{output_format}'"):
+        _transform(root, output_format)
+    assert not (root / "dst").exists()
