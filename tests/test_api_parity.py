@@ -153,3 +153,35 @@ def test_transform_checkpoints_refuses_an_output_format_mindspore_does_not_write
     with pytest.raises(ValueError, match=rf"output_format must be 'safetensors' or 'ckpt', got '{output_format}'"):
         _transform(root, output_format)
     assert not (root / "dst").exists()
+
+
+_MS_MERGED = """
+import json, sys
+import mindspore as ms
+folder, ours_json, ours_ckpt, theirs_json, dst = sys.argv[1:]
+ms.parallel.merge_pipeline_strategys(folder, theirs_json)
+def lists(strategy):
+    try:
+        return [[int(r) for r in ms.parallel.rank_list_for_transform(t, strategy, dst)] for t in range(4)]
+    except Exception as error:
+        return type(error).__name__
+print(json.dumps({name: lists(path) for name, path in
+                  (("ours_json", ours_json), ("ours_ckpt", ours_ckpt), ("theirs_json", theirs_json))}))
+"""
+
+
+@requires_mindspore
+@pytest.mark.mindspore
+def test_mindspore_loads_a_merge_into_a_json_name(mindspore_cases: dict, tmp_path: Path) -> None:
+    """Per-stage .ckpt files merged into merged.json: ours is JSON, which MindSpore loads (by the name's
+    suffix) like the .ckpt merge; MindSpore's own is protobuf under a .json name, which it cannot load."""
+    case = mindspore_cases["pipeline_2x4_to_4"].root
+    stage_files = case / "src_pipeline_strategys"
+    mpickpt.merge_pipeline_strategys(str(stage_files), str(tmp_path / "ours.json"))
+    mpickpt.merge_pipeline_strategys(str(stage_files), str(tmp_path / "ours.ckpt"))
+    args = [str(stage_files), *(str(tmp_path / n) for n in ("ours.json", "ours.ckpt", "theirs.json")),
+            str(case / "dst_strategy.ckpt")]
+    loaded = json.loads(run_mindspore(_MS_MERGED, tmp_path, args).strip().splitlines()[-1])
+    assert isinstance(loaded["ours_json"], list) and loaded["ours_json"] == loaded["ours_ckpt"]
+    assert loaded["theirs_json"] in ("JSONDecodeError", "UnicodeDecodeError")  # protobuf bytes read as JSON
+    assert json.loads((tmp_path / "ours.json").read_text())["current_stage"] == 1
