@@ -20,6 +20,8 @@ from .transform import OutputTask, TransformJob, TransformOptions
 from .unified import load_distributed_checkpoint
 from .unify import unified_safetensors
 
+OUTPUT_FORMATS = ("ckpt", "safetensors")  # what MindSpore's transform_checkpoints writes
+
 __all__ = [
     "ckpt_to_safetensors",
     "load_distributed_checkpoint",
@@ -51,6 +53,8 @@ def transform_checkpoints(
         raise TypeError("ckpt_prefix should be a str")
     if not isinstance(process_num, int) or process_num < 1:
         raise ValueError(f"process_num should be a positive int, got {process_num!r}")
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be 'safetensors' or 'ckpt', got {output_format!r}")
     options = TransformOptions(
         src_dir=str(src_checkpoints_dir),
         dst_dir=str(dst_checkpoints_dir),
@@ -132,25 +136,35 @@ def merge_pipeline_strategys(src_strategy_dirs: str, dst_strategy_file: str) -> 
     _merge_pipeline_strategys(src_strategy_dirs, dst_strategy_file)
 
 
-def load_segmented_checkpoints(ckpt_file_dir: str) -> dict[str, np.ndarray]:
-    """Load every `.ckpt` and `.safetensors` file of a folder and merge them: parameter name -> numpy array (a copy).
+def load_segmented_checkpoints(ckpt_file_dir: str) -> dict[str, np.ndarray | str]:
+    """Load the checkpoint files of a folder and merge them: parameter name -> numpy array (a copy).
 
+    The files read are those MindSpore reads, its `*.ckpt` (hidden files, which its glob skips, are
+    not read); a folder without any reads its `*.safetensors` instead (MindSpore would return nothing).
     Files are read in name order; a parameter stored in several files (global_step in every pipeline
-    part) takes the value of the last one, as MindSpore's dict update does. BFloat16 tensors come back
-    as their raw 2-byte values (see `mpickpt.ckpt.numpy_dtype`).
+    part) takes the value of the last one, as MindSpore's dict update does. A `str` value (append_dict)
+    comes back as a `str`, as in MindSpore; BFloat16 tensors as their raw 2-byte values (see
+    `mpickpt.ckpt.numpy_dtype`).
     """
     folder = Path(ckpt_file_dir)
     if not folder.is_dir():
         raise SourceMissingError(f"checkpoint folder {ckpt_file_dir} is not a directory")
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".ckpt", ".safetensors") and p.is_file())
+    files = _segment_files(folder, ".ckpt") or _segment_files(folder, ".safetensors")
     if not files:
         raise SourceMissingError(f"checkpoint folder {ckpt_file_dir} holds no .ckpt or .safetensors file")
-    merged: dict[str, np.ndarray] = {}
+    merged: dict[str, np.ndarray | str] = {}
     for path in files:
         with open_index(path) as index:
             for name, entry in index.entries.items():
-                merged[name] = np.array(index.array(name), dtype=numpy_dtype(entry.dtype), copy=True)
+                value = index.array(name)
+                merged[name] = str(value) if entry.dtype == "str" else np.array(
+                    value, dtype=numpy_dtype(entry.dtype), copy=True)
     return merged
+
+
+def _segment_files(folder: Path, suffix: str) -> list[Path]:
+    """The files of `folder` named `*<suffix>` that MindSpore's glob lists (not hidden), by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix == suffix and not p.name.startswith(".") and p.is_file())
 
 
 def _path_or_none(path: str | os.PathLike[str] | None) -> str | None:

@@ -21,9 +21,10 @@ def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = No
     also given directly as `src_dir`) is the one source rank 0.
 
     With several files in one rank folder, MindSpore takes the lexicographically last `.ckpt`, and the
-    `.safetensors` whose last two numbers are largest (compared as numbers: `x-10_1875` over `x-9_1875`).
-    A folder holding both formats is an error unless `src_format` picks one; so are two folders of one rank
-    (`rank_1` and `rank_01`), which a listing would order by chance.
+    `.safetensors` whose last two numbers are largest (compared as numbers: `x-10_1875` over `x-9_1875`);
+    hidden files, which its glob skips, are not taken. Rank folders holding both formats (in one folder
+    or across folders, which MindSpore refuses) are an error unless `src_format` picks one; so are two
+    folders of one rank (`rank_1` and `rank_01`), which a listing would order by chance.
     """
     root = Path(src_dir).absolute()
     if root.is_file() and root.suffix in (".h5", ".safetensors"):
@@ -45,6 +46,8 @@ def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = No
                         f"rank folders {Path(files[rank]).parent} and {folder} both hold checkpoint files of source "
                         f"rank {rank}: move the one not of this checkpoint away")
                 files[rank] = str(chosen)
+    if src_format is None:
+        _refuse_mixed_formats(files)
     if not files:
         unified = _unified_source(root)
         if unified is not None:
@@ -68,9 +71,21 @@ def _unified_source(root: Path) -> str | None:
     return str(h5[0]) if len(h5) == 1 else None
 
 
+def _refuse_mixed_formats(files: dict[int, str]) -> None:
+    """Rank folders must all hold one format: MindSpore refuses a source folder holding both."""
+    by_format: dict[str, str] = {}
+    for path in files.values():  # rank order: the first rank folder of each format is named
+        by_format.setdefault(Path(path).suffix, path)
+    if len(by_format) > 1:
+        named = " and ".join(f"{Path(path).parent} ({suffix[1:]})" for suffix, path in sorted(by_format.items()))
+        raise MpickptError(f"rank folders hold checkpoints of both formats, {named}; choose one with "
+                           f"--src-format ({'|'.join(RANK_FORMATS)})")
+
+
 def _pick(folder: Path, src_format: str | None) -> Path | None:
-    """The checkpoint file MindSpore would take from one rank folder."""
-    found = {fmt: [p for p in folder.glob(f"*{suffix_of(fmt)}") if p.is_file()] for fmt in RANK_FORMATS}
+    """The checkpoint file MindSpore would take from one rank folder (hidden files are not listed)."""
+    found = {fmt: [p for p in folder.glob(f"*{suffix_of(fmt)}") if p.is_file() and not p.name.startswith(".")]
+             for fmt in RANK_FORMATS}
     present = [fmt for fmt in RANK_FORMATS if found[fmt]]
     if src_format is None and len(present) > 1:
         raise MpickptError(f"{folder} holds both {' and '.join(present)} checkpoints; choose one with "
