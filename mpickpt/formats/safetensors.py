@@ -186,7 +186,11 @@ def _tensor(name: str, info: object, metadata: dict[str, str], data_start: int) 
     if st_dtype not in _TO_MINDSPORE:
         raise _Malformed(f"unknown or unsupported dtype {st_dtype!r}")
     dtype = _TO_MINDSPORE[st_dtype]  # type: ignore[index]
-    if metadata.get(name) == _INT4:
+    marker = metadata.get(name)
+    if marker is not None and marker != _INT4:
+        raise _Malformed(f"__metadata__ gives it {marker!r}: MindSpore reads a metadata value under a tensor's name "
+                         f"as that tensor's dtype and knows only {_INT4!r} (rename the tensor or drop the key)")
+    if marker == _INT4:
         if st_dtype != "I8":
             raise _Malformed(f"marked Int4 in __metadata__ but stored as {st_dtype}, not I8")
         dtype = _INT4
@@ -377,8 +381,10 @@ class SafetensorsWriter(OffsetWriter, CommitOnExit):
                                         f"hold it")
         if spec.dtype not in _TO_SAFETENSORS:
             raise CheckpointFormatError(f"{self.path}: parameter {name!r} has unknown dtype {spec.dtype!r}")
-        if name == "__metadata__" or (spec.dtype == _INT4 and (name in self._base_metadata or name == _CRC_KEY)):
-            raise CheckpointFormatError(f"{self.path}: parameter name {name!r} clashes with a metadata key")
+        if name == "__metadata__" or name in self._base_metadata or (name == _CRC_KEY and (self._crc or
+                                                                                        spec.dtype == _INT4)):
+            raise CheckpointFormatError(f"{self.path}: parameter name {name!r} clashes with a metadata key (MindSpore "
+                                        f"would read that key's value as the tensor's dtype); rename the parameter")
         name_bytes(self.path, name)
         dims = tuple(operator.index(d) for d in spec.dims)
         if len(dims) > _MAX_DIMS or any(d < 0 for d in dims) or spec.nbytes != math.prod(dims) * dtype_itemsize(
