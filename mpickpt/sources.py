@@ -51,7 +51,18 @@ def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = No
             return {0: unified}
         looked = " or ".join(f"rank_<r>/*{suffix_of(f)}" for f in ([src_format] if src_format else RANK_FORMATS))
         raise SourceMissingError(f"{root} holds no {looked} checkpoint files")
+    _refuse_unified_beside_ranks(root)
     return dict(sorted(files.items()))
+
+
+def _refuse_unified_beside_ranks(root: Path) -> None:
+    """A folder of rank folders that is also a unified checkpoint is two checkpoints: refuse to pick one."""
+    from .unified import HF_INDEX, MS_INDEX
+
+    index = next((name for name in (MS_INDEX, HF_INDEX) if (root / name).is_file()), None)
+    if index is not None:
+        raise MpickptError(f"{root} holds both rank_<r> folders and a unified checkpoint ({index}): move one of "
+                           f"them to a folder of its own")
 
 
 def _unified_source(root: Path) -> str | None:

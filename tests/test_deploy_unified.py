@@ -214,6 +214,40 @@ def test_shard_holding_a_tensor_the_index_does_not_name(cases: dict[str, Path], 
     refused(cases, folder, tmp_path, CheckpointFormatError, shard_a, "'stray.weight'", "does not name")
 
 
+def test_shard_file_the_index_does_not_name(cases: dict[str, Path], tmp_path: Path) -> None:
+    """MindSpore and Hugging Face read only the shards the index names: the others' tensors would be lost."""
+    folder, index = broken(cases, tmp_path)
+    _, _, _, shard_b = first_two(index)
+    save_index(folder, {**index, "weight_map": {n: s for n, s in index["weight_map"].items() if s != shard_b}})
+    refused(cases, folder, tmp_path, CheckpointFormatError, str(folder / shard_b), "names no parameter")
+
+
+def test_index_leaving_out_a_numbered_shard_that_is_gone(cases: dict[str, Path], tmp_path: Path) -> None:
+    folder, index = broken(cases, tmp_path)
+    _, _, _, shard_b = first_two(index)
+    save_index(folder, {**index, "weight_map": {n: s for n, s in index["weight_map"].items() if s != shard_b}})
+    (folder / shard_b).unlink()
+    refused(cases, folder, tmp_path, CheckpointFormatError, "model.safetensors.index.json", shard_b, "incomplete")
+
+
+def test_both_index_files_must_agree(cases: dict[str, Path], tmp_path: Path) -> None:
+    """MindSpore reads param_name_map.json, Hugging Face model.safetensors.index.json: equal ones are fine."""
+    folder, index = broken(cases, tmp_path)
+    (folder / "param_name_map.json").write_text(json.dumps(index))
+    done = transform(folder, tmp_path / "same")
+    assert done.returncode == 0, done.stderr
+    a, _, _, _ = first_two(index)
+    (folder / "param_name_map.json").write_text(json.dumps({n: s for n, s in index["weight_map"].items() if n != a}))
+    refused(cases, folder, tmp_path, CheckpointFormatError, "param_name_map.json", "list different shards")
+
+
+def test_unified_folder_holding_rank_folders(cases: dict[str, Path], tmp_path: Path) -> None:
+    """Rank folders beside an index are two checkpoints in one folder: neither is picked silently."""
+    folder, _ = broken(cases, tmp_path)
+    shutil.copytree(cases["st"] / "rank_0", folder / "rank_0")
+    refused(cases, folder, tmp_path, MpickptError, "rank_<r> folders", "model.safetensors.index.json")
+
+
 def test_mindspore_folder_with_a_hyper_param_also_in_a_part(cases: dict[str, Path], tmp_path: Path) -> None:
     folder = tmp_path / "ms"
     shutil.copytree(cases["ms"], folder)
