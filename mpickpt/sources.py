@@ -72,11 +72,13 @@ def _unified_source(root: Path) -> str | None:
 
     if is_unified_folder(root):
         return str(root)
-    single = root / "model.safetensors"
-    if single.is_file():
-        return str(single)
-    h5 = [p for p in root.glob("*.h5") if p.is_file()]
-    return str(h5[0]) if len(h5) == 1 else None
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".safetensors", ".h5"))
+    if not any(p.name == "model.safetensors" or p.suffix == ".h5" for p in files):
+        return None
+    if len(files) > 1:  # MindSpore too refuses several files without an index
+        raise MpickptError(f"{root} holds {len(files)} checkpoint files ({', '.join(p.name for p in files)}) and no "
+                           f"index file: give the one to convert as --src-dir, or move the others away")
+    return str(files[0])
 
 
 def _pick(folder: Path, src_format: str | None) -> Path | None:

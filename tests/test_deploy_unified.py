@@ -84,6 +84,17 @@ def test_deploy_a_single_model_safetensors(cases: dict[str, Path], tmp_path: Pat
         assert tensor_content(tmp_path / "out" / name) == tensor_content(cases["direct"] / name)
 
 
+@pytest.mark.parametrize("other", ["model-00002-of-00002.safetensors", "model.h5"])
+def test_a_single_model_safetensors_beside_another_checkpoint_file(cases: dict[str, Path], tmp_path: Path,
+                                                                   other: str) -> None:
+    """Without an index a folder is one checkpoint only if it holds one file (MindSpore refuses several too)."""
+    folder = tmp_path / "single"
+    folder.mkdir()
+    shutil.copy(cases["hf_one"] / "model-00001-of-00001.safetensors", folder / "model.safetensors")
+    shutil.copy(cases["hf_one"] / "model-00001-of-00001.safetensors", folder / other)
+    refused(cases, folder, tmp_path, MpickptError, str(folder), "model.safetensors", other, "no index file")
+
+
 @pytest.mark.skipif(not Path(sys.executable).with_name("mpiexec").exists(), reason="no mpiexec")
 def test_deploy_under_mpi_equals_serial(cases: dict[str, Path], tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))}
