@@ -389,6 +389,9 @@ def info(dtype: str = "F32", shape: object = (2,), offsets: object = (0, 8)) -> 
     ('{"a":' + json.dumps(info()) + ',"a":' + json.dumps(info()) + "}", bytes(8), "'a' appears twice"),
     ('{"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8), "'dtype' appears twice"),
     (json.dumps({"a": "x"}), b"", "'a'.*not a JSON object"),
+    # a lone surrogate escape (the official package refuses it; a .ckpt or HDF5 output could not hold the name)
+    ('{"a\\ud800":' + json.dumps(info()) + "}", bytes(8), "'a\\\\ud800'.*lone surrogate"),
+    (json.dumps({"__metadata__": {"k": "\udc80"}}), b"", "lone surrogate"),
     (json.dumps({"__metadata__": [1]}), b"", "__metadata__ is not a JSON object"),
     (json.dumps({"__metadata__": {"k": 1}}), b"", "value of 'k' is not a string"),
     (json.dumps({"__metadata__": {"a": "Int4"}, "a": info()}), bytes(8), "'a'.*Int4.*F32"),

@@ -131,11 +131,22 @@ class _Malformed(Exception):
     """Internal: the header is invalid (the message names the tensor where known)."""
 
 
+def _check_text(text: str) -> None:
+    """Refuse a JSON string escaping a lone surrogate (``"\\ud800"``): no UTF-8 file or tool can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Malformed(f"string {text!r} in the header escapes a lone surrogate: not Unicode text") from None
+
+
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in pairs:
         if key in out:
             raise _Malformed(f"key {key!r} appears twice in one JSON object of the header")
+        _check_text(key)
+        if isinstance(value, str):
+            _check_text(value)
         out[key] = value
     return out
 
