@@ -148,6 +148,8 @@ def open_unified(folder: str | os.PathLike[str], *, verify_crc: bool = False) ->
         if not (root / shard).is_file():
             raise SourceMissingError(f"{index_path}: parameter {name!r} is in shard {shard}, which is missing "
                                      f"from {root}")
+    if not files + extra:
+        raise CheckpointFormatError(f"{index_path}: names no parameter (an empty weight_map): nothing to convert")
     _check_shard_files(root, index_path, files + extra)
     with ExitStack() as stack:
         shards = {file: stack.enter_context(open_index(root / file, verify_crc=verify_crc))

@@ -233,6 +233,14 @@ def test_shard_file_the_index_does_not_name(cases: dict[str, Path], tmp_path: Pa
     refused(cases, folder, tmp_path, CheckpointFormatError, str(folder / shard_b), "names no parameter")
 
 
+def test_index_naming_no_parameter(cases: dict[str, Path], tmp_path: Path) -> None:
+    """A folder holding only an empty index (a failed download) would deploy empty checkpoints."""
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    save_index(folder, {"metadata": {"total_size": 0}, "weight_map": {}})
+    refused(cases, folder, tmp_path, CheckpointFormatError, "model.safetensors.index.json", "names no parameter")
+
+
 def test_index_leaving_out_a_numbered_shard_that_is_gone(cases: dict[str, Path], tmp_path: Path) -> None:
     folder, index = broken(cases, tmp_path)
     _, _, _, shard_b = first_two(index)
