@@ -59,10 +59,12 @@ def _refuse_unified_beside_ranks(root: Path) -> None:
     """A folder of rank folders that is also a unified checkpoint is two checkpoints: refuse to pick one."""
     from .unified import HF_INDEX, MS_INDEX
 
-    index = next((name for name in (MS_INDEX, HF_INDEX) if (root / name).is_file()), None)
-    if index is not None:
-        raise MpickptError(f"{root} holds both rank_<r> folders and a unified checkpoint ({index}): move one of "
-                           f"them to a folder of its own")
+    names = [MS_INDEX, HF_INDEX, "model.safetensors"]
+    unified = [p.name for p in map(root.joinpath, names) if p.is_file()] + sorted(
+        p.name for p in root.glob("*.h5") if p.is_file())
+    if unified:
+        raise MpickptError(f"{root} holds both rank_<r> folders and a unified checkpoint ({unified[0]}): move one "
+                           f"of them to a folder of its own")
 
 
 def _unified_source(root: Path) -> str | None:

@@ -267,6 +267,14 @@ def test_unified_folder_holding_rank_folders(cases: dict[str, Path], tmp_path: P
     refused(cases, folder, tmp_path, MpickptError, "rank_<r> folders", "model.safetensors.index.json")
 
 
+@pytest.mark.parametrize("unified", ["model.safetensors", "model.h5"])
+def test_single_unified_file_beside_rank_folders(cases: dict[str, Path], tmp_path: Path, unified: str) -> None:
+    folder = tmp_path / "both"
+    shutil.copytree(cases["st"], folder)
+    shutil.copy(cases["hf_one"] / "model-00001-of-00001.safetensors", folder / unified)
+    refused(cases, folder, tmp_path, MpickptError, "rank_<r> folders", unified)
+
+
 def test_mindspore_folder_with_a_hyper_param_also_in_a_part(cases: dict[str, Path], tmp_path: Path) -> None:
     folder = tmp_path / "ms"
     shutil.copytree(cases["ms"], folder)
