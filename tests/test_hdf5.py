@@ -361,6 +361,9 @@ def patched(path: Path, edit) -> Path:
     (lambda p: patched(write_h5(p, content()), lambda f: f.create_dataset("part", shape=(8, 4), dtype="f4",
                                                                           chunks=(2, 4)).__setitem__(0, 1)),
      "dataset 'part'.*only 1 of its 4 chunks were written"),
+    (lambda p: patched(write_h5(p, content()), lambda f: h5py.h5d.create(
+        f.id, b"w\xff", h5py.h5t.py_create(np.dtype("f4")), h5py.h5s.create_simple((2,)))),
+     "link name b'w\\\\xff' in group '' is not UTF-8"),
     (lambda p: patched(write_h5(p, content()), lambda f: f.__setitem__("link", h5py.SoftLink("/a%2Fb"))),
      "'link' is a SoftLink"),
     (lambda p: patched(write_h5(p, content()), lambda f: f.__setitem__("dup%2Fx", f["a%2Fb"])

@@ -552,6 +552,8 @@ def _walk(h5py: Any, group: Any, prefix: str, depth: int) -> Iterator[tuple[str,
     if depth > _MAX_DEPTH:
         raise _Bad(f"groups nested deeper than {_MAX_DEPTH} levels at {prefix!r}")
     for link in group:
+        if isinstance(link, bytes):  # h5py gives a name that is not UTF-8 as bytes
+            raise _Bad(f"link name {link!r} in group {prefix!r} is not UTF-8 text, so it names no parameter")
         name = prefix + unescape_name(link)
         kind = group.get(link, getlink=True)
         if not isinstance(kind, h5py.HardLink):
