@@ -22,6 +22,7 @@ from .destination import check_destination, check_prefix
 from .errors import CheckpointFormatError, MpickptError, PlanError, SourceMissingError
 from .execute import SourceFiles, write_target
 from .formats import IndexCache, open_index, suffix_of
+from .formats.safetensors import RESERVED_NAMES
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
 from .manifest import SourceStamp, WrittenOutput, checksum_text
@@ -442,3 +443,6 @@ def _check_output_format(params: Mapping[str, TensorInfo], headers: Mapping[int,
             if kind != "tensor" or (output_format == "safetensors" and params[name].dtype == "str"):
                 raise MpickptError(f"{found.path}: parameter {name!r} is a {params[name].dtype} value, which "
                                    f"{output_format} cannot hold; convert to ckpt, or leave it out of the source")
+            if output_format == "safetensors" and name in RESERVED_NAMES:
+                raise MpickptError(f"{found.path}: parameter {name!r} is named like a safetensors metadata key, "
+                                   f"which MindSpore would read as its dtype; convert to ckpt, or rename it")

@@ -36,10 +36,15 @@ from mpickpt.formats.base import TensorSpec
 from mpickpt.formats.offsets import COPY_CHUNK, OffsetWriter, Region, Slot, byte_view, name_bytes, pwrite_all
 from mpickpt.source_file import open_source_file
 
-__all__ = ["MAX_HEADER_SIZE", "SafetensorsIndex", "SafetensorsWriter", "crc32_combine", "index_safetensors"]
+__all__ = ["MAX_HEADER_SIZE", "RESERVED_NAMES", "SafetensorsIndex", "SafetensorsWriter", "crc32_combine",
+           "index_safetensors"]
 
 MAX_HEADER_SIZE = 100_000_000
 """Largest JSON header accepted (the official package's and MindSpore's limit)."""
+
+RESERVED_NAMES = frozenset({"__metadata__", "format"})
+"""Tensor names no file this writer makes can hold: its header key, and a metadata key it always writes
+(MindSpore reads a metadata value under a tensor's name as the tensor's dtype)."""
 
 _TO_MINDSPORE = {
     "BOOL": "Bool", "U8": "UInt8", "I8": "Int8", "I16": "Int16", "U16": "UInt16", "I32": "Int32",
