@@ -13,6 +13,7 @@ from .formats import suffix_of
 RANK_FORMATS = ("ckpt", "safetensors")  # what MindSpore saves per rank (and so what rank folders are searched for)
 _RANK_DIR = re.compile(r"rank_(\d+)")
 _NUMBER = re.compile(r"\d+")
+_SINGLE = "model.safetensors"  # a folder's one full checkpoint, without an index
 
 
 def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = None) -> dict[int, str]:
@@ -59,7 +60,7 @@ def _refuse_unified_beside_ranks(root: Path) -> None:
     """A folder of rank folders that is also a unified checkpoint is two checkpoints: refuse to pick one."""
     from .unified import HF_INDEX, MS_INDEX
 
-    names = [MS_INDEX, HF_INDEX, "model.safetensors"]
+    names = [MS_INDEX, HF_INDEX, _SINGLE]
     unified = [p.name for p in map(root.joinpath, names) if p.is_file()] + sorted(
         p.name for p in root.glob("*.h5") if p.is_file())
     if unified:
@@ -75,7 +76,7 @@ def _unified_source(root: Path) -> str | None:
     if is_unified_folder(root):
         return str(root)
     files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".safetensors", ".h5"))
-    if not any(p.name == "model.safetensors" or p.suffix == ".h5" for p in files):
+    if not any(p.name == _SINGLE or p.suffix == ".h5" for p in files):
         return None
     if len(files) > 1:  # MindSpore too refuses several files without an index
         raise MpickptError(f"{root} holds {len(files)} checkpoint files ({', '.join(p.name for p in files)}) and no "

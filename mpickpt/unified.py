@@ -5,7 +5,9 @@ sharded folder (``model.safetensors.index.json`` + shards).
 :class:`UnifiedIndex` merges the shards' entries into one :class:`~mpickpt.formats.SourceIndex`; each
 entry's byte runs lie in the shard holding it, whose descriptor :meth:`UnifiedIndex.fd_of` gives. The
 index is checked against the shards before anything is read: a missing shard, a tensor in two shards,
-a shard lacking a tensor the index names and a shard holding one it does not name are typed errors.
+a shard lacking a tensor the index names and a shard holding one it does not name are typed errors, and so
+are shards the index leaves out (a safetensors file of the folder it does not name, a missing number of a
+``-<i>-of-<n>`` series), an empty index and two index files that disagree.
 """
 
 from __future__ import annotations
