@@ -266,8 +266,9 @@ def load_distributed_checkpoint(network: Any = None, checkpoint_filenames: Any =
     from .sources import find_rank_files
 
     check_destination(dst_safetensors_dir, [unified_safetensors_dir])
-    source = find_rank_files(unified_safetensors_dir)
-    if len(source) != 1:
+    root = Path(unified_safetensors_dir).absolute()
+    source = find_rank_files(root)
+    if len(source) != 1 or root not in (Path(source[0]), Path(source[0]).parent):  # not rank_0/'s file either
         raise MpickptError(f"For 'load_distributed_checkpoint', {unified_safetensors_dir} is not a unified "
                            f"checkpoint (it holds rank folders)")
     dst = load_strategy(predict_strategy) if predict_strategy is not None else None

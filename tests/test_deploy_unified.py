@@ -146,6 +146,17 @@ def test_load_distributed_checkpoint_refusals(cases: dict[str, Path], tmp_path: 
     assert not any(tmp_path.iterdir())
 
 
+def test_load_distributed_checkpoint_refuses_one_rank_folder(cases: dict[str, Path], tmp_path: Path) -> None:
+    """A folder holding only rank_0/ is a sharded checkpoint's rank file, not full tensors: its slices would be
+    laid out again as if whole (MindSpore finds no weight file there and refuses too)."""
+    shutil.copytree(cases["st"] / "rank_0", tmp_path / "one" / "rank_0")
+    with pytest.raises(MpickptError, match="is not a unified checkpoint"):
+        mpickpt.load_distributed_checkpoint(None, predict_strategy=str(DST), format="safetensors",
+                                            unified_safetensors_dir=str(tmp_path / "one"),
+                                            dst_safetensors_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 # -- bad unified folders ------------------------------------------------------------------------------
 
 
