@@ -13,6 +13,7 @@ from .formats import suffix_of
 RANK_FORMATS = ("ckpt", "safetensors")  # what MindSpore saves per rank (and so what rank folders are searched for)
 _RANK_DIR = re.compile(r"rank_(\d+)")
 _NUMBER = re.compile(r"\d+")
+_SINGLE = "model.safetensors"  # a folder's one full checkpoint, without an index
 
 
 def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = None) -> dict[int, str]:
@@ -54,7 +55,20 @@ def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = No
             return {0: unified}
         looked = " or ".join(f"rank_<r>/*{suffix_of(f)}" for f in ([src_format] if src_format else RANK_FORMATS))
         raise SourceMissingError(f"{root} holds no {looked} checkpoint files")
+    _refuse_unified_beside_ranks(root)
     return dict(sorted(files.items()))
+
+
+def _refuse_unified_beside_ranks(root: Path) -> None:
+    """A folder of rank folders that is also a unified checkpoint is two checkpoints: refuse to pick one."""
+    from .unified import HF_INDEX, MS_INDEX
+
+    names = [MS_INDEX, HF_INDEX, _SINGLE]
+    unified = [p.name for p in map(root.joinpath, names) if p.is_file()] + sorted(
+        p.name for p in root.glob("*.h5") if p.is_file())
+    if unified:
+        raise MpickptError(f"{root} holds both rank_<r> folders and a unified checkpoint ({unified[0]}): move one "
+                           f"of them to a folder of its own")
 
 
 def _unified_source(root: Path) -> str | None:
@@ -64,11 +78,13 @@ def _unified_source(root: Path) -> str | None:
 
     if is_unified_folder(root):
         return str(root)
-    single = root / "model.safetensors"
-    if single.is_file():
-        return str(single)
-    h5 = [p for p in root.glob("*.h5") if p.is_file()]
-    return str(h5[0]) if len(h5) == 1 else None
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".safetensors", ".h5"))
+    if not any(p.name == _SINGLE or p.suffix == ".h5" for p in files):
+        return None
+    if len(files) > 1:  # MindSpore too refuses several files without an index
+        raise MpickptError(f"{root} holds {len(files)} checkpoint files ({', '.join(p.name for p in files)}) and no "
+                           f"index file: give the one to convert as --src-dir, or move the others away")
+    return str(files[0])
 
 
 def _refuse_mixed_formats(files: dict[int, str]) -> None:

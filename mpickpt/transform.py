@@ -22,6 +22,7 @@ from .destination import check_destination, check_prefix
 from .errors import CheckpointFormatError, MpickptError, PlanError, SourceMissingError
 from .execute import SourceFiles, write_target
 from .formats import IndexCache, open_index, suffix_of
+from .formats.safetensors import RESERVED_NAMES
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
 from .manifest import SourceStamp, WrittenOutput, checksum_text
@@ -433,11 +434,15 @@ def check_values_kept_as_stored(plans: Iterable[TargetPlan], headers: Mapping[in
 
 def _check_output_format(params: Mapping[str, TensorInfo], headers: Mapping[int, SourceHeaders],
                          output_format: str) -> None:
-    """Values the output format cannot hold are an error naming them, before anything is written."""
-    if output_format != "safetensors":
+    """Values the output format cannot hold are an error naming them, before anything is written: MapTensors
+    outside ``.ckpt``, ``str`` values in safetensors (an HDF5 file holds them)."""
+    if output_format == "ckpt":
         return
     for rank, found in headers.items():
         for name, kind in found.kinds.items():
-            if kind != "tensor" or params[name].dtype == "str":
+            if kind != "tensor" or (output_format == "safetensors" and params[name].dtype == "str"):
                 raise MpickptError(f"{found.path}: parameter {name!r} is a {params[name].dtype} value, which "
-                                   f"safetensors cannot hold; convert to ckpt, or leave it out of the source")
+                                   f"{output_format} cannot hold; convert to ckpt, or leave it out of the source")
+            if output_format == "safetensors" and name in RESERVED_NAMES:
+                raise MpickptError(f"{found.path}: parameter {name!r} is named like a safetensors metadata key, "
+                                   f"which MindSpore would read as its dtype; convert to ckpt, or rename it")

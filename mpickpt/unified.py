@@ -5,13 +5,16 @@ sharded folder (``model.safetensors.index.json`` + shards).
 :class:`UnifiedIndex` merges the shards' entries into one :class:`~mpickpt.formats.SourceIndex`; each
 entry's byte runs lie in the shard holding it, whose descriptor :meth:`UnifiedIndex.fd_of` gives. The
 index is checked against the shards before anything is read: a missing shard, a tensor in two shards,
-a shard lacking a tensor the index names and a shard holding one it does not name are typed errors.
+a shard lacking a tensor the index names and a shard holding one it does not name are typed errors, and so
+are shards the index leaves out (a safetensors file of the folder it does not name, a missing number of a
+``-<i>-of-<n>`` series), an empty index and two index files that disagree.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
@@ -48,12 +51,19 @@ def is_unified_folder(folder: str | os.PathLike[str]) -> bool:
 
 
 def shard_map(folder: str | os.PathLike[str]) -> tuple[Path, dict[str, str]]:
-    """The index file of a unified folder and its weight map (parameter -> shard file name)."""
-    for name in (HF_INDEX, MS_INDEX):
-        path = Path(folder, name)
-        if path.is_file():
-            return path, _weight_map(path)
-    raise SourceMissingError(f"{folder}: no {HF_INDEX} or {MS_INDEX}: not a unified checkpoint folder")
+    """The index file of a unified folder and its weight map (parameter -> shard file name). A folder with
+    both index files is refused unless their weight maps agree (MindSpore reads one, Hugging Face the other)."""
+    found = {path: _weight_map(path) for path in (Path(folder, name) for name in (HF_INDEX, MS_INDEX))
+             if path.is_file()}
+    if not found:
+        raise SourceMissingError(f"{folder}: no {HF_INDEX} or {MS_INDEX}: not a unified checkpoint folder")
+    (path, weight_map), *others = found.items()
+    for other, other_map in others:
+        if other_map != weight_map:
+            raise CheckpointFormatError(f"{folder}: holds both {HF_INDEX} and {MS_INDEX}, and they list different "
+                                        f"shards (MindSpore reads {MS_INDEX}, Hugging Face {HF_INDEX}): remove "
+                                        f"the one not of this checkpoint")
+    return path, weight_map
 
 
 def _weight_map(path: Path) -> dict[str, str]:
@@ -140,12 +150,38 @@ def open_unified(folder: str | os.PathLike[str], *, verify_crc: bool = False) ->
         if not (root / shard).is_file():
             raise SourceMissingError(f"{index_path}: parameter {name!r} is in shard {shard}, which is missing "
                                      f"from {root}")
+    if not files + extra:
+        raise CheckpointFormatError(f"{index_path}: names no parameter (an empty weight_map): nothing to convert")
+    _check_shard_files(root, index_path, files + extra)
     with ExitStack() as stack:
         shards = {file: stack.enter_context(open_index(root / file, verify_crc=verify_crc))
                   for file in files + extra}
         owner = _owners(index_path, weight_map, shards, set(extra))
         return UnifiedIndex(root, shards, owner, stack.pop_all())
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+_NUMBERED = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors")
+
+
+def _check_shard_files(root: Path, index_path: Path, listed: list[str]) -> None:
+    """Refuse shards the index leaves out, whose tensors would silently be missing from every output: a
+    safetensors file of the folder it names no parameter in, or a number of a ``<stem>-<i>-of-<n>`` series."""
+    unlisted = sorted(p.name for p in root.glob("*.safetensors") if p.is_file() and p.name not in listed)
+    if unlisted:
+        raise CheckpointFormatError(f"{root / unlisted[0]}: a safetensors file in which {index_path.name} names no "
+                                    f"parameter, so its tensors would be left out: fix the index or move the file "
+                                    f"away ({len(unlisted)} such file{'s' if len(unlisted) > 1 else ''})")
+    for shard in listed:
+        match = _NUMBERED.fullmatch(shard)
+        if match is None:
+            continue
+        stem, number, count = match.groups()
+        for i in range(1, int(count) + 1):
+            expected = f"{stem}-{i:0{len(number)}d}-of-{count}.safetensors"
+            if expected not in listed:
+                raise CheckpointFormatError(f"{index_path}: its shard names count {int(count)} shards, but it names "
+                                            f"no parameter in {expected}: the index is incomplete")
 
 
 def _owners(index_path: Path, weight_map: dict[str, str], shards: dict[str, SourceIndex],
@@ -230,8 +266,9 @@ def load_distributed_checkpoint(network: Any = None, checkpoint_filenames: Any =
     from .sources import find_rank_files
 
     check_destination(dst_safetensors_dir, [unified_safetensors_dir])
-    source = find_rank_files(unified_safetensors_dir)
-    if len(source) != 1:
+    root = Path(unified_safetensors_dir).absolute()
+    source = find_rank_files(root)
+    if len(source) != 1 or root not in (Path(source[0]), Path(source[0]).parent):  # not rank_0/'s file either
         raise MpickptError(f"For 'load_distributed_checkpoint', {unified_safetensors_dir} is not a unified "
                            f"checkpoint (it holds rank folders)")
     dst = load_strategy(predict_strategy) if predict_strategy is not None else None

@@ -181,7 +181,7 @@ def plan_unify(options: UnifyOptions, choice_func: ChoiceFunc | None = None) -> 
         check_destination(options.dst, read_dirs)
     job = TransformJob.prepare(TransformOptions(
         src_dir=options.src_dir, dst_dir=options.dst, src_strategy=options.src_strategy,
-        src_strategy_dir=options.src_strategy_dir, output_format="safetensors", src_format=options.src_format),
+        src_strategy_dir=options.src_strategy_dir, output_format=options.fmt, src_format=options.src_format),
         write_merged=False)
     job.forbidden_dirs = tuple(os.path.abspath(d) for d in read_dirs)
     full = job.planner().plan(0).params

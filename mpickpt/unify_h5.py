@@ -44,7 +44,7 @@ def run_unify_h5(options: UnifyOptions, comm: Comm, *, sync: bool = True, manife
         nonlocal writer
         params = _params(plan)
         writer = H5Writer(file.path, sync=sync, forbidden_dirs=plan.job.forbidden_dirs, attrs=_file_attrs(plan))
-        return writer.layout([TensorSpec(p.name, p.dtype, p.dims, p.nbytes) for p in params])
+        return writer.layout(_specs(plan, params))
 
     layout = broadcast_prepared(lay_out, comm)
     summary = None
@@ -73,6 +73,15 @@ def run_unify_h5(options: UnifyOptions, comm: Comm, *, sync: bool = True, manife
         fail(comm, exc, f"process {comm.rank} ({file.path})")
     comm.flush()
     return cast(UnifySummary, comm.bcast(summary, root=0))  # rank 0 always has one here
+
+
+def _specs(plan: UnifyPlan, params: list[ParamPlan]) -> list[TensorSpec]:
+    """The datasets to lay out. A ``str`` value's size is its text's, which its dims (``[0]``) do not give:
+    it is read from the header of the file holding it."""
+    texts = {p.name: p.copies[0].src_rank for p in params if p.dtype == "str"}
+    with SourceFiles({r: plan.job.rank_files[r] for r in set(texts.values())}) as sources:
+        sizes = {name: sources.entry(rank, name).nbytes for name, rank in texts.items()}
+    return [TensorSpec(p.name, p.dtype, p.dims, sizes.get(p.name, p.nbytes)) for p in params]
 
 
 def _file_attrs(plan: UnifyPlan) -> dict[str, object]:

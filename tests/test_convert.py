@@ -190,6 +190,15 @@ def test_str_and_maptensor_are_refused(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ckpt"]
 
 
+def test_a_parameter_named_like_a_metadata_key_is_refused(tmp_path: Path) -> None:
+    """MindSpore writes it, then fails to load its own file (it reads the metadata value 'ms' as the dtype)."""
+    save_checkpoint(tmp_path / "s.ckpt", [("format", "Float32", (1,), bytes(4))])
+    with pytest.raises(CheckpointFormatError, match="'format' clashes with a metadata key") as err:
+        ckpt_to_safetensors(tmp_path / "s.ckpt")
+    assert str(tmp_path / "s.safetensors") in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ckpt"]
+
+
 @pytest.mark.parametrize(("call", "error", "message"), [
     (lambda t: ckpt_to_safetensors(t / "missing"), SourceMissingError, "valid path or file"),
     (lambda t: ckpt_to_safetensors(t / "src", t / "out.st"), DestinationError, "must be a directory"),

@@ -84,6 +84,17 @@ def test_deploy_a_single_model_safetensors(cases: dict[str, Path], tmp_path: Pat
         assert tensor_content(tmp_path / "out" / name) == tensor_content(cases["direct"] / name)
 
 
+@pytest.mark.parametrize("other", ["model-00002-of-00002.safetensors", "model.h5"])
+def test_a_single_model_safetensors_beside_another_checkpoint_file(cases: dict[str, Path], tmp_path: Path,
+                                                                   other: str) -> None:
+    """Without an index a folder is one checkpoint only if it holds one file (MindSpore refuses several too)."""
+    folder = tmp_path / "single"
+    folder.mkdir()
+    shutil.copy(cases["hf_one"] / "model-00001-of-00001.safetensors", folder / "model.safetensors")
+    shutil.copy(cases["hf_one"] / "model-00001-of-00001.safetensors", folder / other)
+    refused(cases, folder, tmp_path, MpickptError, str(folder), "model.safetensors", other, "no index file")
+
+
 @pytest.mark.skipif(not Path(sys.executable).with_name("mpiexec").exists(), reason="no mpiexec")
 def test_deploy_under_mpi_equals_serial(cases: dict[str, Path], tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))}
@@ -133,6 +144,17 @@ def test_load_distributed_checkpoint_refusals(cases: dict[str, Path], tmp_path: 
         mpickpt.load_distributed_checkpoint(None, predict_strategy=str(DST), format="safetensors",
                                             unified_safetensors_dir=str(cases["ms"]))
     assert not any(tmp_path.iterdir())
+
+
+def test_load_distributed_checkpoint_refuses_one_rank_folder(cases: dict[str, Path], tmp_path: Path) -> None:
+    """A folder holding only rank_0/ is a sharded checkpoint's rank file, not full tensors: its slices would be
+    laid out again as if whole (MindSpore finds no weight file there and refuses too)."""
+    shutil.copytree(cases["st"] / "rank_0", tmp_path / "one" / "rank_0")
+    with pytest.raises(MpickptError, match="is not a unified checkpoint"):
+        mpickpt.load_distributed_checkpoint(None, predict_strategy=str(DST), format="safetensors",
+                                            unified_safetensors_dir=str(tmp_path / "one"),
+                                            dst_safetensors_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 # -- bad unified folders ------------------------------------------------------------------------------
@@ -212,6 +234,56 @@ def test_shard_holding_a_tensor_the_index_does_not_name(cases: dict[str, Path], 
     _, shard_a, _, _ = first_two(index)
     rewrite_shard(folder, shard_a, {"stray.weight": np.zeros(3, np.float32)})
     refused(cases, folder, tmp_path, CheckpointFormatError, shard_a, "'stray.weight'", "does not name")
+
+
+def test_shard_file_the_index_does_not_name(cases: dict[str, Path], tmp_path: Path) -> None:
+    """MindSpore and Hugging Face read only the shards the index names: the others' tensors would be lost."""
+    folder, index = broken(cases, tmp_path)
+    _, _, _, shard_b = first_two(index)
+    save_index(folder, {**index, "weight_map": {n: s for n, s in index["weight_map"].items() if s != shard_b}})
+    refused(cases, folder, tmp_path, CheckpointFormatError, str(folder / shard_b), "names no parameter")
+
+
+def test_index_naming_no_parameter(cases: dict[str, Path], tmp_path: Path) -> None:
+    """A folder holding only an empty index (a failed download) would deploy empty checkpoints."""
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    save_index(folder, {"metadata": {"total_size": 0}, "weight_map": {}})
+    refused(cases, folder, tmp_path, CheckpointFormatError, "model.safetensors.index.json", "names no parameter")
+
+
+def test_index_leaving_out_a_numbered_shard_that_is_gone(cases: dict[str, Path], tmp_path: Path) -> None:
+    folder, index = broken(cases, tmp_path)
+    _, _, _, shard_b = first_two(index)
+    save_index(folder, {**index, "weight_map": {n: s for n, s in index["weight_map"].items() if s != shard_b}})
+    (folder / shard_b).unlink()
+    refused(cases, folder, tmp_path, CheckpointFormatError, "model.safetensors.index.json", shard_b, "incomplete")
+
+
+def test_both_index_files_must_agree(cases: dict[str, Path], tmp_path: Path) -> None:
+    """MindSpore reads param_name_map.json, Hugging Face model.safetensors.index.json: equal ones are fine."""
+    folder, index = broken(cases, tmp_path)
+    (folder / "param_name_map.json").write_text(json.dumps(index))
+    done = transform(folder, tmp_path / "same")
+    assert done.returncode == 0, done.stderr
+    a, _, _, _ = first_two(index)
+    (folder / "param_name_map.json").write_text(json.dumps({n: s for n, s in index["weight_map"].items() if n != a}))
+    refused(cases, folder, tmp_path, CheckpointFormatError, "param_name_map.json", "list different shards")
+
+
+def test_unified_folder_holding_rank_folders(cases: dict[str, Path], tmp_path: Path) -> None:
+    """Rank folders beside an index are two checkpoints in one folder: neither is picked silently."""
+    folder, _ = broken(cases, tmp_path)
+    shutil.copytree(cases["st"] / "rank_0", folder / "rank_0")
+    refused(cases, folder, tmp_path, MpickptError, "rank_<r> folders", "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("unified", ["model.safetensors", "model.h5"])
+def test_single_unified_file_beside_rank_folders(cases: dict[str, Path], tmp_path: Path, unified: str) -> None:
+    folder = tmp_path / "both"
+    shutil.copytree(cases["st"], folder)
+    shutil.copy(cases["hf_one"] / "model-00001-of-00001.safetensors", folder / unified)
+    refused(cases, folder, tmp_path, MpickptError, "rank_<r> folders", unified)
 
 
 def test_mindspore_folder_with_a_hyper_param_also_in_a_part(cases: dict[str, Path], tmp_path: Path) -> None:

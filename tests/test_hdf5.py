@@ -352,6 +352,18 @@ def patched(path: Path, edit) -> Path:
      "dataset 'int8.3'.*does not match"),
     (lambda p: patched(write_h5(p, content()), lambda f: f.create_dataset("c", shape=(2, 2), dtype="c8")),
      "dataset 'c'.*no MindSpore dtype"),
+    # datasets never (fully) written: h5py would read their fill values
+    (lambda p: patched(write_h5(p, content()), lambda f: f.create_dataset("late", shape=(4, 4), dtype="f4")),
+     "dataset 'late'.*holds no data"),
+    (lambda p: patched(write_h5(p, content()), lambda f: f.create_dataset("seven", shape=(3,), dtype="i4",
+                                                                          fillvalue=7)),
+     "dataset 'seven'.*holds no data"),
+    (lambda p: patched(write_h5(p, content()), lambda f: f.create_dataset("part", shape=(8, 4), dtype="f4",
+                                                                          chunks=(2, 4)).__setitem__(0, 1)),
+     "dataset 'part'.*only 1 of its 4 chunks were written"),
+    (lambda p: patched(write_h5(p, content()), lambda f: h5py.h5d.create(
+        f.id, b"w\xff", h5py.h5t.py_create(np.dtype("f4")), h5py.h5s.create_simple((2,)))),
+     "link name b'w\\\\xff' in group '' is not UTF-8"),
     (lambda p: patched(write_h5(p, content()), lambda f: f.__setitem__("link", h5py.SoftLink("/a%2Fb"))),
      "'link' is a SoftLink"),
     (lambda p: patched(write_h5(p, content()), lambda f: f.__setitem__("dup%2Fx", f["a%2Fb"])

@@ -296,6 +296,7 @@ def test_copy_from_short_source_fails(tmp_path: Path) -> None:
     ([TensorSpec("a", "Int8", (1,), 1), TensorSpec("a", "Int8", (1,), 1)], "'a' is declared twice"),
     ([TensorSpec("__metadata__", "Int8", (1,), 1)], "clashes with a metadata key"),
     ([TensorSpec("format", "Int4", (1,), 1)], "clashes with a metadata key"),
+    ([TensorSpec("format", "Float32", (1,), 4)], "'format' clashes with a metadata key"),
     ([TensorSpec("bad\udc80", "Int8", (1,), 1)], "not valid UTF-8"),
 ])
 def test_declare_refusals_name_file_and_parameter(tmp_path: Path, specs: list[TensorSpec], message: str) -> None:
@@ -388,9 +389,16 @@ def info(dtype: str = "F32", shape: object = (2,), offsets: object = (0, 8)) -> 
     ('{"a":' + json.dumps(info()) + ',"a":' + json.dumps(info()) + "}", bytes(8), "'a' appears twice"),
     ('{"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}', bytes(8), "'dtype' appears twice"),
     (json.dumps({"a": "x"}), b"", "'a'.*not a JSON object"),
+    # a lone surrogate escape (the official package refuses it; a .ckpt or HDF5 output could not hold the name)
+    ('{"a\\ud800":' + json.dumps(info()) + "}", bytes(8), "'a\\\\ud800'.*lone surrogate"),
+    (json.dumps({"__metadata__": {"k": "\udc80"}}), b"", "lone surrogate"),
     (json.dumps({"__metadata__": [1]}), b"", "__metadata__ is not a JSON object"),
     (json.dumps({"__metadata__": {"k": 1}}), b"", "value of 'k' is not a string"),
     (json.dumps({"__metadata__": {"a": "Int4"}, "a": info()}), bytes(8), "'a'.*Int4.*F32"),
+    # MindSpore reads a metadata value under a tensor's name as its dtype, and fails on any but Int4
+    (json.dumps({"__metadata__": {"a": "int4"}, "a": info("I8", (8,))}), bytes(8), "'a'.*gives it 'int4'"),
+    (json.dumps({"__metadata__": {"a": "BFloat16"}, "a": info()}), bytes(8), "'a'.*gives it 'BFloat16'"),
+    (json.dumps({"__metadata__": {"format": "ms"}, "format": info()}), bytes(8), "'format'.*gives it 'ms'"),
 ])
 def test_header_checks_name_file_and_tensor(tmp_path: Path, head: str | bytes, data: bytes, message: str) -> None:
     length = 4096 if head == "{}" else None

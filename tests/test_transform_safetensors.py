@@ -113,6 +113,17 @@ def test_str_values_cannot_go_to_safetensors(tmp_path: Path) -> None:
     assert checkpoint_content(src)  # the source is untouched and readable
 
 
+def test_a_parameter_named_like_a_metadata_key_cannot_go_to_safetensors(tmp_path: Path) -> None:
+    """Refused while planning, before any file is written (the writer would refuse it only then)."""
+    from mpickpt.ckpt import save_checkpoint
+
+    save_checkpoint(tmp_path / "src" / "rank_0" / "a.ckpt", [("format", "Float32", (1,), bytes(4))])
+    with pytest.raises(MpickptError, match=r"a.ckpt: parameter 'format' is named like a safetensors metadata key"):
+        TransformJob.prepare(TransformOptions(str(tmp_path / "src"), str(tmp_path / "dst"),
+                                              output_format="safetensors"))
+    assert not (tmp_path / "dst").exists() or not list((tmp_path / "dst").rglob("rank_*"))
+
+
 def test_pipeline_subnetwork_parts_from_safetensors_sources(mindspore_cases: dict, tmp_path: Path) -> None:
     import mpickpt
 

@@ -381,3 +381,28 @@ def test_h5_selection_and_refusals(tiny_st: Path, tiny_full: dict, tmp_path: Pat
         plan_unify(UnifyOptions(str(tiny_st), str(tmp_path / "folder"), str(TINY / "src_strategy.ckpt"), fmt="h5"))
     with pytest.raises(DestinationError):
         plan_unify(UnifyOptions(str(tiny_st), str(tiny_st / "x.h5"), str(TINY / "src_strategy.ckpt"), fmt="h5"))
+
+
+def test_h5_holds_str_values_and_refuses_maptensors_before_writing(tmp_path: Path) -> None:
+    """An HDF5 file holds a str value (safetensors cannot): unify --format h5 keeps it, a deploy gives it back."""
+    pytest.importorskip("h5py")
+    from test_ckpt_reader import pb_entry, pb_maptensor_entry
+
+    from mpickpt.api import transform_checkpoints
+    from mpickpt.ckpt import save_checkpoint
+
+    note = "héllo".encode("utf-32-le")
+    save_checkpoint(tmp_path / "src" / "rank_0" / "a.ckpt", [("w", "Float32", (2,), np.ones(2, np.float32)),
+                                                             ("note", "str", (0,), note)])
+    run_unify(UnifyOptions(str(tmp_path / "src"), str(tmp_path / "h5" / "m.h5"), fmt="h5"), SerialComm(),
+              sync=False, manifest=False)
+    assert tensor_content(tmp_path / "h5" / "m.h5")["note"] == ("str", (0,), note)
+    transform_checkpoints(str(tmp_path / "h5" / "m.h5"), str(tmp_path / "back"), "net_", None, None)
+    assert tensor_content(tmp_path / "back" / "rank_0" / "net_0.ckpt")["note"] == ("str", (0,), note)
+    mapped = tmp_path / "map" / "rank_0" / "a.ckpt"
+    mapped.parent.mkdir(parents=True)
+    mapped.write_bytes(pb_entry("w", "Float32", (1,), bytes(4))
+                       + pb_maptensor_entry("m", [("int32", (1,), bytes(4)), ("float32", (1, 2), bytes(8))]))
+    with pytest.raises(MpickptError, match=r"a.ckpt: parameter 'm' is a MapTensor value, which h5 cannot hold"):
+        plan_unify(UnifyOptions(str(tmp_path / "map"), str(tmp_path / "out" / "m.h5"), fmt="h5"))
+    assert not (tmp_path / "out").exists()

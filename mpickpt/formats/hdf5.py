@@ -524,6 +524,7 @@ def _tensor_entry(name: str, link: str, dataset: Any, ms: str, h5py: Any, size: 
     layout = dcpl.get_layout()
     if layout not in (h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED, h5py.h5d.COMPACT) or dcpl.get_external_count():
         raise _Bad("stored in other files (virtual or external dataset); not supported")
+    _check_written(dataset, layout, h5py)
     offset = dataset.id.get_offset()
     if layout != h5py.h5d.CONTIGUOUS or offset is None or dataset.dtype not in _ACCEPTED[ms]:  # e.g. big-endian
         return H5Entry(name, ms, dims, (), size=nbytes, link=link)
@@ -534,11 +535,25 @@ def _tensor_entry(name: str, link: str, dataset: Any, ms: str, h5py: Any, size: 
     return TensorEntry(name, ms, dims, ((offset, nbytes),))
 
 
+def _check_written(dataset: Any, layout: int, h5py: Any) -> None:
+    """Refuse a non-empty dataset whose data was never (fully) written: HDF5 reads fill values there."""
+    if layout == h5py.h5d.CONTIGUOUS and dataset.id.get_storage_size() == 0:
+        raise _Bad("holds no data (never written; HDF5 would read its fill value): the file is incomplete")
+    if layout == h5py.h5d.CHUNKED:
+        needed = math.prod(-(-dim // chunk) for dim, chunk in zip(dataset.shape, dataset.chunks, strict=True))
+        written = dataset.id.get_num_chunks()
+        if written < needed:
+            raise _Bad(f"only {written} of its {needed} chunks were written (HDF5 would read the fill value for "
+                       f"the rest): the file is incomplete")
+
+
 def _walk(h5py: Any, group: Any, prefix: str, depth: int) -> Iterator[tuple[str, str]]:
     """(parameter name, link path) of every dataset under ``group``, in its link order."""
     if depth > _MAX_DEPTH:
         raise _Bad(f"groups nested deeper than {_MAX_DEPTH} levels at {prefix!r}")
     for link in group:
+        if isinstance(link, bytes):  # h5py gives a name that is not UTF-8 as bytes
+            raise _Bad(f"link name {link!r} in group {prefix!r} is not UTF-8 text, so it names no parameter")
         name = prefix + unescape_name(link)
         kind = group.get(link, getlink=True)
         if not isinstance(kind, h5py.HardLink):

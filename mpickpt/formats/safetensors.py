@@ -36,10 +36,15 @@ from mpickpt.formats.base import TensorSpec
 from mpickpt.formats.offsets import COPY_CHUNK, OffsetWriter, Region, Slot, byte_view, name_bytes, pwrite_all
 from mpickpt.source_file import open_source_file
 
-__all__ = ["MAX_HEADER_SIZE", "SafetensorsIndex", "SafetensorsWriter", "crc32_combine", "index_safetensors"]
+__all__ = ["MAX_HEADER_SIZE", "RESERVED_NAMES", "SafetensorsIndex", "SafetensorsWriter", "crc32_combine",
+           "index_safetensors"]
 
 MAX_HEADER_SIZE = 100_000_000
 """Largest JSON header accepted (the official package's and MindSpore's limit)."""
+
+RESERVED_NAMES = frozenset({"__metadata__", "format"})
+"""Tensor names no file this writer makes can hold: its header key, and a metadata key it always writes
+(MindSpore reads a metadata value under a tensor's name as the tensor's dtype)."""
 
 _TO_MINDSPORE = {
     "BOOL": "Bool", "U8": "UInt8", "I8": "Int8", "I16": "Int16", "U16": "UInt16", "I32": "Int32",
@@ -131,11 +136,22 @@ class _Malformed(Exception):
     """Internal: the header is invalid (the message names the tensor where known)."""
 
 
+def _check_text(text: str) -> None:
+    """Refuse a JSON string escaping a lone surrogate (``"\\ud800"``): no UTF-8 file or tool can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Malformed(f"string {text!r} in the header escapes a lone surrogate: not Unicode text") from None
+
+
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in pairs:
         if key in out:
             raise _Malformed(f"key {key!r} appears twice in one JSON object of the header")
+        _check_text(key)
+        if isinstance(value, str):
+            _check_text(value)
         out[key] = value
     return out
 
@@ -186,7 +202,11 @@ def _tensor(name: str, info: object, metadata: dict[str, str], data_start: int) 
     if st_dtype not in _TO_MINDSPORE:
         raise _Malformed(f"unknown or unsupported dtype {st_dtype!r}")
     dtype = _TO_MINDSPORE[st_dtype]  # type: ignore[index]
-    if metadata.get(name) == _INT4:
+    marker = metadata.get(name)
+    if marker is not None and marker != _INT4:
+        raise _Malformed(f"__metadata__ gives it {marker!r}: MindSpore reads a metadata value under a tensor's name "
+                         f"as that tensor's dtype and knows only {_INT4!r} (rename the tensor or drop the key)")
+    if marker == _INT4:
         if st_dtype != "I8":
             raise _Malformed(f"marked Int4 in __metadata__ but stored as {st_dtype}, not I8")
         dtype = _INT4
@@ -377,8 +397,10 @@ class SafetensorsWriter(OffsetWriter, CommitOnExit):
                                         f"hold it")
         if spec.dtype not in _TO_SAFETENSORS:
             raise CheckpointFormatError(f"{self.path}: parameter {name!r} has unknown dtype {spec.dtype!r}")
-        if name == "__metadata__" or (spec.dtype == _INT4 and (name in self._base_metadata or name == _CRC_KEY)):
-            raise CheckpointFormatError(f"{self.path}: parameter name {name!r} clashes with a metadata key")
+        if name == "__metadata__" or name in self._base_metadata or (name == _CRC_KEY and (self._crc or
+                                                                                        spec.dtype == _INT4)):
+            raise CheckpointFormatError(f"{self.path}: parameter name {name!r} clashes with a metadata key (MindSpore "
+                                        f"would read that key's value as the tensor's dtype); rename the parameter")
         name_bytes(self.path, name)
         dims = tuple(operator.index(d) for d in spec.dims)
         if len(dims) > _MAX_DIMS or any(d < 0 for d in dims) or spec.nbytes != math.prod(dims) * dtype_itemsize(
