@@ -22,7 +22,7 @@ from .destination import check_destination, check_prefix
 from .errors import CheckpointFormatError, MpickptError, PlanError, SourceMissingError
 from .execute import SourceFiles, write_target
 from .formats import IndexCache, open_index, suffix_of
-from .formats.safetensors import RESERVED_NAMES
+from .formats.safetensors import clashes_with_metadata
 from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
 from .manifest import SourceStamp, WrittenOutput, checksum_text
@@ -316,7 +316,7 @@ class Sources:
         found = {r: headers[r] for r in kept}
         catalog = build_catalog(src, {r: h.rows for r, h in found.items()}, lambda r: kept[r], src_stage=src_stage)
         check_copies_agree({r: h.fingerprints for r, h in found.items()}, lambda r: kept[r])
-        _check_output_format(catalog.params, found, options.output_format)
+        _check_output_format(catalog.params, found, options.output_format, options.crc)
         if catalog.holders:
             notes.append(f"redundancy-removed sources: {len(catalog.holders)} parameter(s) are held by only some "
                          f"rank files; each slice is read from a file that holds it")
@@ -433,9 +433,9 @@ def check_values_kept_as_stored(plans: Iterable[TargetPlan], headers: Mapping[in
 
 
 def _check_output_format(params: Mapping[str, TensorInfo], headers: Mapping[int, SourceHeaders],
-                         output_format: str) -> None:
+                         output_format: str, crc: bool) -> None:
     """Values the output format cannot hold are an error naming them, before anything is written: MapTensors
-    outside ``.ckpt``, ``str`` values in safetensors (an HDF5 file holds them)."""
+    outside ``.ckpt``, ``str`` values in safetensors (an HDF5 file holds them), names its metadata takes."""
     if output_format == "ckpt":
         return
     for rank, found in headers.items():
@@ -443,6 +443,6 @@ def _check_output_format(params: Mapping[str, TensorInfo], headers: Mapping[int,
             if kind != "tensor" or (output_format == "safetensors" and params[name].dtype == "str"):
                 raise MpickptError(f"{found.path}: parameter {name!r} is a {params[name].dtype} value, which "
                                    f"{output_format} cannot hold; convert to ckpt, or leave it out of the source")
-            if output_format == "safetensors" and name in RESERVED_NAMES:
+            if output_format == "safetensors" and clashes_with_metadata(name, params[name].dtype, crc=crc):
                 raise MpickptError(f"{found.path}: parameter {name!r} is named like a safetensors metadata key, "
                                    f"which MindSpore would read as its dtype; convert to ckpt, or rename it")

@@ -194,7 +194,27 @@ def plan_unify(options: UnifyOptions, choice_func: ChoiceFunc | None = None) -> 
                         tuple(p.name for p in full if not chosen(p.name)))
     if job.src is None:
         raise MpickptError("the mindspore layout needs the source strategy (--src-strategy or --src-strategy-dir)")
-    return _plan_mindspore(options, job, full, chosen, choice_func)
+    plan = _plan_mindspore(options, job, full, chosen, choice_func)
+    _check_names(plan, {p.name: p.dtype for p in full})
+    return plan
+
+
+def _check_names(plan: UnifyPlan, dtypes: Mapping[str, str]) -> None:
+    """A part's tensor named (or renamed by ``choice_func``) like one of its metadata keys, or two tensors
+    stored under one name, are an error before anything is written (the writer would refuse the first only
+    once earlier parts were done; the index would silently keep one of the second)."""
+    from .formats.safetensors import clashes_with_metadata
+
+    stored_as: dict[str, str] = {}
+    for file in plan.files:
+        for name in file.names:
+            written = plan.renames.get(name, name)
+            if clashes_with_metadata(written, dtypes.get(name, ""), file.metadata):
+                raise MpickptError(f"{file.path}: parameter {name!r} would be stored as {written!r}, a safetensors "
+                                   f"metadata key of this file, which MindSpore would read as its dtype; rename it")
+            if stored_as.setdefault(written, name) != name:
+                raise MpickptError(f"{file.path}: parameters {stored_as[written]!r} and {name!r} would both be "
+                                   f"stored as {written!r} (choice_func's new names must be unique)")
 
 
 def _selection(options: UnifyOptions) -> Callable[[str], bool]:

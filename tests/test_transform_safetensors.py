@@ -163,3 +163,15 @@ def test_verify_accepts_good_safetensors_outputs_and_names_a_flipped_byte(tmp_pa
     verdict = verify_outputs(options, SerialComm())
     assert not verdict.ok
     assert any("checkpoint_2.safetensors" in line and name in line for line in verdict.lines())
+
+
+def test_a_parameter_named_crc_num_cannot_go_to_safetensors_with_crc(tmp_path: Path) -> None:
+    """With --crc the outputs' metadata holds crc_num: a tensor of that name is refused while planning."""
+    from mpickpt.ckpt import save_checkpoint
+
+    save_checkpoint(tmp_path / "src" / "rank_0" / "a.ckpt", [("crc_num", "Float32", (1,), bytes(4))])
+    options = dict(src_dir=str(tmp_path / "src"), dst_dir=str(tmp_path / "dst"), output_format="safetensors")
+    with pytest.raises(MpickptError, match=r"a.ckpt: parameter 'crc_num' is named like a safetensors metadata key"):
+        TransformJob.prepare(TransformOptions(**options, crc=True))
+    assert not (tmp_path / "dst").exists() or not list((tmp_path / "dst").rglob("rank_*"))
+    TransformJob.prepare(TransformOptions(**options))  # without a checksum the name is free

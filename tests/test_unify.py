@@ -406,3 +406,21 @@ def test_h5_holds_str_values_and_refuses_maptensors_before_writing(tmp_path: Pat
     with pytest.raises(MpickptError, match=r"a.ckpt: parameter 'm' is a MapTensor value, which h5 cannot hold"):
         plan_unify(UnifyOptions(str(tmp_path / "map"), str(tmp_path / "out" / "m.h5"), fmt="h5"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("count, new_name", [(1, "format"), (1, "__metadata__"), (1, "remove_redundancy"),
+                                             (2, "twice"), (1, "global_step")])
+def test_names_a_part_cannot_hold_are_refused_before_writing(tiny_st: Path, tmp_path: Path, count: int,
+                                                             new_name: str) -> None:
+    """choice_func's new names: a metadata key of the part (remove_redundancy with redundancy-removed
+    sources), one name for two parameters of a part, or the name of a parameter that hyper_param.safetensors
+    keeps (two files would hold it: the index names one), are refused while planning; nothing is written."""
+    from mpickpt.layout import Layouts
+
+    remove_redundancy(tiny_st, tmp_path / "src")
+    renamed = sorted(Layouts.from_strategy(load_strategy(TINY / "src_strategy.ckpt")).names)[:count]
+    out = tmp_path / "out"
+    with pytest.raises(MpickptError, match=rf"\.safetensors: parameters? .* stored as '{new_name}'"):
+        unified_safetensors(str(tmp_path / "src"), str(TINY / "src_strategy.ckpt"), str(out),
+                            choice_func=lambda n: new_name if n in renamed else True)
+    assert not out.exists() or not list(out.iterdir())

@@ -36,15 +36,14 @@ from mpickpt.formats.base import TensorSpec
 from mpickpt.formats.offsets import COPY_CHUNK, OffsetWriter, Region, Slot, byte_view, name_bytes, pwrite_all
 from mpickpt.source_file import open_source_file
 
-__all__ = ["MAX_HEADER_SIZE", "RESERVED_NAMES", "SafetensorsIndex", "SafetensorsWriter", "crc32_combine",
+__all__ = ["MAX_HEADER_SIZE", "SafetensorsIndex", "clashes_with_metadata", "SafetensorsWriter", "crc32_combine",
            "index_safetensors"]
 
 MAX_HEADER_SIZE = 100_000_000
 """Largest JSON header accepted (the official package's and MindSpore's limit)."""
 
-RESERVED_NAMES = frozenset({"__metadata__", "format"})
-"""Tensor names no file this writer makes can hold: its header key, and a metadata key it always writes
-(MindSpore reads a metadata value under a tensor's name as the tensor's dtype)."""
+DEFAULT_METADATA = {"format": "ms"}
+"""The ``__metadata__`` MindSpore writes into every safetensors file (this writer's default)."""
 
 _TO_MINDSPORE = {
     "BOOL": "Bool", "U8": "UInt8", "I8": "Int8", "I16": "Int16", "U16": "UInt16", "I32": "Int32",
@@ -58,6 +57,14 @@ _LAYOUT_RANK = {st: rank for rank, st in enumerate(
 _INT4 = "Int4"
 _CRC_KEY = "crc_num"
 _CRC_PLACEHOLDER = "0" * 10  # widest decimal CRC-32; the real one may be shorter
+
+
+def clashes_with_metadata(name: str, dtype: str, metadata: Iterable[str] = DEFAULT_METADATA, *,
+                          crc: bool = False) -> bool:
+    """Whether a file written with these ``metadata`` keys (and ``crc_num`` with ``crc``) cannot hold a tensor
+    ``name``: the header's own key, a metadata key (MindSpore reads a metadata value under a tensor's name as
+    its dtype), or ``crc_num`` when the file has one or the tensor is Int4 (its marker would take that key)."""
+    return name == "__metadata__" or name in metadata or (name == _CRC_KEY and (crc or dtype == _INT4))
 _MAX_DIMS = 64
 _MAX_BYTES = (1 << 63) - 1
 
@@ -353,7 +360,7 @@ class SafetensorsWriter(OffsetWriter, CommitOnExit):
                  metadata: Mapping[str, str] | None = None, checksum: bool = False) -> None:
         super().__init__(Path(path), crc)
         self._tensor_crcs = checksum  # keep every tensor's CRC-32 as it is written, for file_crc
-        self._base_metadata = dict(metadata) if metadata is not None else {"format": "ms"}
+        self._base_metadata = dict(metadata) if metadata is not None else dict(DEFAULT_METADATA)
         self._file = AtomicFile(self.path, sync=sync, mode=0o400, forbidden_dirs=forbidden_dirs)
         self._head = b""  # the length field and header as last written
         self._done = False
@@ -397,8 +404,7 @@ class SafetensorsWriter(OffsetWriter, CommitOnExit):
                                         f"hold it")
         if spec.dtype not in _TO_SAFETENSORS:
             raise CheckpointFormatError(f"{self.path}: parameter {name!r} has unknown dtype {spec.dtype!r}")
-        if name == "__metadata__" or name in self._base_metadata or (name == _CRC_KEY and (self._crc or
-                                                                                        spec.dtype == _INT4)):
+        if clashes_with_metadata(name, spec.dtype, self._base_metadata, crc=self._crc):
             raise CheckpointFormatError(f"{self.path}: parameter name {name!r} clashes with a metadata key (MindSpore "
                                         f"would read that key's value as the tensor's dtype); rename the parameter")
         name_bytes(self.path, name)
