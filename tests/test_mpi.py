@@ -267,14 +267,20 @@ def test_exception_in_one_process_names_it_and_ends_every_process(flavor: str, t
     assert not (tmp_path / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("flavor", FLAVORS)
-def test_corrupt_source_is_refused_before_any_output_naming_file_and_parameter(flavor: str, tmp_path: Path,
-                                                                            written_cases: dict[str, Case]) -> None:
-    case = written_cases[KILL_CASE]
+def copy_with_victim(case: Case, tmp_path: Path) -> tuple[Path, Path]:
+    """The case's sources copied to tmp_path/src, and rank 3's file there made writable (to be damaged)."""
     src = tmp_path / "src"
     shutil.copytree(case.src_dir, src)
     victim = next((src / "rank_3").glob("*.ckpt"))
     victim.chmod(0o600)
+    return src, victim
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_corrupt_source_is_refused_before_any_output_naming_file_and_parameter(flavor: str, tmp_path: Path,
+                                                                            written_cases: dict[str, Case]) -> None:
+    case = written_cases[KILL_CASE]
+    src, victim = copy_with_victim(case, tmp_path)
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
     done = mpickpt(transform_args(case, tmp_path / "dst", src), launcher(flavor) + ["-n", "2"])
@@ -292,12 +298,9 @@ def test_rank_files_disagreeing_on_a_copied_value_are_refused_on_every_rank(flav
                                                                            written_cases: dict[str, Case]) -> None:
     """Each process fingerprints its share of the files' copied-through values; every process refuses alike."""
     case = written_cases[KILL_CASE]
-    src = tmp_path / "src"
-    shutil.copytree(case.src_dir, src)
-    victim = next((src / "rank_3").glob("*.ckpt"))
+    src, victim = copy_with_victim(case, tmp_path)
     with index_checkpoint(victim) as index:
         params = [(n, e.dtype, e.dims, np.array(index.array(n))) for n, e in index.entries.items()]
-    victim.chmod(0o600)
     victim.unlink()
     save_checkpoint(victim, [(n, d, dims, np.full_like(a, 8) if n == "global_step" else a)
                              for n, d, dims, a in params])
