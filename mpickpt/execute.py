@@ -29,6 +29,7 @@ from .formats import (
     TensorWriter,
     open_writer,
 )
+from .formats.offsets import byte_view
 from .layout import Box
 from .plan import Copy, ParamPlan, TargetPlan
 
@@ -392,7 +393,7 @@ def _gathered_blocks(param: ParamPlan, sources: SourceFiles,
             inner_src = _slices(Box(copy.src_box.start[1:], copy.src_box.stop[1:]))
             buffer[(slice(lo - first, hi - first), *inner_dst)] = \
                 views[copy.src_rank][(slice(lo + shift, hi + shift), *inner_src)]
-        yield buffer[:last - first].data.cast("B")
+        yield byte_view(buffer[:last - first])  # an empty block of several dims cannot be cast
         if tick is not None and (first // rows_per_block) % TICK_BLOCKS == TICK_BLOCKS - 1:
             tick()
     views.clear()
@@ -406,6 +407,9 @@ def _row_blocks(
     """Views of the source slice covering the copy's rows: one zero-copy view when the tensor is one
     piece, else bounded blocks of rows copied across piece boundaries."""
     dims = tuple(entry.dims)
+    if entry.nbytes == 0:  # nothing to read (an HDF5 source stores no byte run for an empty tensor)
+        yield np.empty((*dims, itemsize), dtype=np.uint8), 0
+        return
     if len(entry.pieces) == 1:
         yield np.frombuffer(index.raw(entry.name)[0], dtype=np.uint8).reshape(*dims, itemsize), 0
         return

@@ -273,7 +273,8 @@ def _plan_mindspore(options: UnifyOptions, job: TransformJob, full: Sequence[Par
     if not sizes:
         raise PlanError(f"{options.src_dir}: no parameter of the source strategy "
                         f"({options.src_strategy or options.src_strategy_dir}) left to unify")
-    groups = _split_by_size(sizes, min(math.ceil(sum(sizes.values()) / PART_BYTES), len(sizes)))
+    parts = max(1, min(math.ceil(sum(sizes.values()) / PART_BYTES), len(sizes)))  # empty tensors alone: one part
+    groups = _split_by_size(sizes, parts)
     first, stop = _share(options.split_dst_file, len(groups))
     metadata = _part_metadata(job)
     files = [OutputFile(os.path.join(options.dst, f"part{i}.safetensors"), tuple(groups[i]),
