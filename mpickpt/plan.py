@@ -379,8 +379,8 @@ class Planner:
         held = self.holders.get(name)
         key = (pair, info.shape, held)
         if key not in cache:
+            self.dst.check(name, pair.dst, info.shape)  # first: an unsharded source's layout is made from it
             self.src.check(name, pair.src, info.shape)
-            self.dst.check(name, pair.dst, info.shape)
             cache[key] = self._copies(pair, info.shape, held, choice)
         dims, copies = cache[key]
         return ParamPlan(name, info.dtype, dims, copies, True)

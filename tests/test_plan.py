@@ -4,6 +4,7 @@ counts MindSpore refuses, errors, and MindSpore's own fixtures (rank lists and t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -255,6 +256,15 @@ def test_plan_errors() -> None:
     with pytest.raises(PlanError, match="'w': the source layout .* has 2 dimensions, the target layout .* 1"):
         mismatch.plan(0)
 
+
+
+def test_a_target_layout_wrong_for_the_shape_names_the_target_file_from_one_unsharded_source() -> None:
+    """Not the unsharded layout made for the source (named by no file) from the target's map."""
+    dst = replace(strategy(item("c", (2,), (0,))), path="dst_strategy.ckpt")
+    planner = Planner(None, dst, {"c": TensorInfo(F32, ())})
+    with pytest.raises(LayoutError, match=r"^dst_strategy.ckpt: parameter 'c': the tensor map has 1 dimensions, "
+                                          r"the tensor 0 \(layout dev_matrix=\[2\]"):
+        planner.plan(0)
 
 # --- output helpers ----------------------------------------------------------------------------------
 
