@@ -257,10 +257,15 @@ def run_convert(file_path: str | os.PathLike[str], save_path: str | os.PathLike[
                 comm: Comm, *, file_name_regex: str | None = None, sync: bool = True) -> list[Pair]:
     """Called on every process (`mpickpt convert`): rank 0 plans and makes the output folders, every process
     confirms it sees the sources and the destination rank 0 planned with (mpickpt.shared_folders), the files
-    are dealt to processes by size, each converts its share; returns every pair converted, on every rank."""
+    are dealt to processes by size, each converts its share; returns every pair converted, on every rank.
+    Finding no file to convert is an error (the Python functions, like MindSpore's, then do nothing)."""
 
     def prepare() -> tuple[list[Pair], SharedCheck | None]:
         pairs = plan_conversion(file_path, save_path, to_format, file_name_regex)
+        if not pairs:  # MindSpore's functions then do nothing; a command that converts nothing is a mistake
+            matching = f" matching {file_name_regex!r}" if file_name_regex else ""
+            raise SourceMissingError(f"{file_path}: no {suffix_of(_SOURCE_FORMAT[to_format])} file{matching} in "
+                                     f"its rank folders, nothing to convert to {to_format}")
         for folder in output_folders(file_path, save_path):
             _make_folder(folder)
         return pairs, leave_check("convert", [str(src) for src, _, _ in pairs], destination(file_path, save_path),

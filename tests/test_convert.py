@@ -255,6 +255,18 @@ def test_cli_convert_round_trip_under_mpi_keeps_every_tensor(tmp_path: Path) -> 
         assert_same_content(back / original.relative_to(example), original)
 
 
+@pytest.mark.parametrize("to, regex", [("safetensors", "nomatch"), ("ckpt", None)])
+def test_cli_convert_finding_nothing_to_convert_fails(tmp_path: Path, to: str, regex: str | None) -> None:
+    """A regex matching no file, or --to the format the sources already have: non-zero, nothing written
+    (MindSpore's functions, and ours, silently convert nothing)."""
+    from mpickpt.cli import main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_llama" / "src"
+    args = ["convert", str(example), str(tmp_path / "out"), "--to", to, "--no-sync"]
+    assert main(args + (["--file-name-regex", regex] if regex else [])) == 2
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_source_rewritten_in_place_during_its_conversion_leaves_no_output(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A file saved over while it is converted would give an output of two versions: nothing is committed."""
