@@ -318,7 +318,10 @@ class Layouts:
                     raise StrategyFormatError(
                         f"{where}: parameter {item.name!r} is a merged pipeline name, but the strategy was "
                         f"given as the unmerged file of stage {stage}")
-                layout = ParamLayout.from_item(item, name)
+                try:
+                    layout = ParamLayout.from_item(item, name)
+                except LayoutError as error:
+                    raise LayoutError(f"{where}: {error}") from None
                 device_num = device_num or layout.device_num
                 if layout.device_num != device_num:
                     raise LayoutError(

@@ -206,6 +206,12 @@ def test_impossible_layout_whatever_the_shape(layout: LayoutItem, message: str) 
     assert "'w'" in str(error.value)
 
 
+def test_impossible_layout_names_the_strategy_file() -> None:
+    bad = Strategy(current_stage=0, layout_items=(item("w", (4, 2), (-1, 0), size=3, step=2),), path="/s/src.ckpt")
+    with pytest.raises(LayoutError, match=r"^/s/src\.ckpt: parameter 'w': opt_weight_shard_size 3 does not divide"):
+        Layouts.from_strategy(bad)
+
+
 def test_strategy_level_errors() -> None:
     with pytest.raises(LayoutError, match="'b'.*covers 2 devices, other parameters 4"):
         Layouts.from_strategy(strategy(item("a", (4,), (0,)), item("b", (2,), (0,))))
