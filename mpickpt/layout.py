@@ -15,7 +15,7 @@ depend on the tensor's size; shapes only turn chunk numbers into coordinates.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -133,9 +133,20 @@ class ParamLayout:
     @cached_property
     def opt_pieces(self) -> int:
         """Number of optimizer-sharding pieces of dimension 0 (1 without optimizer sharding)."""
-        if not (self.opt_size and self.opt_step):
-            return 1
+        return self._opt_count if self.opt_size and self.opt_step else 1
+
+    @cached_property
+    def _opt_count(self) -> int:
+        """The pieces `opt_weight_shard_size` asks for, whatever the step (0 without optimizer sharding)."""
         return self.replica_count if self.opt_size == -1 else self.opt_size
+
+    def _group_step(self) -> int | None:
+        """The rank distance MindSpore stores as `opt_weight_shard_step` when every optimizer group lies along
+        the innermost replica axis (that axis's stride); None when groups span several axes."""
+        innermost = self.replica_axes[-1]
+        if self.axis_size(innermost) % self.opt_pieces:
+            return None
+        return math.prod(self.dev_matrix[len(self.dev_matrix) - innermost:])
 
     @cached_property
     def model_shards(self) -> tuple[int, ...]:
@@ -249,16 +260,27 @@ class ParamLayout:
             raise fail(f"the tensor map names a device axis outside 0..{len(self.dev_matrix) - 1}")
         if len(set(used)) != len(used):
             raise fail("the tensor map uses one device axis for several dimensions")
+        if self.opt_size and not self.opt_step and self._opt_count > 1:
+            raise fail(f"opt_weight_shard_size {self.opt_size} with opt_weight_shard_step 0: MindSpore writes both "
+                       "or neither, so whether the stored slices are optimizer pieces is unknown")
         if self.opt_size and self.opt_step:
-            if self.opt_size < -1:
-                raise fail("opt_weight_shard_size must be -1 or positive")
-            if self.replica_count % self.opt_pieces:
-                raise fail(f"opt_weight_shard_size {self.opt_size} does not divide the replica count "
-                           f"{self.replica_count}")
-            if self.opt_pieces > 1 and not self.dim_axes:
-                raise fail("optimizer sharding of a 0-d tensor")
+            self._validate_optimizer_shard(fail)
         if self.split_shape and len(set(self.split_shape)) > 1:
             raise fail(f"param_split_shape {list(self.split_shape)} is an uneven split, which is not supported")
+
+    def _validate_optimizer_shard(self, fail: Callable[[str], LayoutError]) -> None:
+        if self.opt_size < -1:
+            raise fail("opt_weight_shard_size must be -1 or positive")
+        if self.replica_count % self.opt_pieces:
+            raise fail(f"opt_weight_shard_size {self.opt_size} does not divide the replica count "
+                       f"{self.replica_count}")
+        if self.opt_pieces > 1 and not self.dim_axes:
+            raise fail("optimizer sharding of a 0-d tensor")
+        step = self._group_step() if self.opt_pieces > 1 else None
+        if step is not None and self.opt_step != step:
+            raise fail(f"opt_weight_shard_step {self.opt_step} is not {step}, the rank distance between the "
+                       f"consecutive replicas that share out one copy: the optimizer groups are not those the "
+                       f"layout implies")
 
 
 class Layouts:
@@ -296,7 +318,10 @@ class Layouts:
                     raise StrategyFormatError(
                         f"{where}: parameter {item.name!r} is a merged pipeline name, but the strategy was "
                         f"given as the unmerged file of stage {stage}")
-                layout = ParamLayout.from_item(item, name)
+                try:
+                    layout = ParamLayout.from_item(item, name)
+                except LayoutError as error:
+                    raise LayoutError(f"{where}: {error}") from None
                 device_num = device_num or layout.device_num
                 if layout.device_num != device_num:
                     raise LayoutError(

@@ -105,7 +105,8 @@ def test_optimizer_sharding_over_one_replica_is_one_piece() -> None:
 
 
 def test_optimizer_sharding_needs_both_size_and_step() -> None:
-    check(item("w", (4,), (-1,), size=-1, step=0), (8,), [((0,), (8,))] * 4)
+    check(item("w", (4,), (-1,), size=0, step=1), (8,), [((0,), (8,))] * 4)
+    check(item("w", (4,), (-1,), size=1, step=0), (8,), [((0,), (8,))] * 4)
 
 
 def test_even_param_split_shape_is_accepted() -> None:
@@ -168,7 +169,7 @@ def test_missing_strategy_is_one_whole_device() -> None:
     ("layout", "shape", "message"),
     [
         (item("w", (4,), (0, -1)), (6, 2), r"dimension 0 \(6\) does not divide into 4 shard\(s\)"),
-        (item("w", (2, 2), (-1, 0), size=-1, step=1), (5, 2),
+        (item("w", (2, 2), (-1, 0), size=-1, step=2), (5, 2),
          r"dimension 0 \(5\) does not divide into 1 shard\(s\) x 2 optimizer pieces"),
         (item("w", (2, 2), (0, -1)), (4,), "the tensor map has 2 dimensions, the tensor 1"),
         (item("w", (2,), (0, -1), split=(2, 4)), (6, 2), "uneven split"),
@@ -191,12 +192,24 @@ def test_impossible_layout_names_parameter_layout_and_shape(layout: LayoutItem, 
         (item("w", (2, 2), (0, 0)), "one device axis for several dimensions"),
         (item("w", (2, 2), (2, -1)), "device axis outside"),
         (item("w", (2,), (), size=-1, step=1), "optimizer sharding of a 0-d tensor"),
+        # a size without a step: MindSpore's converter takes the stored slices for optimizer pieces, its layout not
+        (item("w", (4,), (-1,), size=-1, step=0), "opt_weight_shard_size -1 with opt_weight_shard_step 0"),
+        (item("w", (4, 2), (-1, 0), size=2, step=0), "opt_weight_shard_size 2 with opt_weight_shard_step 0"),
+        # groups of consecutive replicas along axis 1 are 2 ranks apart; a step of 4 names other groups
+        (item("w", (4, 2), (-1, 0), size=2, step=4), "opt_weight_shard_step 4 is not 2"),
+        (item("w", (2, 2, 2, 1), (3, 0), (-1,), size=2, step=2), "opt_weight_shard_step 2 is not 1"),
     ],
 )
 def test_impossible_layout_whatever_the_shape(layout: LayoutItem, message: str) -> None:
     with pytest.raises(LayoutError, match=message) as error:
         ParamLayout.from_item(layout)
     assert "'w'" in str(error.value)
+
+
+def test_impossible_layout_names_the_strategy_file() -> None:
+    bad = Strategy(current_stage=0, layout_items=(item("w", (4, 2), (-1, 0), size=3, step=2),), path="/s/src.ckpt")
+    with pytest.raises(LayoutError, match=r"^/s/src\.ckpt: parameter 'w': opt_weight_shard_size 3 does not divide"):
+        Layouts.from_strategy(bad)
 
 
 def test_strategy_level_errors() -> None:

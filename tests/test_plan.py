@@ -134,7 +134,7 @@ def test_both_strategies_missing_copies_everything_from_rank_0() -> None:
     [
         (  # 8 -> 6
             strategy(item("a", (2, 4), (1, 0)), item("b", (4, 2), (-1, 0), size=-1, step=2), item("c", (8,), (-1,))),
-            strategy(item("a", (3, 2), (0, 1)), item("b", (6,), (0, -1)), item("c", (2, 3), (0,), size=-1, step=1)),
+            strategy(item("a", (3, 2), (0, 1)), item("b", (6,), (0, -1)), item("c", (2, 3), (0,), size=-1, step=3)),
             {"a": (24, 24), "b": (48, 6), "c": (24,)},
         ),
         (  # 6 -> 4
