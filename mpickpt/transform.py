@@ -187,6 +187,7 @@ class TransformJob:
         if targets is None:
             targets = planner.target_ranks if output_paths is None else sorted(output_paths)
         for target in targets:
+            planner.check_cataloged(target)
             plan = job._plans[target] = planner.plan(target)
             missing = [r for r in plan.source_ranks if r not in rank_files]
             if missing:

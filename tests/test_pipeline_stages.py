@@ -13,7 +13,7 @@ import pytest
 import mpickpt
 from layout_reference import reference_slice
 from mpickpt.ckpt import save_checkpoint
-from mpickpt.errors import PlanError
+from mpickpt.errors import PlanError, SourceMissingError
 from mpickpt.strategy import LayoutItem, Strategy, StrategyItem, merge_strategies, save_strategy
 from mpickpt.transform import TransformJob, TransformOptions
 
@@ -94,3 +94,56 @@ def test_last_stage_missing_with_its_rank_folders_is_refused(pipeline: tuple[Pat
                                         r"\['l2.w'\]: is the strategy file of a pipeline stage"):
         _transform(root, root / "src_strategys", root / "out")
     assert not (root / "out" / "rank_0").exists()
+
+
+PIPELINED_TARGET = merge_strategies([
+    _stage(0, [_item("emb", [2], [0, -1]), _item("l0.w", [2], [0, -1])]),
+    _stage(1, [_item("l1.w", [2], [-1, 0])]),
+    _stage(2, [_item("l2.w", [2], [0, -1]), _item("emb", [2], [-1, 0])]),
+])
+
+
+def _by_rank(root: Path, target: int, ranks: list[int]) -> Path:
+    files = {r: str(root / "src" / f"rank_{r}" / f"checkpoint_{r}.ckpt") for r in ranks}
+    out = root / "by_rank" / f"checkpoint_{target}.ckpt"
+    out.parent.mkdir(exist_ok=True)
+    mpickpt.transform_checkpoint_by_rank(target, files, str(out), str(root / "merged.ckpt"), str(root / "d3.ckpt"))
+    return out
+
+
+def test_by_rank_to_a_pipelined_target_reads_the_listed_stages_only(
+        pipeline: tuple[Path, dict[str, np.ndarray]]) -> None:
+    """rank_list_for_transform names files of the stages a target needs: was a PlanError ("parameter 'l1.w' is in
+    the source strategy but in no source file; source ranks [] should hold it"), MindSpore converts."""
+    root, full = pipeline
+    save_strategy(merge_strategies(STAGES), root / "merged.ckpt")
+    save_strategy(PIPELINED_TARGET, root / "d3.ckpt")
+    for target in range(6):
+        ranks = mpickpt.rank_list_for_transform(target, str(root / "merged.ckpt"), str(root / "d3.ckpt"))
+        got = mpickpt.load_segmented_checkpoints(str(_by_rank(root, target, ranks).parent))
+        kept = {name: reference_slice(PIPELINED_TARGET, name, shape, target) for name, shape in SHAPES.items()}
+        assert sorted(got) == sorted([*(n for n, bounds in kept.items() if bounds), "global_step"])
+        for name, bounds in kept.items():
+            if bounds is not None:
+                np.testing.assert_array_equal(got[name], full[name][tuple(slice(a, b) for a, b in zip(*bounds))])
+        (root / "by_rank" / f"checkpoint_{target}.ckpt").unlink()
+
+
+def test_by_rank_without_a_needed_stage_is_refused(pipeline: tuple[Path, dict[str, np.ndarray]]) -> None:
+    """Target 4 (stage 2: l2.w, emb) given stage 0's files only: l2.w, of source stage 2, is named."""
+    root, _ = pipeline
+    save_strategy(merge_strategies(STAGES), root / "merged.ckpt")
+    save_strategy(PIPELINED_TARGET, root / "d3.ckpt")
+    with pytest.raises(SourceMissingError, match=r"parameter 'l2.w', which target rank 4 needs, is in no source "
+                                                 r"file given \(source pipeline stage 2: ranks 4..5 hold it\)"):
+        _by_rank(root, 4, [0, 1])
+    assert not (root / "by_rank" / "checkpoint_4.ckpt").exists()
+
+
+def test_by_rank_to_one_full_checkpoint_needs_every_stage(pipeline: tuple[Path, dict[str, np.ndarray]]) -> None:
+    root, _ = pipeline
+    save_strategy(merge_strategies(STAGES), root / "merged.ckpt")
+    files = {r: str(root / "src" / f"rank_{r}" / f"checkpoint_{r}.ckpt") for r in range(4)}
+    with pytest.raises(SourceMissingError, match=r"parameter 'l2.w', which target rank 0 needs, is in no source "
+                                                 r"file given \(source pipeline stage 2: ranks 4..5 hold it\)"):
+        mpickpt.transform_checkpoint_by_rank(0, files, str(root / "full.ckpt"), str(root / "merged.ckpt"), None)
