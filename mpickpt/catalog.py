@@ -187,7 +187,10 @@ def _could_hold(layouts: Layouts, name: str, headers: Mapping[int, Sequence[Head
 
 def _check_every_strategy_param_stored(layouts: Layouts, headers: Mapping[int, Sequence[Header]],
                                        held: Mapping[str, set[int]]) -> None:
-    missing = [n for n in layouts.names if n not in held]
+    """PlanError naming a strategy parameter that no file holds of the given ranks whose stage should hold it
+    (files of some stages only, as `transform_checkpoint_by_rank` gets for a pipelined target, need not hold
+    the other stages' parameters: the planner refuses a target needing them)."""
+    missing = [n for n in layouts.names if n not in held and _could_hold(layouts, n, headers, True)]
     if missing:
         name = missing[0]
         ranks = sorted(_could_hold(layouts, name, headers, True))

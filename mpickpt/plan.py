@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dtypes import dtype_itemsize
-from .errors import MpickptError, PlanError
+from .errors import MpickptError, PlanError, SourceMissingError
 from .layout import Box, Layouts, ParamLayout
 from .strategy import Strategy
 
@@ -371,6 +371,23 @@ class Planner:
         params.sort(key=lambda p: order[p.name])
         ranks = sorted({c.src_rank for p in params for c in p.copies}, reverse=True)
         return TargetPlan(target_rank, tuple(params), tuple(ranks))
+
+    def check_cataloged(self, target_rank: int) -> None:
+        """SourceMissingError when the target needs a source strategy parameter that the catalog lacks (source
+        files of other pipeline stages only): its output would lack it."""
+        if self.src.unsharded:
+            return
+        stage = self.dst.stage_of(target_rank)
+        needed = self.src.names if self.dst.unsharded else \
+            [n for n in self.dst.names if stage in self.dst.stages_of(n) and self.src.holds(n)]
+        absent = [n for n in needed if n not in self.catalog]
+        if absent:
+            per_stage = self.src.stage_device_num
+            src_stage = self.src.stages_of(absent[0])[0]
+            raise SourceMissingError(
+                f"parameter {absent[0]!r}, which target rank {target_rank} needs, is in no source file given "
+                f"(source pipeline stage {src_stage}: ranks {src_stage * per_stage}..{(src_stage + 1) * per_stage - 1}"
+                f" hold it)" + (f"; so are {absent[1:4]}" if len(absent) > 1 else ""))
 
     def _laid_out(self, name: str, info: TensorInfo, pair: _Pair, choice: _Choice,
                   cache: dict[tuple[_Pair, tuple[int, ...], frozenset[int] | None],

@@ -176,6 +176,7 @@ class TransformJob:
             catalog = build_catalog(src, {r: h.rows for r, h in found.items()}, lambda r: rank_files[r],
                                     src_stage=src_stage)
             check_copies_agree({r: h.fingerprints for r, h in found.items()}, lambda r: rank_files[r])
+        _check_no_stage_missing(src, dst, catalog.params, src_stage)
         output_format = options.output_format if options else "ckpt"
         job = cls(src, dst, catalog.params, dict(rank_files), (), str(dst_dir), tuple(map(str, forbidden_dirs)),
                   src_stage, dict(catalog.holders), output_format, bool(options and options.crc),
@@ -186,6 +187,7 @@ class TransformJob:
         if targets is None:
             targets = planner.target_ranks if output_paths is None else sorted(output_paths)
         for target in targets:
+            planner.check_cataloged(target)
             plan = job._plans[target] = planner.plan(target)
             missing = [r for r in plan.source_ranks if r not in rank_files]
             if missing:
@@ -386,6 +388,22 @@ def _ranks_of_strategy(src: Strategy | None, src_stage: int | None, rank_files: 
                         f"({src.path}): is it the strategy of this checkpoint? Move those folders away to convert "
                         f"ranks {wanted.start}..{wanted.stop - 1} only")
     return {r: f for r, f in rank_files.items() if r in wanted}
+
+
+def _check_no_stage_missing(src: Strategy | None, dst: Strategy | None, params: Mapping[str, TensorInfo],
+                            src_stage: int | None) -> None:
+    """A merged pipeline source strategy lacking parameters the target lays out (optimizer states aside) that no
+    source file holds either: the strategy of a stage is missing (2 of 3 stage files, the rank folders of the
+    third elsewhere), and the outputs would lack that stage's parameters."""
+    if src is None or dst is None or src_stage is not None or src.stage_count < 2:
+        return
+    held = set(src.layouts_by_param()) | set(params)
+    lacking = [n for n in dst.layouts_by_param() if n not in held and not n.startswith(_OPTIMIZER_PREFIXES)]
+    if lacking:
+        raise PlanError(f"the target strategy ({dst.path or 'strategy'}) lays out {len(lacking)} parameter(s) that "
+                        f"neither the pipeline stages {list(range(src.stage_count))} of the source strategy "
+                        f"({src.path or 'strategy'}) nor any source file hold, e.g. {lacking[:3]}: is the strategy "
+                        f"file of a pipeline stage (and its rank folders) missing? The outputs would lack them")
 
 
 def _subnetwork_stage(src: Strategy | None, dst: Strategy | None,
