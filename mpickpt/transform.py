@@ -176,7 +176,7 @@ class TransformJob:
             catalog = build_catalog(src, {r: h.rows for r, h in found.items()}, lambda r: rank_files[r],
                                     src_stage=src_stage)
             check_copies_agree({r: h.fingerprints for r, h in found.items()}, lambda r: rank_files[r])
-        _check_no_stage_missing(src, dst, catalog.params, src_stage)
+        notes = notes + _lacking_note(src, dst, catalog.params, src_stage)
         output_format = options.output_format if options else "ckpt"
         job = cls(src, dst, catalog.params, dict(rank_files), (), str(dst_dir), tuple(map(str, forbidden_dirs)),
                   src_stage, dict(catalog.holders), output_format, bool(options and options.crc),
@@ -390,20 +390,23 @@ def _ranks_of_strategy(src: Strategy | None, src_stage: int | None, rank_files: 
     return {r: f for r, f in rank_files.items() if r in wanted}
 
 
-def _check_no_stage_missing(src: Strategy | None, dst: Strategy | None, params: Mapping[str, TensorInfo],
-                            src_stage: int | None) -> None:
-    """A merged pipeline source strategy lacking parameters the target lays out (optimizer states aside) that no
-    source file holds either: the strategy of a stage is missing (2 of 3 stage files, the rank folders of the
-    third elsewhere), and the outputs would lack that stage's parameters."""
-    if src is None or dst is None or src_stage is not None or src.stage_count < 2:
-        return
+def _lacking_note(src: Strategy | None, dst: Strategy | None, params: Mapping[str, TensorInfo],
+                  src_stage: int | None) -> tuple[str, ...]:
+    """A note when the target lays out parameters (optimizer states aside) that neither the source strategy nor
+    any source file holds: the outputs lack them. Right for a target network with new parameters (LoRA
+    adapters, a new head), which initialises them; wrong when a pipeline stage's strategy file and rank
+    folders are missing, which nothing here can tell apart, so it is said, not refused (MindSpore: silent)."""
+    if src is None or dst is None or src_stage is not None:
+        return ()
     held = set(src.layouts_by_param()) | set(params)
     lacking = [n for n in dst.layouts_by_param() if n not in held and not n.startswith(_OPTIMIZER_PREFIXES)]
-    if lacking:
-        raise PlanError(f"the target strategy ({dst.path or 'strategy'}) lays out {len(lacking)} parameter(s) that "
-                        f"neither the pipeline stages {list(range(src.stage_count))} of the source strategy "
-                        f"({src.path or 'strategy'}) nor any source file hold, e.g. {lacking[:3]}: is the strategy "
-                        f"file of a pipeline stage (and its rank folders) missing? The outputs would lack them")
+    if not lacking:
+        return ()
+    hint = (f"; if the source's pipeline stages {list(range(src.stage_count))} are not all of them, a stage's "
+            f"strategy file and rank folders are missing" if src.stage_count > 1 else "")
+    return (f"the target strategy lays out {len(lacking)} parameter(s) that no source holds, e.g. {lacking[:3]}: "
+            f"the outputs lack them (a target network's new parameters, e.g. LoRA adapters, are initialised by "
+            f"the network){hint}",)
 
 
 def _subnetwork_stage(src: Strategy | None, dst: Strategy | None,
