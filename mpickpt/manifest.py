@@ -211,9 +211,10 @@ def strategy_hashes(options: object) -> dict[str, str | None]:
     return hashes
 
 
-def remove_manifest(dst_dir: str) -> None:
-    """Forget that dst_dir was complete (at the start of a run, which may change what it holds)."""
-    _remove(Path(dst_dir) / MANIFEST_NAME, "run's manifest")
+def remove_manifest(dst_dir: str, name: str = MANIFEST_NAME) -> None:
+    """Forget that dst_dir was complete (at the start of a run, which may change what it holds): remove its
+    manifest (`name`)."""
+    _remove(Path(dst_dir) / name, "run's manifest")
 
 
 def write_manifest(dst_dir: str, manifest: dict[str, Any], *, sync: bool) -> Path:
