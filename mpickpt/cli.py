@@ -227,13 +227,19 @@ def _run_transform(args: argparse.Namespace) -> int:
 
 def _run_convert(args: argparse.Namespace) -> int:
     with _loading():
-        from .convert import run_convert
+        from .convert import earlier_outputs, run_convert
+        from .driver import MAX_LISTED
         from .mpi import world
 
     comm = world()
     pairs = run_convert(args.src, args.dst, args.to, comm, file_name_regex=args.file_name_regex,
                         sync=not args.no_sync)
     if comm.rank == 0:
+        left = earlier_outputs(args.src, args.dst, args.to, pairs)
+        if left:
+            more = f" and {len(left) - MAX_LISTED} more" if len(left) > MAX_LISTED else ""
+            print(f"mpickpt: {len(left)} file(s) of the destination are not from this run and were left as they "
+                  f"are: {', '.join(map(str, left[:MAX_LISTED]))}{more}", file=sys.stderr)
         print(f"mpickpt: converted {len(pairs)} file(s), {sum(p[2] for p in pairs):,} bytes, to {args.to} "
               f"by {comm.size} process(es)", file=sys.stderr)
     return 0

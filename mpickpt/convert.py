@@ -45,8 +45,8 @@ from mpickpt.collective import broadcast_prepared, deal_by_size, fail
 from mpickpt.formats import TensorEntry, TensorSpec, index_stamp, open_index, open_writer, refuse_if_changed, suffix_of
 from mpickpt.shared_folders import SharedCheck, confirm_shared, leave_check
 
-__all__ = ["ckpt_to_safetensors", "convert_file", "convert_files", "destination", "output_folders",
-           "plan_conversion", "run_convert", "safetensors_to_ckpt"]
+__all__ = ["ckpt_to_safetensors", "convert_file", "convert_files", "destination", "earlier_outputs",
+           "output_folders", "plan_conversion", "run_convert", "safetensors_to_ckpt"]
 
 _SOURCE_FORMAT = {"safetensors": "ckpt", "ckpt": "safetensors"}
 _FUNCTION = {"safetensors": "ckpt_to_safetensors", "ckpt": "safetensors_to_ckpt"}
@@ -129,6 +129,18 @@ def output_folders(file_path: str | os.PathLike[str], save_path: str | os.PathLi
     if os.path.isdir(src):
         return [out for _, out in _rank_folders(src, save_path, "conversion")]
     return [Path(save_path)] if save_path else []
+
+
+def earlier_outputs(file_path: str | os.PathLike[str], save_path: str | os.PathLike[str] | None, to_format: str,
+                    pairs: Sequence[Pair]) -> list[Path]:
+    """Files of the output format in the output rank folders of a folder conversion that are not outputs of
+    `pairs` (an earlier run's, left as they are)."""
+    if not os.path.isdir(os.fspath(file_path)):
+        return []
+    ours = {os.path.abspath(dst) for _, dst, _ in pairs}
+    return [path for folder in output_folders(file_path, save_path) if folder.is_dir()
+            for path in sorted(folder.iterdir())
+            if path.name.endswith(suffix_of(to_format)) and path.is_file() and os.path.abspath(path) not in ours]
 
 
 def destination(file_path: str | os.PathLike[str], save_path: str | os.PathLike[str] | None) -> str:

@@ -3,7 +3,8 @@
 A completion record is written, atomically, only after its output was renamed into place. It covers the
 whole job that made the file: the output's absolute path, size, checksum and parameter count, the task's
 job key (a digest of everything but the sources that decides the content) and every source file by
-absolute path, size, modification time, device and inode. A rerun trusts an output only when all of these
+absolute path, size, modification time, change time (ctime: unlike the modification time, no tool sets it back,
+so a file rewritten in place with its size and time kept is noticed), device and inode. A rerun trusts an output only when all of these
 still hold; otherwise `check_record` says why it is redone.
 """
 
@@ -24,7 +25,7 @@ from .formats.offsets import crc32
 RECORD_SUFFIX = ".done.json"
 MANIFEST_NAME = "manifest.json"
 CHUNK_BYTES = 1 << 20  # 1 MiB: stays in cache; measured fastest for both CRC-32 implementations here
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 PATH_OPTIONS = ("src_dir", "dst_dir", "src_strategy", "dst_strategy", "src_strategy_dir", "dst_strategy_dir")
 
 JOB_CHANGED = "the job changed (strategies, prefix, format, options or output path)"
@@ -43,6 +44,7 @@ class SourceStamp:
     mtime_ns: int
     device: int
     inode: int
+    ctime_ns: int
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class CompletionRecord:
                    job_key=str(data["job_key"]), size=int(data["size"]), checksum=str(data["checksum"]),
                    params=int(data["params"]), source_ranks=tuple(int(r) for r in data["source_ranks"]),
                    sources=tuple(SourceStamp(str(s["path"]), int(s["size"]), int(s["mtime_ns"]),
-                                             int(s["device"]), int(s["inode"])) for s in data["sources"]),
+                                             int(s["device"]), int(s["inode"]), int(s["ctime_ns"]))
+                                 for s in data["sources"]),
                    seconds=float(data["seconds"]))
 
 
@@ -110,11 +113,12 @@ def checksum_text(crc: int) -> str:
 
 
 def stamp_sources(paths: Iterable[str]) -> tuple[SourceStamp, ...]:
-    """Absolute path, size, modification time, device and inode of each source file now."""
+    """Absolute path, size, modification time, device, inode and change time of each source file now."""
     stamps = []
     for path in paths:
         st = os.stat(path)
-        stamps.append(SourceStamp(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino))
+        stamps.append(SourceStamp(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino,
+                                  st.st_ctime_ns))
     return tuple(stamps)
 
 
@@ -211,9 +215,10 @@ def strategy_hashes(options: object) -> dict[str, str | None]:
     return hashes
 
 
-def remove_manifest(dst_dir: str) -> None:
-    """Forget that dst_dir was complete (at the start of a run, which may change what it holds)."""
-    _remove(Path(dst_dir) / MANIFEST_NAME, "run's manifest")
+def remove_manifest(dst_dir: str, name: str = MANIFEST_NAME) -> None:
+    """Forget that dst_dir was complete (at the start of a run, which may change what it holds): remove its
+    manifest (`name`)."""
+    _remove(Path(dst_dir) / name, "run's manifest")
 
 
 def write_manifest(dst_dir: str, manifest: dict[str, Any], *, sync: bool) -> Path:

@@ -1,7 +1,9 @@
 """Unify into one HDF5 file of full tensors, written by every process at once (``mpickpt unify --format h5``).
 
 Rank 0 plans (:func:`~mpickpt.unify.plan_shared`: every process then confirms it sees the source files
-and the output's folder rank 0 planned with) and lays the file out under a temporary name
+and the output's folder rank 0 planned with), locks that folder for the run as ``transform`` and ``unify``
+do, removes the earlier run's ``<file>.manifest.json`` (written again once this run is complete) and lays
+the file out under a temporary name
 (:meth:`~mpickpt.formats.hdf5.H5Writer.layout`), learning each dataset's byte offset; the region map is
 broadcast, the parameters are dealt to processes by size, each process assembles its parameters and writes
 them at their offsets (:func:`~mpickpt.formats.hdf5.open_regions`), and once every process has reported,
@@ -13,14 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, cast
 
 from .collective import broadcast_prepared, deal_by_size, fail
+from .destination import DestinationLock, lock_for_run
 from .execute import SourceFiles, write_plan
 from .formats import TensorSpec
-from .manifest import write_json_atomic
+from .manifest import remove_manifest, write_json_atomic
 from .mpi import Comm
 from .plan import ParamPlan, TargetPlan
 from .strategy import describe_strategy
@@ -39,12 +43,18 @@ def run_unify_h5(options: UnifyOptions, comm: Comm, *, sync: bool = True, manife
     plan = plan_shared(options, comm)
     file = plan.files[0]
     writer: H5Writer | None = None
+    lock: DestinationLock | None = None
 
     def lay_out() -> H5Layout:
-        nonlocal writer
-        params = _params(plan)
-        writer = H5Writer(file.path, sync=sync, forbidden_dirs=plan.job.forbidden_dirs, attrs=_file_attrs(plan))
-        return writer.layout(_specs(plan, params))
+        nonlocal writer, lock
+        lock = lock_for_run(plan.dst, sys.stderr)
+        try:
+            remove_manifest(plan.dst, f"{os.path.basename(file.path)}{MANIFEST_SUFFIX}")
+            writer = H5Writer(file.path, sync=sync, forbidden_dirs=plan.job.forbidden_dirs, attrs=_file_attrs(plan))
+            return writer.layout(_specs(plan, _params(plan)))
+        except BaseException:
+            lock.release()
+            raise
 
     layout = broadcast_prepared(lay_out, comm)
     summary = None
@@ -71,6 +81,9 @@ def run_unify_h5(options: UnifyOptions, comm: Comm, *, sync: bool = True, manife
         if writer is not None:
             writer.abort()
         fail(comm, exc, f"process {comm.rank} ({file.path})")
+    finally:
+        if lock is not None:
+            lock.release()
     comm.flush()
     return cast(UnifySummary, comm.bcast(summary, root=0))  # rank 0 always has one here
 

@@ -286,3 +286,24 @@ def test_a_source_rewritten_in_place_during_its_conversion_leaves_no_output(tmp_
     with pytest.raises(CheckpointFormatError, match=rf"{src}: the file changed while this run read it"):
         convert_file(src, out, "safetensors", sync=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+def test_cli_convert_names_earlier_outputs_it_left_beside_its_own(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Found: a rerun converting fewer files into the same destination (a --file-name-regex, or sources since
+    pruned) left the earlier run's outputs in the rank folders without a word, exit 0: a folder mixing two
+    runs, where MindSpore's loaders (and mpickpt's sources) take the largest-numbered file, the stale one.
+    They are still left as they are (as transform leaves them), and now named."""
+    from mpickpt.cli import main
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    save_checkpoint(src / "rank_0" / "net-1_10.ckpt", params(0))
+    save_checkpoint(src / "rank_0" / "net-2_10.ckpt", params(1))
+    assert main(["convert", str(src), str(out), "--to", "safetensors", "--no-sync"]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(src), str(out), "--to", "safetensors", "--no-sync", "--file-name-regex", "net-1"]) == 0
+    err = capsys.readouterr().err
+    assert "converted 1 file(s)" in err
+    assert "1 file(s) of the destination are not from this run and were left as they are: " \
+           f"{out / 'rank_0' / 'net-2_10.safetensors'}" in err
+    assert sorted(p.name for p in (out / "rank_0").iterdir()) == ["net-1_10.safetensors", "net-2_10.safetensors"]

@@ -663,12 +663,12 @@ def test_record_keeps_absolute_source_paths_with_device_and_inode(tmp_path: Path
     monkeypatch.chdir(tmp_path)
     stamp, = stamp_sources(["s.bin"])
     st = os.stat(tmp_path / "s.bin")
-    assert stamp == SourceStamp(str(tmp_path / "s.bin"), 3, st.st_mtime_ns, st.st_dev, st.st_ino)
+    assert stamp == SourceStamp(str(tmp_path / "s.bin"), 3, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 def test_record_round_trip_and_version_check() -> None:
     record = CompletionRecord("a.ckpt", "/d/a.ckpt", 3, "k", 10, "crc32:0000000a", 2, (1, 2),
-                              (SourceStamp("/s/x", 1, 2, 3, 4),), 0.5)
+                              (SourceStamp("/s/x", 1, 2, 3, 4, 5),), 0.5)
     assert CompletionRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
     with pytest.raises(ValueError, match="version"):
         CompletionRecord.from_dict({**record.to_dict(), "version": 99})

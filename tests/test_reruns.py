@@ -107,6 +107,29 @@ def test_touched_source_redoes_only_the_targets_that_read_it(tmp_path: Path) -> 
     assert outputs(dst) == before
 
 
+def test_source_rewritten_in_place_with_its_size_and_time_kept_is_noticed(tmp_path: Path) -> None:
+    """Found: a source file overwritten in place with other bytes of the same size and its modification time
+    set back (`cp -p`, `rsync --inplace -t` of another save) kept path, size, time, device and inode, so a
+    rerun reused every output made from the old bytes, exit 0. Its change time (ctime) cannot be set back."""
+    case = CASE["random_8to4"]
+    src = tmp_path / "src"
+    shutil.copytree(case.src_dir, src)
+    dst = tmp_path / "dst"
+    run(options(case, dst, src_dir=src))
+    source = next((src / "rank_2").glob("*.ckpt"))
+    before = source.stat()
+    data = bytearray(source.read_bytes())
+    data[-100] ^= 0xFF  # some other bytes, the same size
+    with open(source, "r+b") as file:
+        file.write(data)
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (source.stat().st_size, source.stat().st_mtime_ns, source.stat().st_ino) == (
+        before.st_size, before.st_mtime_ns, before.st_ino)
+    again = run(options(case, dst, src_dir=src))
+    readers = [f["file"] for f in manifest(dst)["files"] if 2 in f["source_ranks"]]
+    assert readers and again.redone == tuple((name, SOURCES_CHANGED) for name in readers)
+
+
 def test_same_job_from_another_working_folder_redoes_nothing(tmp_path: Path) -> None:
     case = CASE["random_full_to_4"]
     (tmp_path / "a" / "b").mkdir(parents=True)

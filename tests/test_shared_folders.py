@@ -47,12 +47,12 @@ CONVERT_SOURCE = UNIFY_SOURCE.replace("unify", "convert")
 # --- the comparison, without MPI ---------------------------------------------------------------
 
 def stamp(size: int, mtime_ns: int) -> SourceStamp:
-    return SourceStamp("/src/rank_0/a.ckpt", size, mtime_ns, 1, 2)
+    return SourceStamp("/src/rank_0/a.ckpt", size, mtime_ns, 1, 2, 3)
 
 
 def test_differences_name_size_and_time_with_both_values() -> None:
     planned = stamp(1000, 1_700_000_000_000_000_001)
-    assert differences(planned, SourceStamp("/src/rank_0/a.ckpt", 1000, 1_700_000_000_000_000_001, 9, 9)) == []
+    assert differences(planned, SourceStamp("/src/rank_0/a.ckpt", 1000, 1_700_000_000_000_000_001, 9, 9, 9)) == []
     assert differences(planned, stamp(1234, 1_700_000_000_000_000_001)) == [
         "size 1,234 bytes here, 1,000 bytes on process 0"]
     assert differences(planned, stamp(1000, 1_700_000_001_500_000_000)) == [

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -381,6 +382,38 @@ def test_h5_selection_and_refusals(tiny_st: Path, tiny_full: dict, tmp_path: Pat
         plan_unify(UnifyOptions(str(tiny_st), str(tmp_path / "folder"), str(TINY / "src_strategy.ckpt"), fmt="h5"))
     with pytest.raises(DestinationError):
         plan_unify(UnifyOptions(str(tiny_st), str(tiny_st / "x.h5"), str(TINY / "src_strategy.ckpt"), fmt="h5"))
+
+
+def test_h5_into_a_folder_another_run_is_writing_fails_and_a_failed_rerun_leaves_no_manifest(
+        tiny_st: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found: `unify --format h5` took no lock (a second run replaced the file another was writing, each
+    manifest possibly describing the other's file, both exiting 0) and a failed rerun left the earlier
+    run's manifest beside the file."""
+    pytest.importorskip("h5py")
+    import mpickpt.unify_h5 as unify_h5
+
+    out = tmp_path / "h5" / "model.h5"
+    options = UnifyOptions(str(tiny_st), str(out), str(TINY / "src_strategy.ckpt"), fmt="h5")
+    run_unify(options, SerialComm(), sync=False)
+    holder = DestinationLock.acquire(str(out.parent))  # another run (a transform or a unify) writing there now
+    before = folder_bytes(out.parent)
+    try:
+        with pytest.raises(DestinationError, match=f"another mpickpt run is writing here .*{LOCK_NAME}"):
+            run_unify(replace(options, exclude=("adam_*",)), SerialComm(), sync=False)
+    finally:
+        holder.release()
+    assert folder_bytes(out.parent) == before
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise DestinationError(f"{out}: no space left (injected)")
+
+    monkeypatch.setattr(unify_h5, "write_plan", failing)
+    with pytest.raises(DestinationError, match="injected"):
+        run_unify(replace(options, exclude=("adam_*",)), SerialComm(), sync=False)
+    assert not (out.parent / "model.h5.manifest.json").exists()
+    monkeypatch.undo()
+    run_unify(options, SerialComm(), sync=False)  # the lock of the failed run is gone
+    assert (out.parent / "model.h5.manifest.json").exists()
 
 
 def test_h5_holds_str_values_and_refuses_maptensors_before_writing(tmp_path: Path) -> None:
