@@ -282,8 +282,12 @@ def records_job(dst_dir: str) -> RecordsJob:
         raise MpickptError(f"{dst_dir}: the output folder does not exist")
     path = root / MANIFEST_NAME
     try:
-        files = json.loads(path.read_text(encoding="utf-8"))["files"]
-        listed = {str(root / entry["file"]): entry for entry in files}
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        command = manifest.get("command", "transform") if isinstance(manifest, dict) else "transform"
+        if command != "transform":
+            raise MpickptError(f"{path}: written by `mpickpt {command}`, whose manifest holds no checksums; "
+                               f"verify --dst-dir checks the outputs of `mpickpt transform` only")
+        listed = {str(root / entry["file"]): entry for entry in manifest["files"]}
     except FileNotFoundError:
         raise MpickptError(f"{path} does not exist: without it only a check against the sources can verify "
                            f"{dst_dir} (give --src-dir and the strategies)") from None

@@ -275,6 +275,19 @@ def test_records_alone_need_a_manifest(tmp_path: Path) -> None:
         verify_records(str(tmp_path), SerialComm())
 
 
+def test_records_of_a_unify_folder_are_refused_by_name(tmp_path: Path) -> None:
+    """A unify folder's manifest.json holds no checksums: said plainly (was "not a readable manifest
+    (KeyError: 'files')")."""
+    from mpickpt.unify import UnifyOptions, run_unify
+
+    out = tmp_path / "unified"
+    run_unify(UnifyOptions(str(EXAMPLE / "src"), str(out), str(EXAMPLE / "src_strategy.ckpt")), SerialComm(),
+              sync=False)
+    with pytest.raises(ValueError, match=r"manifest.json: written by `mpickpt unify`, whose manifest holds no "
+                                         r"checksums; verify --dst-dir checks the outputs of `mpickpt transform`"):
+        verify_records(str(out), SerialComm())
+
+
 def test_deal_balances_bytes() -> None:
     checks = [Check(f"f{i}", i, size) for i, size in enumerate([9, 1, 5, 5, 3])]
     shares = deal(checks, 2)
