@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -176,7 +177,7 @@ class TransformJob:
             catalog = build_catalog(src, {r: h.rows for r, h in found.items()}, lambda r: rank_files[r],
                                     src_stage=src_stage)
             check_copies_agree({r: h.fingerprints for r, h in found.items()}, lambda r: rank_files[r])
-        notes = notes + _lacking_note(src, dst, catalog.params, src_stage)
+        notes = notes + _lacking_note(src, dst, catalog.params, src_stage) + _sliced_through_note(src, dst, src_stage)
         output_format = options.output_format if options else "ckpt"
         job = cls(src, dst, catalog.params, dict(rank_files), (), str(dst_dir), tuple(map(str, forbidden_dirs)),
                   src_stage, dict(catalog.holders), output_format, bool(options and options.crc),
@@ -407,6 +408,23 @@ def _lacking_note(src: Strategy | None, dst: Strategy | None, params: Mapping[st
     return (f"the target strategy lays out {len(lacking)} parameter(s) that no source holds, e.g. {lacking[:3]}: "
             f"the outputs lack them (a target network's new parameters, e.g. LoRA adapters, are initialised by "
             f"the network){hint}",)
+
+
+def _sliced_through_note(src: Strategy | None, dst: Strategy | None, src_stage: int | None) -> tuple[str, ...]:
+    """A note when parameters the source strategy slices (optimizer states aside) are absent from the target
+    strategy: each output gets one rank's stored slice, as MindSpore's rule says, not the full tensor (right
+    for a target network that drops them; wrong when a stage's file is missing from the target's folder)."""
+    if src is None or dst is None or src_stage is not None:
+        return ()
+    layouts, target = Layouts.from_strategy(src), Layouts.from_strategy(dst)
+    sliced = [n for n in layouts.names if not target.holds(n) and not n.startswith(_OPTIMIZER_PREFIXES)
+              and math.prod(layouts.layout(n, layouts.stages_of(n)[0]).pieces) > 1]
+    if not sliced:
+        return ()
+    return (f"{len(sliced)} parameter(s) the source strategy slices are not in the target strategy, e.g. "
+            f"{sliced[:3]}: each output holds one source rank's stored slice of them, as MindSpore's converter "
+            f"writes, not the full tensor (if the target should lay them out, is a pipeline stage's strategy "
+            f"file missing?)",)
 
 
 def _subnetwork_stage(src: Strategy | None, dst: Strategy | None,

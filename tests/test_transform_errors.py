@@ -104,3 +104,31 @@ def test_by_rank_missing_needed_rank_is_named(seed: Path) -> None:
             0, files, str(seed / "x.ckpt"), str(seed / "src_strategy.ckpt"), str(seed / "dst_strategy.ckpt")
         )
     assert not (seed / "x.ckpt").exists()
+
+
+def test_a_sliced_parameter_the_target_strategy_lacks_is_said(tmp_path: Path) -> None:
+    """Copied as one rank's stored slice (MindSpore's rule), which is not the full tensor: the job's notes say
+    so (a target strategy folder missing a pipeline stage gives this silently otherwise)."""
+    from dataclasses import replace
+
+    from mpickpt.ckpt import index_checkpoint
+    from mpickpt.strategy import load_strategy, save_strategy
+    from mpickpt.transform import TransformJob, TransformOptions
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "tiny_llama"
+    dropped = "model.layers.0.attention.wq.weight"
+    target = load_strategy(example / "dst_strategy_4.ckpt")
+    target = replace(target, layout_items=tuple(i for i in target.layout_items if i.name != dropped))
+    save_strategy(target, tmp_path / "dst_strategy.ckpt")
+    job = TransformJob.prepare(TransformOptions(str(example / "src"), str(tmp_path / "out"),
+                                                src_strategy=str(example / "src_strategy.ckpt"),
+                                                dst_strategy=str(tmp_path / "dst_strategy.ckpt")))
+    try:
+        notes = [n for n in job.notes if "the source strategy slices are not in the target strategy" in n]
+        assert len(notes) == 1 and notes[0].startswith("1 parameter(s)") and repr(dropped) in notes[0], job.notes
+        plan = job.planner().plan(0)
+    finally:
+        job.close()
+    kept = next(p for p in plan.params if p.name == dropped)
+    with index_checkpoint(example / "src" / "rank_0" / "checkpoint_0.ckpt") as source:
+        assert kept.dims == tuple(source.entries[dropped].dims)  # a stored slice, not the full tensor
