@@ -65,6 +65,7 @@ def transform_checkpoints(
     )
     job = TransformJob.prepare(options)
     try:
+        _check_prefix_as_mindspore(job, ckpt_prefix)
         if process_num == 1 or len(job.tasks) == 1:
             for task in job.tasks:
                 job.run_task(task)
@@ -74,6 +75,15 @@ def transform_checkpoints(
                 future.result()
     finally:
         job.close()
+
+
+def _check_prefix_as_mindspore(job: TransformJob, prefix: str) -> None:
+    """Refuse the prefixes MindSpore refuses when it converts `.ckpt` sources (all stages at once): blank
+    ones and those holding '~' (its path-safety check; '/' and '..' are refused for every source)."""
+    ckpt_sources = all(path.endswith(".ckpt") for path in job.rank_files.values())
+    if ckpt_sources and job.src_stage is None and (not prefix.strip() or "~" in prefix):
+        raise ValueError(f"ckpt_prefix {prefix!r} is not safe (blank or holding '~'): MindSpore refuses it for "
+                         ".ckpt sources")
 
 
 def _run_task(job: TransformJob, task: OutputTask) -> None:

@@ -230,6 +230,9 @@ def deploy_plans(index: SourceIndex, dst: Strategy | None, ranks: list[int]) -> 
     return plans
 
 
+LOAD_FORMATS = ("ckpt", "safetensors")  # what MindSpore's load_distributed_checkpoint reads and writes
+
+
 def load_distributed_checkpoint(network: Any = None, checkpoint_filenames: Any = None, predict_strategy: Any = None,
                                 train_strategy_filename: Any = None, strict_load: bool = False,
                                 dec_key: Any = None, dec_mode: str = "AES-GCM", format: str = "ckpt",
@@ -244,18 +247,23 @@ def load_distributed_checkpoint(network: Any = None, checkpoint_filenames: Any =
     from .formats import suffix_of
 
     del max_process_num, return_param_dict
+    if format not in LOAD_FORMATS or output_format not in LOAD_FORMATS:
+        raise MpickptError(f"For 'load_distributed_checkpoint', 'format' and 'output_format' must be 'ckpt' or "
+                           f"'safetensors', got {format!r} and {output_format!r}")
     if network is not None:
         raise MpickptError("For 'load_distributed_checkpoint', mpickpt has no networks: pass network=None and "
                            "dst_safetensors_dir to save each rank's file, then load that with MindSpore")
     if format != "safetensors":
         raise MpickptError("For 'load_distributed_checkpoint', mpickpt supports format='safetensors' (with "
                            "unified_safetensors_dir) only: the 'ckpt' form loads into a network")
-    suffix_of(output_format)
     given = {"checkpoint_filenames": checkpoint_filenames, "train_strategy_filename": train_strategy_filename,
-             "dec_key": dec_key, "name_map": name_map}
+             "dec_key": dec_key}
     for key, value in given.items():
         if value is not None:
             raise MpickptError(f"For 'load_distributed_checkpoint', {key} must be None when format is 'safetensors'")
+    if name_map is not None:
+        raise NotImplementedError("For 'load_distributed_checkpoint', name_map (which MindSpore honours) is "
+                                  "not supported by mpickpt")
     if strict_load or dec_mode != "AES-GCM":
         raise MpickptError("For 'load_distributed_checkpoint', strict_load and dec_mode must be default when "
                            "format is 'safetensors'.")

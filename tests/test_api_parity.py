@@ -185,3 +185,45 @@ def test_mindspore_loads_a_merge_into_a_json_name(mindspore_cases: dict, tmp_pat
     assert isinstance(loaded["ours_json"], list) and loaded["ours_json"] == loaded["ours_ckpt"]
     assert loaded["theirs_json"] in ("JSONDecodeError", "UnicodeDecodeError")  # protobuf bytes read as JSON
     assert json.loads((tmp_path / "ours.json").read_text())["current_stage"] == 1
+
+
+@pytest.mark.parametrize("prefix", ["", "  ", "ckpt~"])
+def test_a_prefix_mindspore_finds_unsafe_is_refused_for_ckpt_sources(tmp_path: Path, prefix: str) -> None:
+    """A blank prefix wrote rank_0/0.ckpt where MindSpore refuses the call (its path-safety check)."""
+    root = _case(tmp_path / "case")
+    with pytest.raises(ValueError, match=r"ckpt_prefix .* is not safe \(blank or holding '~'\)"):
+        mpickpt.transform_checkpoints(str(root / "src"), str(root / "dst"), prefix, str(root / "src_strategy.ckpt"),
+                                      str(root / "dst_strategy.ckpt"))
+    assert not (root / "dst").exists() or not list((root / "dst").rglob("*.ckpt"))
+
+
+def test_a_blank_prefix_is_taken_for_safetensors_sources_as_mindspore(tmp_path: Path) -> None:
+    root = _case(tmp_path / "case")
+    ckpt_to_safetensors(str(root / "src"), str(root / "st"))
+    mpickpt.transform_checkpoints(str(root / "st"), str(root / "dst"), "", str(root / "src_strategy.ckpt"),
+                                  str(root / "dst_strategy.ckpt"), output_format="safetensors")
+    assert sorted(str(p.relative_to(root / "dst")) for p in (root / "dst").rglob("*.safetensors")) == [
+        "rank_0/0.safetensors", "rank_1/1.safetensors"]
+
+
+_MS_PREFIXES = """
+import sys
+import mindspore as ms
+root = sys.argv[1]
+for prefix in ("", "  ", "ckpt~"):
+    try:
+        ms.transform_checkpoints(root + "/src", root + "/ms", prefix, root + "/src_strategy.ckpt",
+                                 root + "/dst_strategy.ckpt")
+        print("converted")
+    except ValueError as error:
+        print("ValueError:", error)
+"""
+
+
+@requires_mindspore
+@pytest.mark.mindspore
+def test_mindspore_refuses_those_prefixes_for_ckpt_sources(tmp_path: Path) -> None:
+    root = _case(tmp_path / "case")
+    lines = run_mindspore(_MS_PREFIXES, root, [str(root)]).strip().splitlines()[-3:]
+    assert lines == ["ValueError: ckpt_prefix contains '^s*$' is not safe, please use a safe one."] * 2 + [
+        "ValueError: ckpt_prefix contains '~' is not safe, please use a safe one."], lines

@@ -146,6 +146,49 @@ def test_load_distributed_checkpoint_refusals(cases: dict[str, Path], tmp_path: 
     assert not any(tmp_path.iterdir())
 
 
+_MS_LOAD_FORMATS = """
+import sys
+import mindspore as ms
+for fmt, out in (("safetensors", "h5"), ("h5", "safetensors")):
+    try:
+        ms.load_distributed_checkpoint(None, predict_strategy=sys.argv[1], format=fmt, unified_safetensors_dir=sys.argv[2],
+                                       dst_safetensors_dir="out", rank_id=0, output_format=out)
+        print("written")
+    except ValueError as error:
+        print("ValueError:", error)
+"""
+
+
+@pytest.mark.parametrize("fmt,output_format", [("safetensors", "h5"), ("h5", "safetensors")])
+def test_load_distributed_checkpoint_refuses_formats_mindspore_refuses(cases: dict[str, Path], tmp_path: Path,
+                                                                       fmt: str, output_format: str) -> None:
+    """output_format="h5" wrote rank_0/net.h5, a file MindSpore never writes: it refuses both values."""
+    with pytest.raises(ValueError, match="'format' and 'output_format' must be 'ckpt' or 'safetensors'"):
+        mpickpt.load_distributed_checkpoint(None, predict_strategy=str(DST), format=fmt,
+                                            unified_safetensors_dir=str(cases["ms"]),
+                                            dst_safetensors_dir=str(tmp_path / "out"), rank_id=0,
+                                            output_format=output_format)
+    assert not (tmp_path / "out").exists()
+
+
+@requires_mindspore
+@pytest.mark.mindspore
+def test_mindspore_refuses_those_formats_too(cases: dict[str, Path], tmp_path: Path) -> None:
+    lines = run_mindspore(_MS_LOAD_FORMATS, tmp_path, [str(DST), str(cases["ms"])]).strip().splitlines()[-2:]
+    assert all(line.startswith("ValueError: For 'load_distributed_checkpoint', 'format' and 'output_format' must be")
+               for line in lines), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_distributed_checkpoint_name_map_is_not_ignored(cases: dict[str, Path], tmp_path: Path) -> None:
+    """MindSpore reads each parameter under its name_map name; mpickpt says it cannot."""
+    with pytest.raises(NotImplementedError, match="name_map"):
+        mpickpt.load_distributed_checkpoint(None, predict_strategy=str(DST), format="safetensors",
+                                            unified_safetensors_dir=str(cases["ms"]),
+                                            dst_safetensors_dir=str(tmp_path / "out"), name_map={"a": "b"})
+    assert not (tmp_path / "out").exists()
+
+
 def test_load_distributed_checkpoint_refuses_one_rank_folder(cases: dict[str, Path], tmp_path: Path) -> None:
     """A folder holding only rank_0/ is a sharded checkpoint's rank file, not full tensors: its slices would be
     laid out again as if whole (MindSpore finds no weight file there and refuses too)."""
