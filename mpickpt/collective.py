@@ -72,10 +72,11 @@ def deal_by_size(items: Sequence[T], size: Callable[[T], int], processes: int,
     return shares
 
 
-def fail(comm: Comm, exc: BaseException, where: str, stream: TextIO = sys.stderr) -> NoReturn:
-    """Raise in a one-process world; otherwise print `mpickpt: <where>: <message>` and abort every process."""
+def fail(comm: Comm, exc: BaseException, where: str, stream: TextIO = sys.stderr, status: int = 1) -> NoReturn:
+    """Raise in a one-process world; otherwise print `mpickpt: <where>: <message>` and abort every process
+    with exit status `status`."""
     if comm.size == 1:
         raise exc
     text = str(exc) if isinstance(exc, MpickptError) else f"{type(exc).__name__}: {exc}"
     print(f"\nmpickpt: {where}: {text}", file=stream, flush=True)
-    comm.abort(1)
+    comm.abort(status)

@@ -7,7 +7,9 @@ or by Slurm's srun, and a `SerialComm` otherwise, so plain serial use never load
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, NoReturn, Protocol, TypeVar
@@ -25,6 +27,7 @@ RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMI_FD", "PMI_PORT", "PMI
 
 MESSAGE_TAG = 7  # the driver's point-to-point messages (progress, results)
 ABORT_GRACE_SECONDS = 0.3  # between printing a failure and MPI_Abort
+INTERRUPTED = 130  # 128 + SIGINT: the status of a job ended by Ctrl-C
 
 
 class Request(Protocol):
@@ -280,4 +283,22 @@ def world(env: Mapping[str, str] | None = None) -> Comm:
             f"the launcher started {expected} processes but MPI formed a world of {comm.size}: "
             "mpi4py uses another MPI library than the launcher, or srun lacks --mpi=pmi2/pmix "
             "(see launch/README.md)")
+    if comm.size > 1:
+        _end_job_on_interrupt(comm)
     return comm
+
+
+def _end_job_on_interrupt(comm: Comm) -> None:
+    """Make SIGINT (Ctrl-C) reaching any one process end the whole job (status 130), naming the process. A
+    KeyboardInterrupt raised on one process between collectives (while reading headers, say) ended only that
+    process, and the others waited for it in the next collective forever. Left alone where the program set
+    its own handler, and off the main thread (where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+
+    def interrupted(signum: int, frame: object) -> None:
+        print(f"\nmpickpt: process {comm.rank}: interrupted", file=sys.stderr, flush=True)
+        comm.abort(INTERRUPTED)
+
+    signal.signal(signal.SIGINT, interrupted)

@@ -52,6 +52,7 @@ from .transform import TransformJob, TransformOptions
 BLOCK_BYTES = 1 << 20  # rows read per comparison step: at most this many bytes of each side (or one row)
 OPEN_SOURCES = 32  # source files kept open per process
 POLL_SECONDS = 0.02
+NOT_RUN = 2  # exit status when the check could not run (1: an output does not match)
 SHOWN_PROBLEMS = 100  # problems printed one per line; the summary counts them all
 OUTPUT_SUFFIXES = (".ckpt", ".safetensors")
 
@@ -172,7 +173,7 @@ def _check(job: Job, mine: Sequence[Check], comm: Comm, started: float, exchange
         comm.send((params, problems), 0)
         verdict = _gather(job, comm, started) if comm.rank == 0 else None
     except BaseException as exc:
-        fail(comm, exc, f"verify: process {comm.rank}")
+        fail(comm, exc, f"verify: process {comm.rank}", status=NOT_RUN)
     comm.flush()
     return cast(Verdict, comm.bcast(verdict, root=0))  # rank 0 always has one here
 

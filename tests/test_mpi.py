@@ -267,6 +267,77 @@ def test_exception_in_one_process_names_it_and_ends_every_process(flavor: str, t
     assert not (tmp_path / "manifest.json").exists()
 
 
+INTERRUPT_FIRST_SOURCE_READ = """
+import os, signal, sys
+fired = []
+def hook(event, args):
+    if not fired and event == "open" and str(args[0]).endswith(".ckpt") and "/src/" in str(args[0]):
+        fired.append(True)
+        os.kill(os.getpid(), signal.SIGINT)
+if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK")) == "1":
+    sys.addaudithook(hook)
+"""
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_ctrl_c_on_one_process_while_the_job_starts_ends_every_process(flavor: str, tmp_path: Path,
+                                                                       serial: Serial,
+                                                                       written_cases: dict[str, Case]) -> None:
+    """SIGINT to process 1 as it first reads a source header (inside a collective, before any output): it
+    printed `mpickpt: interrupted` and left, and the others waited for it forever."""
+    case = written_cases[KILL_CASE]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(INTERRUPT_FIRST_SOURCE_READ)
+    src = tmp_path / "src"
+    shutil.copytree(case.src_dir, src)
+    prefix = launcher(flavor) + ["-n", "3"]
+    cmd = prefix + [sys.executable, "-m", "mpickpt", "transform", *transform_args(case, tmp_path / "dst", src)]
+    interrupted = run_in_session(cmd, PYTHONPATH=str(site))
+    assert interrupted.returncode != 0, interrupted.output
+    assert interrupted.seconds < ENDS_WITHIN, f"the job took {interrupted.seconds:.1f} s to end"
+    assert "mpickpt: process 1: interrupted" in interrupted.output, interrupted.output
+    assert not (tmp_path / "dst" / "manifest.json").exists()
+    rerun = mpickpt(transform_args(case, tmp_path / "dst", src), prefix)
+    assert rerun.returncode == 0, rerun.output
+    assert outputs(tmp_path / "dst") == serial(case)
+
+
+REFUSE_SOURCES_ONCE_CHECKING = """
+import os, sys
+checking = []
+def hook(event, args):
+    if event != "open" or not str(args[0]).endswith(".ckpt"):
+        return
+    if "/dst/" in str(args[0]):
+        checking.append(True)
+    elif checking:
+        raise PermissionError(13, "Permission denied (injected)", str(args[0]))
+if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK")) == "1":
+    sys.addaudithook(hook)
+"""
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_verify_that_cannot_read_a_source_on_one_process_exits_2(flavor: str, tmp_path: Path,
+                                                                   written_cases: dict[str, Case]) -> None:
+    """verify's status 1 means an output does not match, 2 that the check could not run (as serially); under
+    mpiexec a process failing to read a source file while checking aborted the job with 1."""
+    case = written_cases[KILL_CASE]
+    dst = tmp_path / "dst"
+    assert mpickpt(transform_args(case, dst) + ["--quiet"]).returncode == 0
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(REFUSE_SOURCES_ONCE_CHECKING)
+    args = [a for a in transform_args(case, dst) if a not in ("--prefix", case.prefix)]
+    cmd = launcher(flavor) + ["-n", "2", sys.executable, "-m", "mpickpt", "verify", *args]
+    done = run_in_session(cmd, PYTHONPATH=str(site))
+    assert done.returncode == 2, done.output
+    assert done.seconds < ENDS_WITHIN
+    line = next((line for line in done.output.splitlines() if line.startswith("mpickpt: verify: process 1: ")), "")
+    assert str(case.src_dir) in line and "Permission denied (injected)" in line, done.output
+
+
 def copy_with_victim(case: Case, tmp_path: Path) -> tuple[Path, Path]:
     """The case's sources copied to tmp_path/src, and rank 3's file there made writable (to be damaged)."""
     src = tmp_path / "src"
