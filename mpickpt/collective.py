@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 def broadcast_prepared(prepare: Callable[[], T], comm: Comm) -> T:
     """Rank 0 runs `prepare`; every rank returns its result, or raises rank 0's error (as a plain
-    MpickptError of the same type, so it always pickles)."""
+    MpickptError of the same type, so it always pickles; an unexpected error names process 0, as in `agree`)."""
     result: T | None = None
     error: MpickptError | None = None
     if comm.rank == 0:
@@ -26,7 +26,7 @@ def broadcast_prepared(prepare: Callable[[], T], comm: Comm) -> T:
         except Exception as exc:
             if comm.size == 1:
                 raise
-            error = exc if isinstance(exc, MpickptError) else MpickptError(f"{type(exc).__name__}: {exc}")
+            error = exc if isinstance(exc, MpickptError) else MpickptError(f"process 0: {type(exc).__name__}: {exc}")
             error = type(error)(str(error))
     result, error = comm.bcast((result, error), root=0)
     if error is not None:

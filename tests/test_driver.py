@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from fixture_cases import checkpoint_content
 from mpickpt import driver, startup
 from mpickpt.ckpt_writer import CheckpointWriter
-from mpickpt.collective import agree
+from mpickpt.collective import agree, broadcast_prepared
 from mpickpt.driver import deal, run_job, run_transform
 from mpickpt.destination import DestinationLock
 from mpickpt.errors import DestinationError, MpickptError
@@ -723,3 +723,16 @@ def test_an_unexpected_error_on_one_process_is_raised_on_every_process_naming_it
 
     assert run_threads(3, body) == ["process 1: PermissionError: [Errno 13] Permission denied: "
                                     "'/local/src/rank_3/checkpoint_3.ckpt'"] * 3
+
+
+def test_an_unexpected_error_while_rank_0_prepares_names_process_0_on_every_process() -> None:
+    def body(comm: ThreadComm) -> str:
+        def prepare() -> int:
+            raise RuntimeError("merge failed")
+        try:
+            broadcast_prepared(prepare, comm)
+        except MpickptError as exc:
+            return str(exc)
+        return "no error"
+
+    assert run_threads(2, body) == ["process 0: RuntimeError: merge failed"] * 2
