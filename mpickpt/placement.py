@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from .errors import MpickptError
+from .errors import MpickptError, SourceMissingError
 
 _PLACEHOLDER = re.compile(r"\{(\w*)\}")
 PLACEHOLDERS = ("host", "process")
@@ -97,13 +97,20 @@ class Destinations:
 @dataclass(frozen=True)
 class ProcessView:
     """What one process sees: its host, its expansion of the source folder, the rank files found there and
-    their stamps (size and time of each file)."""
+    their stamps (size and time of each file), and the checkpoint files of a folder that is no source
+    (`strays`: no rank folders, no index; e.g. a part of a unified checkpoint)."""
 
     process: int
     host: str
     src_dir: str
     rank_files: dict[int, str]
     stamps: dict[int, FileStamp] = field(default_factory=dict)
+    strays: tuple[str, ...] = ()
+
+    @property
+    def unified(self) -> bool:
+        """Whether this process sees a unified checkpoint (the folder itself, or one file in it), not rank folders."""
+        return any(path == self.src_dir or os.path.dirname(path) == self.src_dir for path in self.rank_files.values())
 
     def group_key(self, per_process: bool) -> tuple[object, ...]:
         """Processes with the same key see the same folder: same path and same rank files with the same stamps
@@ -200,6 +207,21 @@ class Placement:
             for rank, path in view.rank_files.items():
                 files.setdefault(rank, path)
         return dict(sorted(files.items()))
+
+    def refuse_partial_unified(self, template: str) -> None:
+        """A unified source some process sees whole while another process's folder holds checkpoint files that
+        are no source (shards or hyper_param.safetensors without the index): the shared folder would read them,
+        the job would not (SourceMissingError naming them)."""
+        seen = next((v for v in self.views if v.unified), None)
+        strays = [v for v in self.views if v.strays]
+        if seen is None or not strays:
+            return
+        held = "; ".join(f"process {v.process} (host {v.host}) {v.src_dir}: {', '.join(v.strays)}" for v in strays)
+        raise SourceMissingError(
+            f"{template}: process {seen.process} (host {seen.host}) sees the unified checkpoint "
+            f"{seen.rank_files[0]}, but other processes' folders hold checkpoint files that are no source on their "
+            f"own ({held}): a unified checkpoint split over processes is read from one folder only. Put all its "
+            "files, with its index, in each folder holding any of them")
 
     def describe(self, limit: int = 16) -> str:
         """Who holds what, for messages: "process 0 (host a, /x/p0): ranks [0, 1]; ..." (`limit` processes)."""

@@ -120,6 +120,15 @@ def _last_two_numbers(path: Path) -> tuple[int, int, str]:
     return numbers[0], numbers[1], path.name
 
 
+def stray_checkpoints(folder: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The names of the checkpoint files (`.safetensors`, `.h5`, `.ckpt`; not hidden) at the top of a folder."""
+    root = Path(folder)
+    if not root.is_dir():
+        return ()
+    return tuple(sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+                        and p.suffix in (".safetensors", ".h5", ".ckpt")))
+
+
 def stamped_files(source: str) -> list[str]:
     """The files whose size and time stand for a source: the file itself, or every file of a unified folder
     (so a shard edited in place makes a rerun redo what it made)."""

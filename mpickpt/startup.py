@@ -52,7 +52,7 @@ from .placement import (
     has_placeholders,
     header_share,
 )
-from .sources import RANK_FORMATS, find_rank_files, stamped_files
+from .sources import RANK_FORMATS, find_rank_files, stamped_files, stray_checkpoints
 from .strategy import Strategy
 from .transform import (
     Sources,
@@ -234,7 +234,8 @@ def _check_one_folder(template: str, process: int, dst_dirs: Sequence[str], host
 
 
 def _view(options: TransformOptions, process: int, host: str, per_process: bool) -> ProcessView:
-    """The rank files this process sees (with placeholders, a missing or empty folder sees none)."""
+    """The rank files this process sees (with placeholders, a missing or empty folder sees none, and a folder
+    holding checkpoint files that are no source names them as strays)."""
     folder = os.path.abspath(options.src_dir)
     if per_process and not os.path.exists(folder):
         return ProcessView(process, host, folder, {})
@@ -243,7 +244,7 @@ def _view(options: TransformOptions, process: int, host: str, per_process: bool)
     except SourceMissingError:
         if not per_process:
             raise
-        files = {}
+        return ProcessView(process, host, folder, {}, strays=stray_checkpoints(folder))
     return ProcessView(process, host, folder, files, _stamps(files))
 
 
@@ -257,6 +258,7 @@ def _plan(options: TransformOptions, src: Strategy | None, dst: Strategy | None,
                              ([options.src_format] if options.src_format else RANK_FORMATS))
         raise SourceMissingError(f"{template}: no process sees any {looked} checkpoint files "
                                  f"({placement.describe()})")
+    placement.refuse_partial_unified(template)
     where = f"{template} (seen as {placement.describe()})" if per_process else options.src_dir
     sources = Sources.check(src, dst, rank_files, headers, options, where)
     stamps = {r: h.stamps for r, h in sources.headers.items()}
