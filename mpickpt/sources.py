@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import MpickptError, SourceDisagreementError, SourceMissingError
@@ -48,7 +49,7 @@ def find_rank_files(src_dir: str | os.PathLike[str], src_format: str | None = No
                         f"rank {rank}: move the one not of this checkpoint away")
                 files[rank] = str(chosen)
     if src_format is None:
-        _refuse_mixed_formats(files)
+        refuse_mixed_formats(files.values())
     if not files:
         unified = _unified_source(root)
         if unified is not None:
@@ -87,10 +88,11 @@ def _unified_source(root: Path) -> str | None:
     return str(files[0])
 
 
-def _refuse_mixed_formats(files: dict[int, str]) -> None:
-    """Rank folders must all hold one format: MindSpore refuses a source folder holding both."""
+def refuse_mixed_formats(paths: Iterable[str]) -> None:
+    """Rank folders must all hold one format: MindSpore refuses a source folder holding both (also when
+    node-local folders each hold one)."""
     by_format: dict[str, str] = {}
-    for path in files.values():  # rank order: the first rank folder of each format is named
+    for path in paths:  # the first rank folder of each format is named
         by_format.setdefault(Path(path).suffix, path)
     if len(by_format) > 1:
         named = " and ".join(f"{Path(path).parent} ({suffix[1:]})" for suffix, path in sorted(by_format.items()))

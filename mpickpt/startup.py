@@ -52,7 +52,7 @@ from .placement import (
     has_placeholders,
     header_share,
 )
-from .sources import RANK_FORMATS, find_rank_files, stamped_files, stray_checkpoints
+from .sources import RANK_FORMATS, find_rank_files, refuse_mixed_formats, stamped_files, stray_checkpoints
 from .strategy import Strategy
 from .transform import (
     Sources,
@@ -158,6 +158,9 @@ def _survey_sources(local: TransformOptions, comm: Comm, host: str, per_process:
     the processes seeing it; the indexes stay open in `indexes`; the values `src` copies through whole
     fingerprinted) and notes for the summary."""
     views = agree(lambda: _view(local, comm.rank, host, per_process), comm)
+    if local.src_format is None:
+        refuse_mixed_formats(path for _, _, path in sorted((r, v.process, path) for v in views
+                                                           for r, path in v.rank_files.items()))
     notes = _check_copies(views, comm)
     _expect_as_seen(views[comm.rank], indexes)
     found = agree(lambda: read_headers({r: views[comm.rank].rank_files[r]

@@ -1,5 +1,6 @@
 """Node-local (`{process}`) sources in the less common forms: a unified checkpoint on some processes only,
-or split over them; compared with the same job on one shared folder (driver on threads)."""
+or split over them, and rank folders of both formats; compared with the same job on one shared folder
+(driver on threads)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 from test_driver import run_threads, transform_errors
 
+from mpickpt.convert import ckpt_to_safetensors
 from mpickpt.driver import run_transform
-from mpickpt.errors import SourceMissingError
+from mpickpt.errors import MpickptError, SourceMissingError
 from mpickpt.mpi import SerialComm
 from mpickpt.transform import TransformOptions
 from mpickpt.unify import UnifyOptions, run_unify
@@ -29,8 +31,9 @@ def unified(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def options(src_dir: Path | str, dst_dir: Path) -> TransformOptions:
-    return TransformOptions(src_dir=str(src_dir), dst_dir=str(dst_dir), prefix="checkpoint_", dst_strategy=str(DST))
+def options(src_dir: Path | str, dst_dir: Path, **extra: object) -> TransformOptions:
+    return TransformOptions(src_dir=str(src_dir), dst_dir=str(dst_dir), prefix="checkpoint_", dst_strategy=str(DST),
+                            **extra)  # type: ignore[arg-type]
 
 
 def outputs(folder: Path) -> dict[str, bytes]:
@@ -55,4 +58,19 @@ def test_a_unified_folder_split_over_processes_is_refused(unified: Path, tmp_pat
     errors = transform_errors(options(tmp_path / "src" / "p{process}" / "unified", tmp_path / "dst"), 3)
     assert all(isinstance(e, SourceMissingError) for e in errors) and len({str(e) for e in errors}) == 1
     assert "process 1 (host " in str(errors[0]) and f"{other}: hyper_param.safetensors" in str(errors[0])
+    assert not list((tmp_path / "dst").rglob("*.ckpt"))
+
+
+def test_rank_folders_of_both_formats_on_different_processes_are_refused(tmp_path: Path) -> None:
+    """Process 0 holds ranks 0-3 as .ckpt, process 1 ranks 4-7 as safetensors: the shared folder refuses the mix
+    (as MindSpore), the split job used to convert it and exit 0; now it is refused alike, naming both folders."""
+    ckpt_to_safetensors(TINY / "src", tmp_path / "st")
+    for rank in range(8):
+        folder = (TINY / "src") if rank < 4 else tmp_path / "st"
+        shutil.copytree(folder / f"rank_{rank}", tmp_path / "src" / f"p{rank // 4}" / f"rank_{rank}")
+    split = options(tmp_path / "src" / "p{process}", tmp_path / "dst", src_strategy=str(TINY / "src_strategy.ckpt"))
+    errors = transform_errors(split, 2)
+    assert all(isinstance(e, MpickptError) for e in errors) and len({str(e) for e in errors}) == 1
+    assert (f"rank folders hold checkpoints of both formats, {tmp_path / 'src' / 'p0' / 'rank_0'} (ckpt) and "
+            f"{tmp_path / 'src' / 'p1' / 'rank_4'} (safetensors)") in str(errors[0])
     assert not list((tmp_path / "dst").rglob("*.ckpt"))
