@@ -28,7 +28,7 @@ from .inventory import SourceHeaders, read_headers
 from .layout import Layouts
 from .manifest import SourceStamp, WrittenOutput, checksum_text
 from .matrix import transfer_bytes
-from .placement import Destinations
+from .placement import Destinations, has_placeholders
 from .plan import Planner, TargetPlan, TensorInfo
 from .sources import find_rank_files, stamped_files
 from .strategy import (
@@ -330,6 +330,10 @@ def _strategy(file: str | None, folder: str | None) -> Strategy | None:
     """Load a strategy file, or merge a folder of per-stage files."""
     if file and folder:
         raise MpickptError(f"give either a strategy file ({file}) or a strategy folder ({folder}), not both")
+    for path in (file, folder):
+        if path and has_placeholders(path) and not os.path.exists(path):
+            raise MpickptError(f"{path}: placeholders ({{host}}, {{process}}) are expanded in the source and "
+                               f"destination folders only; strategies are read by process 0: give a path it sees")
     if folder:
         return replace(merge_strategy_folder(folder), path=folder)  # errors name the folder until it is kept
     return load_strategy(file) if file else None

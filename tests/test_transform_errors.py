@@ -132,3 +132,17 @@ def test_a_sliced_parameter_the_target_strategy_lacks_is_said(tmp_path: Path) ->
     kept = next(p for p in plan.params if p.name == dropped)
     with index_checkpoint(example / "src" / "rank_0" / "checkpoint_0.ckpt") as source:
         assert kept.dims == tuple(source.entries[dropped].dims)  # a stored slice, not the full tensor
+
+
+@pytest.mark.parametrize("option", ["src_strategy", "src_strategy_dir"])
+def test_a_placeholder_in_a_strategy_path_is_refused_saying_where_they_expand(tmp_path: Path, option: str) -> None:
+    """Was "p{process}/strategies: src_strategy_dirs is not a directory" (taken literally)."""
+    from mpickpt.transform import TransformJob, TransformOptions
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "tiny_llama"
+    options = TransformOptions(str(example / "src"), str(tmp_path / "out"), dst_strategy=str(example /
+                               "dst_strategy_4.ckpt"), **{option: str(tmp_path / "p{process}" / "strategy")})
+    with pytest.raises(MpickptError, match=r"p\{process\}/strategy: placeholders \(\{host\}, \{process\}\) are "
+                                           r"expanded in the source and destination folders only"):
+        TransformJob.prepare(options)
+    assert not (tmp_path / "out").exists()
