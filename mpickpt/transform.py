@@ -177,12 +177,13 @@ class TransformJob:
             catalog = build_catalog(src, {r: h.rows for r, h in found.items()}, lambda r: rank_files[r],
                                     src_stage=src_stage)
             check_copies_agree({r: h.fingerprints for r, h in found.items()}, lambda r: rank_files[r])
-        notes = notes + _lacking_note(src, dst, catalog.params, src_stage) + _sliced_through_note(src, dst, src_stage)
         output_format = options.output_format if options else "ckpt"
         job = cls(src, dst, catalog.params, dict(rank_files), (), str(dst_dir), tuple(map(str, forbidden_dirs)),
                   src_stage, dict(catalog.holders), output_format, bool(options and options.crc),
                   bool(options and options.verify_crc), options, notes)
         planner = job.planner()
+        if src_stage is None:
+            job.notes = job.notes + _coverage_notes(planner.src, planner.dst, catalog.params)
         strategies = {"src": strategy_digest(src), "dst": strategy_digest(dst)}
         tasks = []
         if targets is None:
@@ -395,40 +396,31 @@ def _ranks_of_strategy(src: Strategy | None, src_stage: int | None, rank_files: 
     return {r: f for r, f in rank_files.items() if r in wanted}
 
 
-def _lacking_note(src: Strategy | None, dst: Strategy | None, params: Mapping[str, TensorInfo],
-                  src_stage: int | None) -> tuple[str, ...]:
-    """A note when the target lays out parameters (optimizer states aside) that neither the source strategy nor
-    any source file holds: the outputs lack them. Right for a target network with new parameters (LoRA
-    adapters, a new head), which initialises them; wrong when a pipeline stage's strategy file and rank
-    folders are missing, which nothing here can tell apart, so it is said, not refused (MindSpore: silent)."""
-    if src is None or dst is None or src_stage is not None:
+def _coverage_notes(src: Layouts, dst: Layouts, params: Mapping[str, TensorInfo]) -> tuple[str, ...]:
+    """Notes on parameters (optimizer states aside) one strategy has and the other lacks, which nothing here can
+    tell right from wrong, so they are said, not refused (MindSpore is silent): those the target lays out that
+    no source holds, which the outputs lack (right for a target network's new parameters, e.g. LoRA adapters;
+    wrong when a pipeline stage's strategy file and rank folders are missing), and those the source strategy
+    slices that the target lacks, of which each output gets one rank's stored slice, as MindSpore's rule says
+    (right for a target network that drops them; wrong when a stage's file is missing from the target's folder)."""
+    if src.unsharded or dst.unsharded:
         return ()
-    held = set(src.layouts_by_param()) | set(params)
-    lacking = [n for n in dst.layouts_by_param() if n not in held and not n.startswith(_OPTIMIZER_PREFIXES)]
-    if not lacking:
-        return ()
-    hint = (f"; if the source's pipeline stages {list(range(src.stage_count))} are not all of them, a stage's "
-            f"strategy file and rank folders are missing" if src.stage_count > 1 else "")
-    return (f"the target strategy lays out {len(lacking)} parameter(s) that no source holds, e.g. {lacking[:3]}: "
-            f"the outputs lack them (a target network's new parameters, e.g. LoRA adapters, are initialised by "
-            f"the network){hint}",)
-
-
-def _sliced_through_note(src: Strategy | None, dst: Strategy | None, src_stage: int | None) -> tuple[str, ...]:
-    """A note when parameters the source strategy slices (optimizer states aside) are absent from the target
-    strategy: each output gets one rank's stored slice, as MindSpore's rule says, not the full tensor (right
-    for a target network that drops them; wrong when a stage's file is missing from the target's folder)."""
-    if src is None or dst is None or src_stage is not None:
-        return ()
-    layouts, target = Layouts.from_strategy(src), Layouts.from_strategy(dst)
-    sliced = [n for n in layouts.names if not target.holds(n) and not n.startswith(_OPTIMIZER_PREFIXES)
-              and math.prod(layouts.layout(n, layouts.stages_of(n)[0]).pieces) > 1]
-    if not sliced:
-        return ()
-    return (f"{len(sliced)} parameter(s) the source strategy slices are not in the target strategy, e.g. "
-            f"{sliced[:3]}: each output holds one source rank's stored slice of them, as MindSpore's converter "
-            f"writes, not the full tensor (if the target should lay them out, is a pipeline stage's strategy "
-            f"file missing?)",)
+    notes = []
+    lacking = [n for n in dst.names if not src.holds(n) and n not in params and not n.startswith(_OPTIMIZER_PREFIXES)]
+    if lacking:
+        hint = (f"; if the source's pipeline stages {list(range(src.stage_count))} are not all of them, a stage's "
+                f"strategy file and rank folders are missing" if src.stage_count > 1 else "")
+        notes.append(f"the target strategy lays out {len(lacking)} parameter(s) that no source holds, e.g. "
+                     f"{lacking[:3]}: the outputs lack them (a target network's new parameters, e.g. LoRA adapters, "
+                     f"are initialised by the network){hint}")
+    sliced = [n for n in src.names if not dst.holds(n) and not n.startswith(_OPTIMIZER_PREFIXES)
+              and math.prod(src.layout(n, src.stages_of(n)[0]).pieces) > 1]
+    if sliced:
+        notes.append(f"{len(sliced)} parameter(s) the source strategy slices are not in the target strategy, e.g. "
+                     f"{sliced[:3]}: each output holds one source rank's stored slice of them, as MindSpore's "
+                     f"converter writes, not the full tensor (if the target should lay them out, is a pipeline "
+                     f"stage's strategy file missing?)")
+    return tuple(notes)
 
 
 def _subnetwork_stage(src: Strategy | None, dst: Strategy | None,
