@@ -49,6 +49,7 @@ from .destination import DestinationLock, check_destination, lock_for_run, refus
 from .errors import DestinationError, MpickptError, PlanError
 from .execute import SourceFiles, write_plan
 from .formats import TensorSpec, open_index
+from .formats.safetensors import clashes_with_metadata
 from .layout import Box, Layouts
 from .manifest import remove_manifest, write_manifest
 from .mpi import Comm
@@ -203,8 +204,6 @@ def _check_names(plan: UnifyPlan, dtypes: Mapping[str, str]) -> None:
     """A part's tensor named (or renamed by ``choice_func``) like one of its metadata keys, or two tensors
     stored under one name, are an error before anything is written (the writer would refuse the first only
     once earlier parts were done; the index would silently keep one of the second)."""
-    from .formats.safetensors import clashes_with_metadata
-
     stored_as: dict[str, str] = {}
     for file in plan.files:
         for name in file.names:

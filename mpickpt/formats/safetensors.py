@@ -36,7 +36,7 @@ from mpickpt.formats.base import TensorSpec
 from mpickpt.formats.offsets import COPY_CHUNK, OffsetWriter, Region, Slot, byte_view, name_bytes, pwrite_all
 from mpickpt.source_file import open_source_file
 
-__all__ = ["MAX_HEADER_SIZE", "SafetensorsIndex", "clashes_with_metadata", "SafetensorsWriter", "crc32_combine",
+__all__ = ["MAX_HEADER_SIZE", "SafetensorsIndex", "SafetensorsWriter", "clashes_with_metadata", "crc32_combine",
            "index_safetensors"]
 
 MAX_HEADER_SIZE = 100_000_000
@@ -57,6 +57,8 @@ _LAYOUT_RANK = {st: rank for rank, st in enumerate(
 _INT4 = "Int4"
 _CRC_KEY = "crc_num"
 _CRC_PLACEHOLDER = "0" * 10  # widest decimal CRC-32; the real one may be shorter
+_MAX_DIMS = 64
+_MAX_BYTES = (1 << 63) - 1
 
 
 def clashes_with_metadata(name: str, dtype: str, metadata: Iterable[str] = DEFAULT_METADATA, *,
@@ -65,8 +67,6 @@ def clashes_with_metadata(name: str, dtype: str, metadata: Iterable[str] = DEFAU
     ``name``: the header's own key, a metadata key (MindSpore reads a metadata value under a tensor's name as
     its dtype), or ``crc_num`` when the file has one or the tensor is Int4 (its marker would take that key)."""
     return name == "__metadata__" or name in metadata or (name == _CRC_KEY and (crc or dtype == _INT4))
-_MAX_DIMS = 64
-_MAX_BYTES = (1 << 63) - 1
 
 
 # -- CRC-32 of concatenations -----------------------------------------------------------------
